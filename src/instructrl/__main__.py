@@ -1,0 +1,3 @@
+from instructrl.cli import main
+
+raise SystemExit(main())

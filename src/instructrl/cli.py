@@ -1,0 +1,132 @@
+"""The ``instructrl`` command line: one entry point, one subcommand per stage.
+
+Every command takes ``--config FILE.yaml`` and any number of ``--set key=value`` overrides (dotted keys
+reach nested blocks, e.g. ``--set kl.target=6``). The command prints the resolved config before it
+starts and the stage saves it beside its outputs. ``instructrl CMD --help`` lists every option with its
+type, default and documentation, generated from the config dataclass itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from instructrl.config import ConfigError, describe, dump_config, load_config
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    """Module defining ``Config`` (a dataclass) and ``run(cfg) -> dict``."""
+    summary: str
+    """One line for the command list."""
+    flags: dict[str, str] = field(default_factory=dict)
+    """Convenience flags mapped to ``--set`` overrides, e.g. ``{"--quick": "quick=true"}``."""
+
+
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command("instructrl.stages.pretrain", "Train the tokenizer and the base causal LM on a text corpus."),
+    "sft": Command("instructrl.stages.sft", "Supervised fine-tuning on demonstrations (stage 1)."),
+    "rm": Command("instructrl.stages.rm", "Train the reward model on K-wise rankings (stage 2)."),
+    "rm score": Command("instructrl.stages.rm_score", "Score (prompt, response) pairs in a file with a reward model."),
+    "ppo": Command("instructrl.stages.ppo", "PPO / PPO-ptx against the reward model (stage 3)."),
+    "generate": Command("instructrl.stages.generate", "Sample responses from a saved policy for a file of prompts."),
+    "eval": Command("instructrl.eval.run", "Win rates, alignment tax and over-optimization for saved policies."),
+    "data prepare": Command("instructrl.data.prepare", "Prompt pipeline: dedup, per-user caps, PII scrub, splits."),
+    "sandbox make": Command("instructrl.sandbox.make", "Write the sandbox corpus, prompts and labels to a folder."),
+    "demo": Command("instructrl.demo", "The whole InstructGPT pipeline on the sandbox.", {"--quick": "quick=true"}),
+    "label serve": Command("instructrl.label.serve", "Start the labeling web app."),
+}
+
+
+def _available() -> dict[str, Command]:
+    """Commands whose module exists in this installation (stages land one issue at a time)."""
+    out = {}
+    for name, cmd in COMMANDS.items():
+        try:
+            spec = importlib.util.find_spec(cmd.module)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None:
+            out[name] = cmd
+    return out
+
+
+def _top_help(commands: dict[str, Command]) -> str:
+    width = max((len(n) for n in commands), default=8)
+    lines = ["usage: instructrl COMMAND [--config FILE.yaml] [--set key=value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in commands.items()]
+    lines += ["", "Run 'instructrl COMMAND --help' for every option of a command."]
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str], commands: dict[str, Command]) -> tuple[str, list[str]]:
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in commands:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv and argv[0] in commands:
+        return argv[0], argv[1:]
+    groups = sorted({n.split()[0] for n in commands if " " in n})
+    if argv and argv[0] in groups:
+        subs = [n.split()[1] for n in commands if n.startswith(argv[0] + " ")]
+        raise SystemExit(f"instructrl {argv[0]}: expected one of: {', '.join(subs)}")
+    import difflib
+
+    wanted = argv[0] if argv else ""
+    close = difflib.get_close_matches(wanted, list(commands), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise SystemExit(f"instructrl: unknown command '{wanted}'{hint}\n\n{_top_help(commands)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help(commands))
+        return 0
+    name, rest = _resolve(argv, commands)
+    cmd = commands[name]
+    module = importlib.import_module(cmd.module)
+    config_cls = module.Config
+    parser = argparse.ArgumentParser(
+        prog=f"instructrl {name}",
+        description=(module.__doc__ or cmd.summary).strip(),
+        epilog="config options (set in the YAML file or with --set key=value):\n" + describe(config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of config options (default: the built-in defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one option"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for flag, override in cmd.flags.items():
+        parser.add_argument(
+            flag, action="append_const", const=override, dest="overrides", help=f"same as --set {override}"
+        )
+    args = parser.parse_args(rest)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"instructrl {name}: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"# instructrl {name}: resolved config\n{dump_config(cfg)}", flush=True)
+    if args.print_config:
+        return 0
+    from instructrl.errors import UserFacingError
+
+    try:
+        module.run(cfg)
+    except UserFacingError as e:
+        print(f"instructrl {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninstructrl {name}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
