@@ -81,6 +81,20 @@ def _resolve(argv: list[str], commands: dict[str, Command]) -> tuple[str, list[s
     raise SystemExit(f"instructrl: unknown command '{wanted}'{hint}\n\n{_top_help(commands)}")
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' load reports and per-file progress bars out of our progress output."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _available()
@@ -89,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = _resolve(argv, commands)
     cmd = commands[name]
+    _quiet_libraries()
     module = importlib.import_module(cmd.module)
     config_cls = module.Config
     parser = argparse.ArgumentParser(

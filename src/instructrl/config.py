@@ -328,3 +328,25 @@ def require_path_exists(cfg: Any, *names: str) -> None:
         if value is None or value == "":
             continue
         require(Path(value).exists(), name, f"path does not exist: {value}")
+
+
+RESULT_NEUTRAL_KEYS = frozenset({"resume", "threads", "output_dir", "force_resume", "progress"})
+"""Top-level keys that never change a run's results, so changing them does not block a resume."""
+
+
+def resume_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The part of a config that determines results; a resume with a different fingerprint is refused."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESULT_NEUTRAL_KEYS}
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: Any, where: str) -> None:
+    """Raise a clear error naming the changed keys when ``cfg`` would alter a resumed run's results."""
+    current = resume_fingerprint(cfg)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        from instructrl.errors import UserFacingError
+
+        raise UserFacingError(
+            f"{where} holds a checkpoint made with a different config (changed: {', '.join(changed)}); "
+            "resuming would not reproduce the run. Use another output_dir, or --set resume=false to start over."
+        )

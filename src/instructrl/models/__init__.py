@@ -1,1 +1,1 @@
-"""models"""
+"""Models: tokenizer training, base causal LM construction, policy / reward / value loading and saving."""

@@ -1,0 +1,47 @@
+"""Pieces every training loop shares: optimizer construction, LR schedules, threads, progress."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+
+def make_adam(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW with InstructGPT's β = (0.9, 0.95); biases, norms and embeddings are not weight-decayed."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "wte" in name or "wpe" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warmup, then cosine decay from 1 to ``min_ratio`` (InstructGPT: to 10% of peak)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` intra-op threads (0 keeps torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
+    """A progress bar that stays quiet (one line per update, no redraws) when output is not a terminal."""
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=None, file=sys.stderr)

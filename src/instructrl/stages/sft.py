@@ -1,0 +1,448 @@
+"""Stage 1 — supervised fine-tuning (SFT) of a causal LM on demonstrations (InstructGPT §3.5, App. C.1).
+
+Loss: next-token cross-entropy on **response tokens only** (prompt tokens masked), with EOS appended to
+every response and PAD distinct from EOS, so the model learns where to stop. Token-mean over the whole
+optimizer batch, so gradient accumulation over micro-batches gives exactly the same update.
+
+Paper defaults, each configurable: Adam β = (0.9, 0.95); cosine decay to 10% of the peak LR with no
+warmup; residual dropout; a number of epochs. The PPO initialization in the paper is a 2-epoch SFT with
+10% pretraining data mixed in (``ptx_fraction``). Model selection like the paper: with a reward model the
+epoch whose greedy responses on validation prompts score best is kept; otherwise the lowest validation loss.
+
+Departures: ``packing`` concatenates several short examples into one row with attention crossing example
+boundaries inside a row (cheap; the loss mask still covers only response tokens). LoRA through peft is
+merged into the base weights on save so the output is a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from instructrl.config import (
+    check_resume_compatible,
+    require,
+    require_fraction,
+    require_non_negative,
+    require_path_exists,
+    require_positive,
+    resume_fingerprint,
+    save_config,
+)
+from instructrl.data.loading import load_demonstrations, load_texts
+from instructrl.data.records import Demonstration
+from instructrl.errors import UserFacingError
+from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
+from instructrl.models.dropout import add_residual_dropout
+from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.io import MetricsWriter, atomic_write_json
+from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+
+IGNORE = -100
+"""Label value cross-entropy ignores (prompt and padding positions)."""
+
+
+@dataclass
+class LoraSettings:
+    """Optional LoRA adapters (peft); merged into the weights when the model is saved."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt (GPT-2 models use 'c_attn', 'c_proj')."""
+
+    def validate(self) -> None:
+        require_positive(self, "r", "alpha")
+        require_fraction(self, "dropout")
+
+
+@dataclass
+class Config:
+    """Supervised fine-tuning on demonstrations."""
+
+    model: str = "runs/sandbox/base"
+    """Causal LM to fine-tune: a local Hugging Face directory (or a hub name where the network allows)."""
+    output_dir: str = "runs/sandbox/sft"
+    """Where the fine-tuned model (HF format), metrics, checkpoints and results go."""
+    data: str | None = None
+    """Demonstrations JSONL ({prompt, response} or {messages}); unset = sandbox labelers' demonstrations."""
+    valid_data: str | None = None
+    """Validation demonstrations; unset = hold out ``valid_fraction`` of ``data``."""
+    valid_fraction: float = 0.05
+    """Fraction of demonstrations held out for validation when ``valid_data`` is unset."""
+    skip_bad: bool = False
+    """Skip (and count) malformed records instead of stopping at the first one."""
+    sandbox_seed: int = 0
+    """Seed of the sandbox world used when ``data`` is unset."""
+    sandbox_demos: int = 3000
+    """Number of sandbox demonstrations when ``data`` is unset."""
+    epochs: int = 2
+    """Passes over the demonstrations (paper: 16 for the released SFT model, 2 for the PPO initialization)."""
+    lr: float = 1e-3
+    """Peak learning rate (paper 9.65e-6 at 1.3B; tiny sandbox models need far larger)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak (paper: 10%)."""
+    warmup_steps: int = 0
+    """Linear warmup steps (paper: none)."""
+    batch_size: int = 32
+    """Sequences per optimizer step (paper: 32)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward (gradient accumulation); 0 = batch_size."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2 (paper: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    residual_dropout: float = 0.1
+    """Dropout on each attention / MLP output before the residual add (paper: 0.2)."""
+    ptx_fraction: float = 0.1
+    """Fraction of training sequences drawn from pretraining text (paper's PPO init: 10%); 0 disables."""
+    pretrain_data: str | None = None
+    """JSONL of {text} for ``ptx_fraction``; unset = the sandbox corpus."""
+    max_prompt_tokens: int = 192
+    """Longer prompts are dropped (and counted), as the paper dropped prompts over 1k tokens."""
+    max_response_tokens: int = 64
+    """Longer responses are dropped (and counted): a truncated target would teach stopping mid-answer."""
+    select_by: str = "auto"
+    """Checkpoint selection across epochs: 'loss', 'reward' (needs reward_model) or 'auto' (reward if given)."""
+    reward_model: str | None = None
+    """Reward model directory used for selection by reward."""
+    select_prompts: int = 128
+    """Validation prompts scored for selection by reward."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA options."""
+    packing: bool = False
+    """Concatenate short examples into rows of up to max_prompt_tokens + max_response_tokens tokens."""
+    save_every: int = 200
+    """Optimizer steps between resumable checkpoints."""
+    seed: int = 0
+    """Seed for data order, dropout and held-out split."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch default)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir if there is one."""
+
+    def validate(self) -> None:
+        require_positive(self, "epochs", "lr", "batch_size", "max_prompt_tokens", "max_response_tokens", "save_every")
+        require_non_negative(self, "micro_batch_size", "warmup_steps", "grad_clip", "weight_decay")
+        require_fraction(self, "min_lr_ratio", "residual_dropout")
+        require_fraction(self, "ptx_fraction", inclusive_high=False)
+        require_fraction(self, "valid_fraction", inclusive_high=False)
+        require_path_exists(self, "data", "valid_data", "pretrain_data", "reward_model")
+        require(self.select_by in ("auto", "loss", "reward"), "select_by", "must be 'auto', 'loss' or 'reward'")
+        require(
+            self.select_by != "reward" or self.reward_model is not None,
+            "select_by",
+            "'reward' needs reward_model to be set",
+        )
+        mb = self.micro_batch_size or self.batch_size
+        require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
+        require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training sequence: ``labels`` hold IGNORE where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_demonstration(demo: Demonstration, tokenizer, max_prompt: int, max_response: int) -> Example | None:
+    """prompt ⊕ response ⊕ EOS with loss on the response and EOS only; None when over a length limit."""
+    prompt = demo.prompt
+    if demo.prompt_messages is not None and getattr(tokenizer, "chat_template", None):
+        from instructrl.data.loading import render_chat_prompt
+
+        prompt = render_chat_prompt(list(demo.prompt_messages), tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) > max_prompt or len(response_ids) > max_response:
+        return None
+    return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids)
+
+
+def encode_pretraining(texts: list[str], tokenizer, n: int, length: int, rng: random.Random) -> list[Example]:
+    """``n`` windows of pretraining text (loss on every token), each document followed by EOS."""
+    stream: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(row + [tokenizer.eos_token_id])
+    if len(stream) <= length:
+        raise UserFacingError(f"pretraining text has {len(stream)} tokens, fewer than one window of {length}")
+    out = []
+    for _ in range(n):
+        s = rng.randrange(0, len(stream) - length)
+        window = stream[s : s + length]
+        out.append(Example(window, list(window)))
+    return out
+
+
+def pack_examples(examples: list[Example], max_len: int) -> list[Example]:
+    """Greedy first-fit packing of examples (in order) into rows of at most ``max_len`` tokens."""
+    rows: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > max_len:
+            rows.append(Example(ids, labels))
+            ids, labels = [], []
+        ids = ids + ex.input_ids
+        labels = labels + ex.labels
+    if ids:
+        rows.append(Example(ids, labels))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; returns input_ids, attention_mask, labels, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over labelled positions, and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return nll, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def mean_nll(model, examples: list[Example], pad_id: int, batch_size: int = 64) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        nll, n = response_nll_sum(model, collate(examples[start : start + batch_size], pad_id))
+        total += nll.item()
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _load_demos(cfg: Config) -> tuple[list[Demonstration], list[Demonstration]]:
+    if cfg.data is None:
+        from instructrl.sandbox.datasets import sandbox_demonstrations
+
+        demos = sandbox_demonstrations(cfg.sandbox_seed, cfg.sandbox_demos)
+    else:
+        demos, stats = load_demonstrations(cfg.data, skip_bad=cfg.skip_bad)
+        if stats.n_skipped:
+            print(f"skipped {stats.summary()}", flush=True)
+    if cfg.valid_data is not None:
+        valid, _ = load_demonstrations(cfg.valid_data, skip_bad=cfg.skip_bad)
+        return demos, valid
+    shuffled = list(demos)
+    random.Random(cfg.seed).shuffle(shuffled)
+    n_valid = max(1, int(len(shuffled) * cfg.valid_fraction))
+    return shuffled[n_valid:], shuffled[:n_valid]
+
+
+def _pretraining_texts(cfg: Config) -> list[str]:
+    if cfg.pretrain_data is not None:
+        return [r.text for r in load_texts(cfg.pretrain_data)[0]]
+    from instructrl.sandbox.datasets import sandbox_pretraining_texts
+
+    return sandbox_pretraining_texts(cfg.sandbox_seed, 4000)
+
+
+# --------------------------------------------------------------------------- model selection
+
+
+def _select_score(cfg: Config, model, tokenizer, valid_examples, valid_demos, pad_id, scorer) -> dict[str, float]:
+    """Validation loss, and (with a reward model) the mean RM score of greedy responses."""
+    out = {"valid_loss": mean_nll(model, valid_examples, pad_id)}
+    if scorer is not None:
+        from instructrl.eval.generate import generate_responses
+
+        prompts = [d.prompt for d in valid_demos[: cfg.select_prompts]]
+        responses = generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_response_tokens)
+        out["valid_rm_score"] = float(scorer.score(prompts, [r.text for r in responses]).mean())
+    return out
+
+
+def _make_scorer(cfg: Config, tokenizer):
+    use_reward = cfg.select_by == "reward" or (cfg.select_by == "auto" and cfg.reward_model is not None)
+    if not use_reward:
+        return None
+    from instructrl.models.scoring import RewardScorer
+
+    return RewardScorer(cfg.reward_model, tokenizer)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "instructrl_sft.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t0 = time.time()
+
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    train_demos, valid_demos = _load_demos(cfg)
+    encode = lambda d: encode_demonstration(d, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens)  # noqa: E731
+    train_examples = [e for e in map(encode, train_demos) if e is not None]
+    valid_examples = [e for e in map(encode, valid_demos) if e is not None]
+    dropped = len(train_demos) - len(train_examples)
+    if not train_examples:
+        raise UserFacingError("no demonstration fits max_prompt_tokens / max_response_tokens")
+    if cfg.ptx_fraction > 0:
+        n_ptx = round(len(train_examples) * cfg.ptx_fraction / (1 - cfg.ptx_fraction))
+        window = max(len(e.input_ids) for e in train_examples)
+        train_examples += encode_pretraining(
+            _pretraining_texts(cfg), tokenizer, n_ptx, window, random.Random(cfg.seed)
+        )
+    if cfg.packing:
+        random.Random(cfg.seed).shuffle(train_examples)
+        train_examples = pack_examples(train_examples, cfg.max_prompt_tokens + cfg.max_response_tokens)
+    print(
+        f"sft: {len(train_examples)} training sequences ({dropped} demonstrations over the length limits dropped), "
+        f"{len(valid_examples)} validation",
+        flush=True,
+    )
+
+    model = load_causal_lm(cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    add_residual_dropout(model, cfg.residual_dropout)
+    print(
+        f"model: {count_parameters(model, trainable_only=True) / 1e6:.2f}M trainable of "
+        f"{count_parameters(model) / 1e6:.2f}M parameters",
+        flush=True,
+    )
+    micro = cfg.micro_batch_size or cfg.batch_size
+    steps_per_epoch = max(1, len(train_examples) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+    scorer = _make_scorer(cfg, tokenizer)
+
+    step, best, history = 0, None, []
+    resumed = load_latest_checkpoint(out) if cfg.resume else None
+    if resumed is not None:
+        step, state = resumed
+        check_resume_compatible(state["config"], cfg, str(out))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        best, history = state["best"], state["history"]
+        print(f"resumed from step {step}", flush=True)
+
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=step if resumed else None)
+    bar = progress(total_steps, step, "sft")
+    model.train()
+    while step < total_steps:
+        epoch, index_in_epoch = divmod(step, steps_per_epoch)
+        order = list(range(len(train_examples)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # data order depends only on (seed, epoch)
+        batch_ids = order[index_in_epoch * cfg.batch_size : (index_in_epoch + 1) * cfg.batch_size]
+        micro_batches = [
+            collate([train_examples[i] for i in batch_ids[s : s + micro]], pad_id)
+            for s in range(0, len(batch_ids), micro)
+        ]
+        n_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for mb in micro_batches:
+            nll, _ = response_nll_sum(model, mb)
+            (nll / n_tokens).backward()  # token mean over the whole optimizer batch, whatever the split
+            loss_sum += nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        record = {"loss": loss_sum / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        if step % steps_per_epoch == 0:  # end of an epoch: evaluate for checkpoint selection
+            scores = _select_score(cfg, model, tokenizer, valid_examples, valid_demos, pad_id, scorer)
+            record.update(scores, epoch=step // steps_per_epoch)
+            key = "valid_rm_score" if scorer is not None else "valid_loss"
+            value = scores[key] if scorer is not None else -scores[key]
+            history.append({"epoch": step // steps_per_epoch, **scores})
+            if best is None or value > best["value"]:
+                best = {"value": value, "epoch": step // steps_per_epoch, "state": copy.deepcopy(model.state_dict())}
+            bar.set_postfix(valid_loss=f"{scores['valid_loss']:.3f}")
+        metrics.log(step, **record)
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(
+                out,
+                step,
+                {
+                    "config": resume_fingerprint(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "best": best,
+                    "history": history,
+                },
+            )
+    bar.close()
+    metrics.close()
+
+    if best is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    if cfg.lora.enabled:
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    results = {
+        "selected_epoch": best["epoch"] if best else cfg.epochs,
+        "selected_by": "reward" if scorer is not None else "loss",
+        "history": history,
+        "valid_loss": mean_nll(model, valid_examples, pad_id) if valid_examples else None,
+        "train_sequences": len(train_examples),
+        "dropped_over_length": dropped,
+        "steps": total_steps,
+        "seconds": time.time() - t0,
+    }
+    atomic_write_json(out / "results.json", results)
+    print(f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {out}", flush=True)
+    return results

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny tokenizer and tiny causal LMs built in-process (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+"""The ``../shared`` folder beside the project (seed, references, real data)."""
+
+TINY_TEXTS = [
+    "Instruction: what is 2 plus 3 ?\nResponse: 5",
+    "Instruction: reverse the words : red blue green\nResponse: green blue red",
+    "the capital of norland is vesk .",
+    "once upon a time a small cat sat on a mat and sang .",
+    "Q: what is 1 plus 1 ?\nA: 2\nQ: what is 2 plus 2 ?\nA: 4",
+] * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from instructrl.models.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
+
+
+def _save_tiny_lm(path: Path, tokenizer, arch: str = "llama", seed: int = 0) -> Path:
+    from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+
+    torch.manual_seed(seed)
+    model = build_causal_lm(ModelSpec(arch=arch, d_model=32, n_layers=2, n_heads=2, max_seq_len=128), tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny Llama-style causal LM + tokenizer directory (random weights)."""
+    return _save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny GPT-2-style causal LM + tokenizer directory (random weights)."""
+    return _save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer, arch="gpt2")
