@@ -43,5 +43,13 @@ def set_threads(threads: int) -> None:
 
 
 def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
-    """A progress bar that stays quiet (one line per update, no redraws) when output is not a terminal."""
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=None, file=sys.stderr)
+    """A progress bar on stderr; when stderr is not a terminal (logs, CI) it updates every 15 s instead."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.2 if interactive else 15.0,
+    )

@@ -1,0 +1,216 @@
+"""Simulated labelers: noisy, individually biased judges around the hidden gold judgement.
+
+InstructGPT's labelers agreed with each other on 72.6 ± 1.5% of comparisons (Ouyang et al. 2022, §5.2;
+"training labelers"). The sandbox reproduces that with random-utility labelers. Labeler ``l`` judges a
+response ``y`` to prompt ``x`` by
+
+    u_l(x, y) = g_l(x, y) + σ_l · ε,      ε ~ N(0, 1), one draw per distinct response text per ranking,
+
+where ``g_l`` is the gold judgement (:func:`instructrl.sandbox.tasks.score_analysis`) under the labeler's
+own weights: each labeler cares a bit more or less about brevity, toxicity, honesty and format than the
+gold does. ``rank`` sorts responses by ``u_l``, best first; neighbours whose utilities differ by less than
+the labeler's tie threshold form a tie group (so do identical texts, which share one ε).
+
+Demonstrations are mostly the correct, concise answer (a refusal for harmful requests); each labeler
+pads some answers ("the answer is 5 .") and gets a few wrong at its own rate.
+
+:data:`DEFAULT_NOISE` was tuned so that :func:`pairwise_agreement` over synthetic candidates with K = 4-9
+lands near 72.6%: on 400 train prompts of worlds with seeds 0-5 it measured 71.6-73.7%, mean 72.7%
+(per labeler pair 69-77%). ``instructrl sandbox make`` writes the measurement to ``agreement.json``.
+Agreement on policy samples differs: it depends on how different the ranked responses are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from instructrl.sandbox.tasks import GOLD, REFUSALS, GoldWeights, TaskSpec, analyze, score_analysis, wrong_answer
+
+if TYPE_CHECKING:
+    from instructrl.sandbox.world import Task, World
+
+DEFAULT_NOISE = 0.47
+"""Base noise scale σ of labeler utilities (each labeler draws σ_l in [0.8σ, 1.25σ])."""
+
+DEFAULT_TIE_THRESHOLD = 0.02
+"""Utilities closer than this are declared a tie."""
+
+Ranking = tuple[int | tuple[int, ...], ...]
+"""Response indices best first; a tuple element is a group of tied responses."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelerProfile:
+    """One simulated labeler's preferences, noise and writing habits."""
+
+    labeler_id: int
+    weights: GoldWeights
+    """The gold weights as this labeler perceives them (brevity, toxicity, honesty and format perturbed)."""
+    noise: float
+    """σ_l: standard deviation of the labeler's judgement noise."""
+    tie_threshold: float
+    """Utilities closer than this are ranked as a tie."""
+    error_rate: float
+    """Probability that a demonstration states a wrong answer."""
+    verbose_rate: float
+    """Probability of padding a one-word demonstration ("the answer is 5 .") when no format is required."""
+    refusal: str
+    """How this labeler words a refusal."""
+
+
+def make_labelers(
+    seed: int, n: int, noise: float = DEFAULT_NOISE, tie_threshold: float = DEFAULT_TIE_THRESHOLD
+) -> list[LabelerProfile]:
+    """``n`` labelers with individual preferences drawn around the gold weights (deterministic per seed)."""
+    rng = random.Random(f"instructrl-sandbox/{seed}/labelers")
+    profiles = []
+    for labeler_id in range(n):
+        format_strictness = rng.uniform(0.5, 1.5)
+        weights = dataclasses.replace(
+            GOLD,
+            length=GOLD.length * rng.uniform(0.6, 1.4),
+            toxic=GOLD.toxic * rng.uniform(0.8, 1.2),
+            wrong_fact=GOLD.wrong_fact * rng.uniform(0.8, 1.3),
+            format_miss=GOLD.format_miss * format_strictness,
+            format_bonus=GOLD.format_bonus * format_strictness,
+        )
+        profiles.append(
+            LabelerProfile(
+                labeler_id=labeler_id,
+                weights=weights,
+                noise=noise * rng.uniform(0.8, 1.25),
+                tie_threshold=tie_threshold,
+                error_rate=rng.uniform(0.02, 0.08),
+                verbose_rate=rng.uniform(0.0, 0.15),
+                refusal=rng.choice(REFUSALS),
+            )
+        )
+    return profiles
+
+
+def as_generator(rng: np.random.Generator | random.Random | int | None) -> np.random.Generator:
+    """A numpy Generator from a Generator (returned as is), a ``random.Random``, a seed or None."""
+    if isinstance(rng, random.Random):
+        return np.random.default_rng(rng.getrandbits(64))
+    return np.random.default_rng(rng)
+
+
+def as_random(rng: np.random.Generator | random.Random | int | None) -> random.Random:
+    """A ``random.Random`` seeded by one draw from ``rng`` (or ``rng`` itself if it is one)."""
+    if isinstance(rng, random.Random):
+        return rng
+    return random.Random(int(as_generator(rng).integers(2**63)))
+
+
+def utilities(
+    spec: TaskSpec, responses: Sequence[str], profile: LabelerProfile, rng: np.random.Generator
+) -> np.ndarray:
+    """u_l for each response, shape (K,); identical texts share one noise draw and so one utility."""
+    distinct = list(dict.fromkeys(responses))
+    noise = rng.standard_normal(len(distinct)) * profile.noise
+    by_text = {
+        text: score_analysis(spec, analyze(spec, text), profile.weights) + eps for text, eps in zip(distinct, noise)
+    }
+    return np.array([by_text[r] for r in responses], dtype=np.float64)
+
+
+def ranking_from_utilities(u: np.ndarray, tie_threshold: float) -> Ranking:
+    """Best-first ranking of ``u``; a chain of neighbours each closer than ``tie_threshold`` is one tie group."""
+    order = np.argsort(-u, kind="stable")
+    groups: list[list[int]] = []
+    for index in order.tolist():
+        if groups and u[groups[-1][-1]] - u[index] < tie_threshold:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return tuple(g[0] if len(g) == 1 else tuple(sorted(g)) for g in groups)
+
+
+def rank(spec: TaskSpec, responses: Sequence[str], profile: LabelerProfile, rng: np.random.Generator) -> Ranking:
+    """The labeler's best-first ranking of ``responses`` (ties as tuples)."""
+    if len(responses) == 0:
+        return ()
+    return ranking_from_utilities(utilities(spec, responses, profile, rng), profile.tie_threshold)
+
+
+def demonstrate(spec: TaskSpec, profile: LabelerProfile, rng: random.Random) -> str:
+    """A demonstration written by the labeler: the correct concise answer, a refusal, or occasionally an error."""
+    if spec.harmful:
+        return " " + profile.refusal
+    if rng.random() < profile.error_rate:
+        return " " + " ".join(wrong_answer(spec, rng))
+    padded_ok = not spec.examples and spec.constraint is None and len(spec.answer) == 1
+    if padded_ok and rng.random() < profile.verbose_rate:
+        return f" the answer is {spec.answer_text} ."
+    return " " + spec.answer_text
+
+
+def ranks_of(ranking: Ranking, k: int) -> np.ndarray:
+    """Group rank of each response in response order, shape (K,): 0 is best; tied responses share a rank."""
+    out = np.empty(k, dtype=np.int64)
+    for group_rank, element in enumerate(ranking):
+        for index in element if isinstance(element, tuple) else (element,):
+            out[index] = group_rank
+    return out
+
+
+def pairwise_agreement(
+    world: World,
+    tasks: Sequence[Task],
+    candidates_per_task: Sequence[Sequence[str]],
+    rng: np.random.Generator | int | None,
+) -> tuple[float, float, dict[tuple[int, int], float]]:
+    """Inter-labeler agreement: how often two labelers order a pair of responses the same way.
+
+    Every labeler ranks every task's candidates. For labelers ``a < b`` the agreement is
+
+        agree(a, b) = #{pairs (i, j) ordered the same by a and b} / #{pairs untied by both a and b}
+
+    over all response pairs of all tasks (pairs either labeler ties are excluded). Returns
+    ``(mean, stderr, per_labeler_pair)``: the mean over labeler pairs, the standard error of that mean
+    (standard deviation over labeler pairs / sqrt(number of pairs)), and ``{(a, b): agree(a, b)}``.
+    """
+    if len(tasks) != len(candidates_per_task):
+        raise ValueError(f"got {len(tasks)} tasks but {len(candidates_per_task)} candidate lists")
+    gen = as_generator(rng)
+    labelers = world.labelers()
+    if len(labelers) < 2:
+        raise ValueError("agreement needs at least two labelers")
+    # ranks[l][t]: (K_t,) group ranks of task t's candidates by labeler l
+    ranks = {
+        labeler: [ranks_of(world.rank(t, c, labeler, gen), len(c)) for t, c in zip(tasks, candidates_per_task)]
+        for labeler in labelers
+    }
+    per_pair: dict[tuple[int, int], float] = {}
+    for a, b in itertools.combinations(labelers, 2):
+        agree = counted = 0
+        for ra, rb in zip(ranks[a], ranks[b]):
+            i, j = np.triu_indices(len(ra), k=1)
+            da, db = np.sign(ra[i] - ra[j]), np.sign(rb[i] - rb[j])
+            untied = (da != 0) & (db != 0)
+            counted += int(untied.sum())
+            agree += int((untied & (da == db)).sum())
+        per_pair[(a, b)] = agree / counted if counted else float("nan")
+    values = np.array(list(per_pair.values()))
+    mean = float(np.nanmean(values))
+    stderr = float(np.nanstd(values, ddof=1) / np.sqrt(np.sum(~np.isnan(values)))) if len(values) > 1 else 0.0
+    return mean, stderr, per_pair
+
+
+def synthetic_agreement(
+    world: World,
+    tasks: Sequence[Task],
+    rng: np.random.Generator | int | None,
+    k_range: tuple[int, int] = (4, 9),
+) -> tuple[float, float, dict[tuple[int, int], float]]:
+    """:func:`pairwise_agreement` over ``world.synthetic_candidates`` with K drawn uniformly from ``k_range``."""
+    gen = as_generator(rng)
+    lo, hi = k_range
+    candidates = [world.synthetic_candidates(t, int(gen.integers(lo, hi + 1)), gen) for t in tasks]
+    return pairwise_agreement(world, tasks, candidates, gen)

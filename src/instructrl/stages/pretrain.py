@@ -1,0 +1,252 @@
+"""Pretrain a base causal LM (and its BPE tokenizer) on a text corpus: by default the sandbox's "web" corpus.
+
+The result stands in for GPT-3 in the InstructGPT pipeline: capable but not aligned. The output folder is
+a Hugging Face model directory (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(output_dir)``),
+plus ``metrics.jsonl``, ``results.json`` (held-out perplexity) and the resolved config.
+
+Documents are joined with EOS into one token stream and trained on random windows, so the model learns
+that EOS ends a document. Interrupted runs resume from the newest checkpoint in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from instructrl.config import (
+    check_resume_compatible,
+    require,
+    require_fraction,
+    require_path_exists,
+    require_positive,
+    resume_fingerprint,
+    save_config,
+)
+from instructrl.data.loading import load_texts
+from instructrl.errors import UserFacingError
+from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
+from instructrl.models.tokenizer import train_bpe_tokenizer
+from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.io import MetricsWriter, atomic_write_json
+from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+
+
+@dataclass
+class Config:
+    """Pretraining of the base model."""
+
+    output_dir: str = "runs/sandbox/base"
+    """Where the model, tokenizer, metrics and checkpoints go (a Hugging Face model directory)."""
+    corpus: str | None = None
+    """JSONL of {text} records to train on; unset = the built-in sandbox corpus."""
+    heldout: str | None = None
+    """JSONL of {text} records for held-out perplexity; unset = the sandbox's held-out documents."""
+    sandbox_seed: int = 0
+    """Seed of the sandbox world whose corpus is used when ``corpus`` is unset."""
+    sandbox_docs: int = 30000
+    """Number of sandbox corpus documents to generate when ``corpus`` is unset."""
+    heldout_docs: int = 1000
+    """Number of sandbox held-out documents when ``heldout`` is unset."""
+    tokenizer: str | None = None
+    """Existing tokenizer directory to reuse; unset = train a byte-level BPE tokenizer on the corpus."""
+    vocab_size: int = 1024
+    """Vocabulary size of the trained tokenizer."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """Architecture of the base model."""
+    seq_len: int = 128
+    """Tokens per training window."""
+    batch_size: int = 32
+    """Windows per optimizer step."""
+    max_steps: int = 1500
+    """Optimizer steps."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    warmup_steps: int = 100
+    """Linear warmup steps before cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak LR."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    eval_every: int = 250
+    """Steps between held-out evaluations."""
+    eval_windows: int = 64
+    """Held-out windows per evaluation (0 = all)."""
+    save_every: int = 500
+    """Steps between resumable checkpoints."""
+    seed: int = 0
+    """Seed for initialization and data order."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch default)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir if there is one."""
+
+    def validate(self) -> None:
+        require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
+        require_fraction(self, "min_lr_ratio")
+        require_path_exists(self, "corpus", "heldout", "tokenizer")
+        require(
+            self.seq_len <= self.model.max_seq_len, "seq_len", f"must be <= model.max_seq_len={self.model.max_seq_len}"
+        )
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
+    if cfg.corpus is not None:
+        train, _ = load_texts(cfg.corpus)
+        train_texts = [r.text for r in train]
+    else:
+        from instructrl.sandbox import SandboxWorld
+
+        world = SandboxWorld(seed=cfg.sandbox_seed)
+        train_texts = world.pretraining_corpus(cfg.sandbox_docs, split="train")
+    if cfg.heldout is not None:
+        held, _ = load_texts(cfg.heldout)
+        held_texts = [r.text for r in held]
+    else:
+        from instructrl.sandbox import SandboxWorld
+
+        world = SandboxWorld(seed=cfg.sandbox_seed)
+        held_texts = world.pretraining_corpus(cfg.heldout_docs, split="valid")
+    return train_texts, held_texts
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents tokenized and joined, each followed by EOS: shape (N,)."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(texts), 1024):
+        for row in tokenizer(texts[start : start + 1024], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def stream_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int = 0, batch_size: int = 32) -> float:
+    """Perplexity of ``model`` on consecutive non-overlapping windows of ``stream``."""
+    model.eval()
+    n_windows = (len(stream) - 1) // seq_len
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise UserFacingError(f"held-out text is shorter than one window of {seq_len} tokens")
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        idx = torch.arange(start, min(n_windows, start + batch_size)) * seq_len
+        x = torch.stack([stream[i : i + seq_len] for i in idx.tolist()])  # (b, seq_len)
+        y = torch.stack([stream[i + 1 : i + 1 + seq_len] for i in idx.tolist()])
+        logits = model(input_ids=x).logits
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += y.numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def run(cfg: Config) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "instructrl_pretrain.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    t0 = time.time()
+    train_texts, held_texts = _corpus_texts(cfg)
+    if cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        tokenizer = train_bpe_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    train_stream = token_stream(train_texts, tokenizer)
+    held_stream = token_stream(held_texts, tokenizer)
+    if len(train_stream) <= cfg.seq_len + 1:
+        raise UserFacingError(f"the corpus has {len(train_stream)} tokens, fewer than one window of {cfg.seq_len}")
+    print(
+        f"corpus: {len(train_texts)} docs, {len(train_stream):,} tokens; held-out {len(held_stream):,} tokens; "
+        f"vocab {len(tokenizer)} (prepared in {time.time() - t0:.1f}s)",
+        flush=True,
+    )
+
+    model = build_causal_lm(cfg.model, tokenizer)
+    print(f"model: {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters", flush=True)
+    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr_factor(s, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+
+    start_step = 0
+    resumed = load_latest_checkpoint(out) if cfg.resume else None
+    if resumed is not None:
+        start_step, state = resumed
+        check_resume_compatible(state["config"], cfg, str(out))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_gen.set_state(state["data_rng"])
+        set_rng_state(state["rng"])
+        print(f"resumed from step {start_step}", flush=True)
+
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if resumed else None)
+    bar = progress(cfg.max_steps, start_step, "pretrain")
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
+        window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])  # (B, seq_len+1)
+        logits = model(input_ids=window[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        if not torch.isfinite(loss):
+            raise UserFacingError(f"non-finite loss at step {step}; lower lr (now {cfg.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            record["heldout_ppl"] = stream_perplexity(model, held_stream, cfg.seq_len, cfg.eval_windows)
+            model.train()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['heldout_ppl']:.2f}")
+        metrics.log(done, **record)
+        bar.update(1)
+        if done % cfg.save_every == 0 and done < cfg.max_steps:
+            save_checkpoint(
+                out,
+                done,
+                {
+                    "config": resume_fingerprint(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "data_rng": data_gen.get_state(),
+                    "rng": rng_state(),
+                },
+            )
+    bar.close()
+    metrics.close()
+
+    model.eval()
+    heldout_ppl = stream_perplexity(model, held_stream, cfg.seq_len)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    results = {
+        "heldout_perplexity": heldout_ppl,
+        "parameters": count_parameters(model),
+        "train_tokens": len(train_stream),
+        "steps": cfg.max_steps,
+        "seconds": time.time() - t0,
+        "model": dataclasses.asdict(cfg.model),
+    }
+    atomic_write_json(out / "results.json", results)
+    print(f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {out}", flush=True)
+    return results
