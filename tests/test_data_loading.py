@@ -390,7 +390,15 @@ def test_unrecognized_comparison_format(tmp_path, record):
 def test_hh_transcripts_with_different_dialogues_are_bad(tmp_path):
     record = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hey\n\nAssistant: b"}
     path = write_lines(tmp_path / "c.jsonl", [record])
-    assert_bad_record(path, "comparison", 1, "rejected", "differs from the one in 'chosen'")
+    assert_bad_record(path, "comparison", 1, "rejected", "share no dialogue up to")
+
+
+def test_hh_reply_with_a_glued_turn_keeps_the_shared_dialogue_as_prompt(tmp_path):
+    shared = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:"
+    record = {"chosen": shared + " a.  Human: more?\n\nAssistant: b", "rejected": shared + " c"}
+    (comparison,), _ = load_comparisons(write_lines(tmp_path / "c.jsonl", [record]))
+    assert comparison.prompt == shared
+    assert comparison.responses == ("a.  Human: more?\n\nAssistant: b", "c")
 
 
 def test_hh_transcript_with_empty_final_reply_is_bad(tmp_path):
@@ -469,18 +477,18 @@ def test_skip_bad_counts_each_reason(tmp_path):
 
 @pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} not present")
 def test_hh_rlhf_harmless_base_test_file():
-    # 2,312 records; 9 are malformed in the published file and must be reported, not silently dropped:
-    # lines 87, 517, 926, 1104 have an empty final reply in 'chosen'; lines 1255, 1689, 1951, 1953, 2037
-    # have 'chosen' and 'rejected' transcripts whose dialogues differ (a turn glued into a reply without "\n\n").
+    # 2,312 records. Lines 87, 517, 926, 1104 have an empty final reply in 'chosen' (an empty response is a
+    # bad record: reported, or skipped and counted). Lines 1255, 1689, 1951, 1953, 2037 glue a turn into a
+    # reply without "\n\n"; the shared-dialogue rule still splits them.
     with pytest.raises(DataError) as info:
         load_comparisons(HH_FILE)
     assert (info.value.line, info.value.field) == (87, "chosen")
 
     records, stats = load_comparisons(HH_FILE, skip_bad=True)
     assert stats.n_ok + stats.n_skipped == 2312
-    assert (stats.n_ok, stats.n_skipped) == (2303, 9)
-    assert stats.reasons == collections.Counter({"hh_prompt_mismatch": 5, "empty_field": 4})
-    assert [int(e.split(":")[1]) for e in stats.examples] == [87, 517, 926, 1104, 1255]
+    assert (stats.n_ok, stats.n_skipped) == (2308, 4)
+    assert stats.reasons == collections.Counter({"empty_field": 4})
+    assert [int(e.split(":")[1]) for e in stats.examples] == [87, 517, 926, 1104]
     for record in records:
         assert record.k == 2 and record.ranking == (0, 1)
         assert record.prompt.startswith("\n\nHuman:") and record.prompt.endswith("\n\nAssistant:")

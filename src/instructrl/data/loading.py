@@ -253,6 +253,30 @@ def _split_hh_transcript(transcript: str, field: str) -> tuple[str, str]:
     return prompt, reply
 
 
+def _split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two HH-RLHF transcripts into (shared prompt, chosen reply, rejected reply).
+
+    The prompt is the dialogue up to and including the last ``"\n\nAssistant:"`` marker that both
+    transcripts share (inside their common prefix). For well-formed records that is each transcript's final
+    marker; a few published records glue a later "Human:" turn into a reply without the "\n\n" separator,
+    and for those the shared-prefix rule still finds the true common dialogue, with the glued text kept
+    in the reply where the data put it.
+    """
+    _split_hh_transcript(chosen, "chosen")  # each transcript must itself be well-formed
+    _split_hh_transcript(rejected, "rejected")
+    common = _first_difference(chosen, rejected)
+    cut = chosen.rfind(HH_ASSISTANT_MARKER, 0, common)  # the marker must lie wholly in the shared prefix
+    if cut < 0:
+        raise _BadRecord(
+            "hh_prompt_mismatch",
+            f"'chosen' and 'rejected' share no dialogue up to an {HH_ASSISTANT_MARKER!r} turn "
+            f"(first difference at character {common}); the two transcripts must share every turn but the last reply",
+            "rejected",
+        )
+    cut += len(HH_ASSISTANT_MARKER)
+    return chosen[:cut], chosen[cut:].lstrip(), rejected[cut:].lstrip()
+
+
 def _first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -275,17 +299,9 @@ def _parse_comparison(obj: dict[str, Any], max_k: int) -> Comparison:
         chosen, rejected = _require_str(obj, "chosen"), _require_str(obj, "rejected")
         return Comparison(prompt, (chosen, rejected), (0, 1), _extra_fields(obj, ["prompt", "chosen", "rejected"]))
     if "chosen" in obj and "rejected" in obj:  # Anthropic HH-RLHF transcripts
-        chosen_prompt, chosen = _split_hh_transcript(_require_str(obj, "chosen"), "chosen")
-        rejected_prompt, rejected = _split_hh_transcript(_require_str(obj, "rejected"), "rejected")
-        if chosen_prompt != rejected_prompt:
-            at = _first_difference(chosen_prompt, rejected_prompt)
-            raise _BadRecord(
-                "hh_prompt_mismatch",
-                f"the dialogue before the final {HH_ASSISTANT_MARKER!r} differs from the one in 'chosen' "
-                f"(first difference at character {at}); the two transcripts must share every turn but the last reply",
-                "rejected",
-            )
-        return Comparison(chosen_prompt, (chosen, rejected), (0, 1), _extra_fields(obj, ["chosen", "rejected"]))
+        chosen_text, rejected_text = _require_str(obj, "chosen"), _require_str(obj, "rejected")
+        prompt, chosen, rejected = _split_hh_pair(chosen_text, rejected_text)
+        return Comparison(prompt, (chosen, rejected), (0, 1), _extra_fields(obj, ["chosen", "rejected"]))
     raise _unknown_comparison_format(obj)
 
 
