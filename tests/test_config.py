@@ -61,6 +61,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.lr == 0.5 and cfg.kl.horizon == 5 and cfg.kl.target == 3.0
     assert cfg.betas == (0.8, 0.9) and cfg.name == "run1"
     assert to_dict(cfg)["betas"] == [0.8, 0.9]
+    assert load_config(Outer, None, ["lr=1e-3"]).lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize(

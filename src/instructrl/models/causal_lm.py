@@ -128,6 +128,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention keeps a float
+            module.attention_dropout = 0.0
     cfg = getattr(model, "config", None)
     if cfg is not None:
         for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):

@@ -1,1 +1,1 @@
-"""stages"""
+"""Training stages, one readable loop each: pretrain, sft, rm, ppo."""

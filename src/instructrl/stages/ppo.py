@@ -1,0 +1,380 @@
+"""Stage 3 — PPO and PPO-ptx against the reward model (InstructGPT §3.5, App. C.4).
+
+Maximises InstructGPT Eq. 2 over the policy φ:
+
+    objective(φ) = E_{(x,y)~π_φ} [ r_θ(x, y) − β · log(π_φ(y|x) / π^SFT(y|x)) ] + γ · E_{x~D_pretrain} [ log π_φ(x) ]
+
+γ = 0 is "PPO"; γ > 0 ("ptx.coef") is "PPO-ptx", what the paper calls InstructGPT.
+
+One iteration:
+  1. Rollout: draw ``batch_size`` prompts (cycled, reshuffled every pass), sample one response each with
+     pure sampling at temperature T, cut at the first EOS. Forward passes (inference mode, position ids that
+     skip left padding) give log π (logits / T), log π^SFT, the values V and the RM score r_θ at the EOS;
+     a response without EOS gets ``missing_eos_score`` instead (the EOS trick).
+  2. Rewards: −β·(log π − log π^SFT) per token plus r_θ at the last token; GAE (γ = 1, λ = 0.95); advantage
+     whitening over the batch; optional reward whitening.
+  3. Update: ``ppo_epochs`` passes over the batch, reshuffled each time, cut into minibatches of
+     ``minibatch_size`` episodes (one optimizer step each) and micro-batches (gradient accumulation). Each
+     step accumulates the clipped surrogate + vf_coef × clipped value loss, then, for PPO-ptx, γ × the
+     LM loss on ``ptx.batch_ratio`` × ``minibatch_size`` pretraining windows, before one optimizer step.
+  4. β update (adaptive controller only), warmup LR schedule step, EMA of the policy after every step.
+
+Models: the policy and the frozen reference π^SFT both start from ``policy`` (the SFT model); the reward
+model is frozen; the value function is a separate network initialized from the reward model (paper's
+choice; ``value_head_init=zero`` re-initializes its head to 0 instead, N detail 11). Dropout is off in all
+four, and they stay in eval mode, so the rollout and training forward passes are the same computation.
+
+Outputs in ``output_dir``: ``policy/`` (the released policy: the EMA weights when ``ema_decay`` is set, as a
+Hugging Face causal-LM directory with tokenizer), ``value/``, ``metrics.jsonl``, ``samples.jsonl``,
+``results.json``, the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
+``policy-iter-XXXX/`` snapshots for over-optimization curves. A rerun with the same config resumes from
+the newest checkpoint and continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from instructrl.config import (
+    check_resume_compatible,
+    require,
+    require_fraction,
+    require_non_negative,
+    require_path_exists,
+    require_positive,
+    resume_fingerprint,
+    save_config,
+)
+from instructrl.errors import UserFacingError
+from instructrl.stages.common import progress, set_threads
+from instructrl.stages.ppo_session import PPOSession, build_session, train_iteration
+from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
+from instructrl.utils.seed import seed_everything
+
+
+@dataclass
+class KLSettings:
+    """The per-token KL penalty β · log(π/π^SFT) in the reward."""
+
+    coef: float = 0.02
+    """β: fixed (InstructGPT 0.02, Stiennon et al. 0.05), or the starting value when ``adaptive``."""
+    adaptive: bool = False
+    """Steer β toward ``target`` with Ziegler et al.'s proportional controller instead of keeping it fixed."""
+    target: float = 6.0
+    """Adaptive only: target KL(π ‖ π^SFT) in nats per response (Ziegler's stylistic runs: 6)."""
+    horizon: float = 10000.0
+    """Adaptive only: controller horizon in episodes; β changes by at most 20% × batch_size / horizon per
+    iteration (Ziegler: 10,000)."""
+
+    def validate(self) -> None:
+        require_non_negative(self, "coef")
+        require_positive(self, "target", "horizon")
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled during rollouts (pure sampling: top_k 0, top_p 1)."""
+
+    max_new_tokens: int = 48
+    """Response length cap in tokens (paper: 1k; sandbox responses are short)."""
+    temperature: float = 1.0
+    """Sampling temperature T (paper 1.0); log-probs are computed from logits / T (N detail 10)."""
+    max_prompt_tokens: int = 192
+    """Longer prompts are dropped and counted (the paper dropped prompts over 1k tokens)."""
+    batch_size: int = 0
+    """Prompts per ``generate`` call; 0 = the whole rollout batch at once."""
+
+    def validate(self) -> None:
+        require_positive(self, "max_new_tokens", "temperature", "max_prompt_tokens")
+        require_non_negative(self, "batch_size")
+
+
+@dataclass
+class PtxSettings:
+    """The pretraining term γ · E_{x~D_pretrain}[log π(x)] of PPO-ptx."""
+
+    coef: float = 2.5
+    """γ; 0 = plain PPO, which never reads pretraining data. The paper's 27.8 goes with OpenAI's loss scale and
+    ≈1M pretraining tokens per step (512 × 2048); here both terms are token means over ≈8k pretraining tokens
+    per step (64 × 128), so the ptx gradient is √(1M/8k) ≈ 11× noisier and 27.8 / 11 ≈ 2.5 keeps the paper's
+    noise-to-signal ratio. Measured at the start of PPO on a sandbox base model: ‖γ·∇ptx‖ / ‖∇PPO‖ ≈ 0.1 at
+    γ = 1 (0.05–0.17 over 8 minibatches), so ≈ 0.25 at 2.5, while γ = 27.8 would make the ptx gradient 1.3–4.5×
+    the PPO gradient from step one. The ptx gradient grows as the policy drifts from the pretrained model,
+    which is the restoring force PPO-ptx relies on; raise γ if held-out perplexity climbs."""
+    batch_ratio: float = 8.0
+    """Pretraining sequences per RL episode in each optimizer step (paper: 8)."""
+    data: str | None = None
+    """JSONL of {text} records; unset = the sandbox corpus of ``sandbox_seed``."""
+    sandbox_docs: int = 5000
+    """Sandbox corpus documents drawn when ``data`` is unset."""
+    seq_len: int = 128
+    """Tokens per pretraining window (documents are joined with EOS, as in pretraining)."""
+    micro_batch_size: int = 0
+    """Pretraining windows per forward/backward; 0 = the top-level micro_batch_size."""
+
+    def validate(self) -> None:
+        require_non_negative(self, "coef", "micro_batch_size")
+        require_positive(self, "batch_ratio", "sandbox_docs")
+        require(self.seq_len >= 2, "ptx.seq_len", f"must be >= 2, got {self.seq_len}")
+        require_path_exists(self, "data")
+
+
+@dataclass
+class Config:
+    """PPO / PPO-ptx training of the SFT policy against the reward model."""
+
+    output_dir: str = "runs/sandbox/ppo"
+    """Where the policy, value model, metrics, samples and checkpoints go."""
+    policy: str = "runs/sandbox/sft"
+    """The SFT model the policy starts from (a Hugging Face causal-LM directory)."""
+    ref_policy: str | None = None
+    """The frozen KL reference π^SFT; unset = ``policy`` (the paper's choice)."""
+    reward_model: str = "runs/sandbox/rm"
+    """The reward model (saved by ``instructrl rm``); its normalized score at the EOS is the reward."""
+    value_model: str | None = None
+    """Where the value function starts; unset = ``reward_model`` (InstructGPT, Stiennon et al.)."""
+    value_head_init: Literal["reward", "zero"] = "reward"
+    """'reward' keeps the reward model's head (paper); 'zero' zeroes it (Ziegler's code, N detail 11)."""
+    prompts: str | None = None
+    """JSONL of {prompt} records; unset = the sandbox's train-split prompts."""
+    skip_bad: bool = False
+    """Skip (and count) malformed prompt records instead of stopping at the first one."""
+    sandbox_seed: int = 0
+    """Seed of the sandbox world used when ``prompts`` or ``ptx.data`` is unset."""
+    iterations: int = 100
+    """PPO iterations (rollout + update); episodes = iterations × batch_size (paper: 256k = 500 × 512)."""
+    batch_size: int = 64
+    """Episodes per rollout batch (paper 512)."""
+    minibatch_size: int = 8
+    """Episodes per optimizer step; must divide batch_size (paper 64, i.e. 8 minibatches per batch)."""
+    micro_batch_size: int = 0
+    """Episodes per forward/backward (gradient accumulation); 0 = minibatch_size."""
+    forward_batch_size: int = 0
+    """Episodes per scoring forward pass during rollouts; 0 = micro_batch_size."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch, reshuffled every pass (paper 1)."""
+    lr: float = 1e-4
+    """Policy learning rate after warmup (paper: swept 2.55e-6 … 2.55e-5 at 1.3B/6B; tiny models need more)."""
+    value_lr: float = 1e-4
+    """Value-function learning rate, constant (paper 9e-6 at 1.3B/6B)."""
+    warmup_iterations: int = 10
+    """Policy LR warms up linearly from lr/10 over this many iterations, then stays constant (paper 10)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2 (paper)."""
+    adam_eps: float = 1e-5
+    """Adam ε (N+ details and TRL use 1e-5)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip for each of policy and value (0 disables)."""
+    gamma: float = 1.0
+    """Discount γ of GAE (paper: 1, no discounting)."""
+    lam: float = 0.95
+    """GAE λ."""
+    clip_range: float = 0.2
+    """PPO ratio clip ε (paper 0.2)."""
+    value_clip_range: float = 0.2
+    """Value-loss clip around the rollout values (N detail 19)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the value network has its own optimizer, so this mostly scales its gradient)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance over the batch without re-centring (N detail 18, N+ 24)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (N detail 18, N+ 25)."""
+    missing_eos_score: float | None = -1.0
+    """Score given to responses that never emit EOS (the EOS trick, N+ 23); null keeps the RM score. Pick
+    it below typical RM scores (the sandbox RM is normalized to mean 0 on demonstrations)."""
+    ema_decay: float | None = 0.992
+    """EMA decay of the policy weights per optimizer step (paper 0.992); the released policy is the EMA. null
+    releases the live weights. With few optimizer steps the EMA lags far behind the live policy."""
+    kl: KLSettings = field(default_factory=KLSettings)
+    """KL penalty."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Rollout sampling."""
+    ptx: PtxSettings = field(default_factory=PtxSettings)
+    """Pretraining mix (PPO-ptx)."""
+    sample_every: int = 10
+    """Iterations between printed tables of sample generations (also appended to samples.jsonl); 0 = never."""
+    num_samples: int = 4
+    """Episodes per sample table."""
+    save_every: int = 20
+    """Iterations between resumable checkpoints."""
+    save_policy_every: int = 0
+    """Iterations between Hugging Face snapshots ``policy-iter-XXXX`` of the released policy; 0 = none."""
+    tensorboard: bool = False
+    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    seed: int = 0
+    """Seed for sampling, prompt order and minibatch shuffling."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch default)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir if there is one."""
+
+    def validate(self) -> None:
+        require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
+        require_positive(self, "save_every")
+        require_non_negative(self, "micro_batch_size", "forward_batch_size", "warmup_iterations", "grad_clip")
+        require_non_negative(self, "clip_range", "value_clip_range", "vf_coef", "sample_every", "num_samples")
+        require_non_negative(self, "save_policy_every")
+        require_fraction(self, "gamma", "lam")
+        require_positive(self, "adam_eps")
+        # model directories are checked when the run starts (a pipeline may build this config before SFT/RM ran)
+        require_path_exists(self, "prompts")
+        require(
+            self.batch_size % self.minibatch_size == 0,
+            "minibatch_size",
+            f"must divide batch_size={self.batch_size}",
+        )
+        micro = self.micro_batch_size or self.minibatch_size
+        require(
+            self.minibatch_size % micro == 0, "micro_batch_size", f"must divide minibatch_size={self.minibatch_size}"
+        )
+        require(
+            self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"
+        )
+        require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config, score_fn=None, backend=None) -> dict:
+    """Train; returns the results dict (also written to results.json).
+
+    ``score_fn`` replaces the reward model's score (``score_fn(query, query_mask, response, response_mask)
+    -> (B,)``, e.g. a programmatic reward); ``backend`` replaces the HF ``generate`` sampler.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "instructrl_ppo.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t0 = time.time()
+
+    session = build_session(cfg, score_fn=score_fn, backend=backend)
+    resumed = load_latest_checkpoint(out) if cfg.resume else None
+    if resumed is not None:
+        step, state = resumed
+        check_resume_compatible(state["config"], cfg, str(out))
+        session.load_state_dict(state)
+        print(f"resumed from iteration {step}", flush=True)
+    start = session.iteration
+    print(_describe(session), flush=True)
+
+    resume_step = start if resumed is not None else None
+    metrics = MetricsWriter(out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None, resume_step)
+    samples = MetricsWriter(out / "samples.jsonl", resume_step=resume_step)
+    bar = progress(cfg.iterations, start, "ppo")
+    try:
+        while session.iteration < cfg.iterations:
+            record, rollout, prompt_index = train_iteration(session)
+            done = session.iteration
+            metrics.log(done, **record)
+            bar.set_postfix(score=f"{record['objective/score']:.3f}", kl=f"{record['objective/kl']:.3f}")
+            bar.update(1)
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1):
+                _log_samples(session, samples, done, rollout, prompt_index)
+            if cfg.save_policy_every and done % cfg.save_policy_every == 0:
+                session.save_policy(out / f"policy-iter-{done:04d}")
+            if done % cfg.save_every == 0 and done < cfg.iterations:
+                save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **session.state_dict()})
+    finally:
+        bar.close()
+        metrics.close()
+        samples.close()
+
+    session.save_policy(out / "policy")
+    session.value_model.save_pretrained(out / "value")
+    session.tokenizer.save_pretrained(out / "value")
+    results = _results(cfg, session, out, time.time() - t0)
+    atomic_write_json(out / "results.json", results)
+    print(
+        f"ppo: score {results['score_first_iteration']:.3f} -> {results['score_last_iteration']:.3f}, "
+        f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}",
+        flush=True,
+    )
+    return results
+
+
+def _describe(session: PPOSession) -> str:
+    cfg = session.cfg
+    variant = f"PPO-ptx (γ = {cfg.ptx.coef})" if cfg.ptx.coef > 0 else "PPO (γ = 0)"
+    beta = f"adaptive β from {cfg.kl.coef} toward {cfg.kl.target} nats" if cfg.kl.adaptive else f"β = {cfg.kl.coef}"
+    return (
+        f"ppo: {variant}, {beta}; {len(session.prompt_ids)} prompts; {cfg.iterations} iterations × "
+        f"{cfg.batch_size} episodes; device {session.device}"
+    )
+
+
+def _log_samples(session: PPOSession, writer: MetricsWriter, step: int, rollout, prompt_index: list[int]) -> None:
+    """Print a small table of this iteration's generations and append them to samples.jsonl."""
+    tok = session.tokenizer
+    rows = []
+    for i in range(min(session.cfg.num_samples, rollout.size)):
+        length = int(rollout.response_mask[i].sum())
+        response_ids = rollout.response[i, :length].tolist()
+        rows.append(
+            {
+                "prompt": session.prompt_texts[prompt_index[i]],
+                "response": tok.decode(response_ids, skip_special_tokens=True),
+                "score": float(rollout.scores[i]),
+                "has_eos": bool(rollout.has_eos[i]),
+                "kl": float(rollout.kl[i].sum()) if rollout.kl is not None else None,
+            }
+        )
+    lines = [f"--- samples at iteration {step}", f"{'score':>7} {'kl':>6} eos  prompt ⟶ response"]
+    for row in rows:
+        prompt = " ".join(row["prompt"].split())[-60:]
+        response = " ".join(row["response"].split())[:80]
+        kl = f"{row['kl']:6.2f}" if row["kl"] is not None else "     -"
+        lines.append(f"{row['score']:7.3f} {kl} {'yes' if row['has_eos'] else ' no'}  …{prompt} ⟶ {response}")
+        writer.log(step, **row)
+    print("\n".join(lines), flush=True)
+
+
+SUMMARY_METRICS = (
+    "objective/reward",
+    "objective/score",
+    "objective/kl",
+    "objective/kl_k3",
+    "objective/beta",
+    "policy/entropy",
+    "loss/policy",
+    "loss/value",
+    "loss/ptx",
+    "policy/approx_kl",
+    "policy/clipfrac",
+    "value/clipfrac",
+    "value/explained_variance",
+    "response/length",
+    "response/eos_rate",
+)
+
+
+def _results(cfg: Config, session: PPOSession, out: Path, seconds: float) -> dict:
+    records = read_jsonl_lenient(out / "metrics.jsonl")
+    if not records:
+        raise UserFacingError(f"{out / 'metrics.jsonl'} holds no iterations; nothing to summarize")
+    first, last = records[0], records[-1]
+    return {
+        "variant": "PPO-ptx" if cfg.ptx.coef > 0 else "PPO",
+        "iterations": cfg.iterations,
+        "episodes": cfg.iterations * cfg.batch_size,
+        "score_first_iteration": first["objective/score"],
+        "score_last_iteration": last["objective/score"],
+        "kl_last_iteration": last["objective/kl"],
+        "beta_final": session.kl_controller.value,
+        "last_iteration": {k: last.get(k) for k in SUMMARY_METRICS},
+        "released_weights": "ema" if session.ema is not None else "live",
+        "policy_dir": str(out / "policy"),
+        "value_dir": str(out / "value"),
+        "seconds": seconds,
+    }

@@ -1,0 +1,506 @@
+"""Building blocks of the PPO / PPO-ptx stage: rollouts, advantages, gradient accumulation, samplers, EMA.
+
+Tensor vocabulary (cleanrl style): ``query`` (B, Q) left-padded prompt ids, ``response`` (B, R) sampled ids
+with PAD after EOS, ``response_mask`` (B, R) True up to and including EOS. Per-token tensors over the
+response are (B, R) and 0 where the mask is False; position t holds the quantity of the action y_t:
+
+    logprobs[t]      log π_rollout(y_t | x, y_<t), temperature-scaled (N detail 10)
+    ref_logprobs[t]  log π^SFT(y_t | x, y_<t), same temperature
+    values[t]        V(x, y_<t): the value of the state in which y_t is chosen
+    rewards[t]       −β·(logprobs − ref_logprobs)[t] (+ the RM score at the last valid t)
+
+Logits at input position Q − 1 + t predict response token t, so every model is run on query ⊕ response
+and its outputs at positions Q − 1 … Q + R − 2 are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from instructrl.models.reward import last_token_scores, position_ids_from_mask, reward_bias, token_values
+from instructrl.rl import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_k3,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    ptx_loss,
+    shaped_rewards,
+    value_loss,
+)
+from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score_fn(query, query_mask, response, response_mask) -> (B,)`` scores r(x, y) of finished rollouts."""
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists to one width: returns ``(ids, mask)``, both (B, Q); mask is 1 on real tokens."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Logits that predict the last ``response_len`` tokens: (B, Q + R) -> (B, R, V).
+
+    Position ids skip the left padding (N detail 3); only the R + 1 last positions are projected to the
+    vocabulary (``logits_to_keep``), the last of which predicts a token after the response and is dropped.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=response_len + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]  # (B, R, V)
+
+
+def response_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+    """V(x, y_<t) for every response token t: (B, Q + R) -> (B, R).
+
+    The value model is a reward model (scalar head at every position); its normalization bias is added so
+    that a value model initialized from the RM starts out predicting the RM's normalized score.
+    """
+    values = token_values(value_model, input_ids, attention_mask)  # (B, Q + R)
+    return values[:, -response_len - 1 : -1] + reward_bias(value_model)
+
+
+def reward_model_scorer(reward_model) -> ScoreFn:
+    """r_θ(x, y): the reward model's normalized score read at the last response token (the EOS)."""
+
+    def score(query, query_mask, response, response_mask) -> torch.Tensor:
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
+        return last_token_scores(reward_model, input_ids, attention_mask)
+
+    return score
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    """One PPO batch of episodes; the advantage fields are filled by :func:`compute_advantages`."""
+
+    query: torch.Tensor
+    """(B, Q) left-padded prompt ids."""
+    query_mask: torch.Tensor
+    """(B, Q) 1 on real prompt tokens."""
+    response: torch.Tensor
+    """(B, R) sampled response ids, PAD after the first EOS."""
+    response_mask: torch.Tensor
+    """(B, R) bool, True up to and including the first EOS."""
+    has_eos: torch.Tensor
+    """(B,) bool, whether the response emitted EOS."""
+    logprobs: torch.Tensor
+    """(B, R) log π_rollout(y_t), temperature-scaled."""
+    ref_logprobs: torch.Tensor
+    """(B, R) log π^SFT(y_t), temperature-scaled."""
+    values: torch.Tensor
+    """(B, R) V(x, y_<t) at rollout time."""
+    entropy: torch.Tensor
+    """(B, R) entropy of π_rollout(· | x, y_<t) at the sampling temperature."""
+    raw_scores: torch.Tensor
+    """(B,) scores from ``score_fn`` before the missing-EOS rule."""
+    scores: torch.Tensor
+    """(B,) r(x, y) used as the reward: ``raw_scores``, or ``missing_eos_score`` where there is no EOS."""
+    rewards: torch.Tensor | None = None
+    """(B, R) shaped per-token rewards (after optional whitening)."""
+    kl: torch.Tensor | None = None
+    """(B, R) k1 = logprobs − ref_logprobs on response tokens."""
+    advantages: torch.Tensor | None = None
+    """(B, R) GAE advantages (whitened when configured)."""
+    returns: torch.Tensor | None = None
+    """(B, R) value targets A + V (before advantage whitening)."""
+
+    @property
+    def size(self) -> int:
+        return self.query.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The episodes at ``index`` (rows of every tensor)."""
+        return Rollout(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of query ⊕ response, both (B, Q + R)."""
+        input_ids = torch.cat([self.query, self.response], dim=1)
+        attention_mask = torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+        return input_ids, attention_mask
+
+
+def _rows(t: torch.Tensor | None, index: torch.Tensor | slice) -> torch.Tensor | None:
+    return None if t is None else t[index]
+
+
+def apply_missing_eos_score(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_score: float | None):
+    """The EOS trick (N+ detail 23): a response that never ended gets the fixed score ``missing_eos_score``.
+
+    The RM was trained on finished responses only, so its score of an unfinished one is meaningless and
+    easy to exploit (N+ detail 13). ``None`` keeps the RM score.
+    """
+    if missing_eos_score is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, missing_eos_score))
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    size = size if size > 0 else n
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How rollouts are sampled and scored (taken from the stage config)."""
+
+    max_new_tokens: int
+    temperature: float
+    eos_token_id: int
+    pad_token_id: int
+    generation_batch_size: int = 0
+    """Prompts per ``generate`` call; 0 = all."""
+    forward_batch_size: int = 0
+    """Episodes per scoring forward pass; 0 = all."""
+    missing_eos_score: float | None = None
+
+
+def make_rollout(
+    policy,
+    ref_policy,
+    value_model,
+    backend: GenerationBackend,
+    score_fn: ScoreFn,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    settings: RolloutSettings,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one response per prompt, truncate at EOS, and compute log-probs, values and scores.
+
+    Every forward pass runs under ``torch.inference_mode``. The policy's log-probs come from a separate
+    forward pass (not from ``generate``'s scores) so that rollout and training use the same numerics and
+    the first PPO ratio is 1. Tensors are copied out of inference mode at the end so the update can use them.
+    """
+    models = (policy, ref_policy, value_model)
+    with torch.inference_mode():
+        raw = _sample_and_score(*models, backend, score_fn, query, query_mask, settings, generator)
+    return Rollout(**{k: v.clone() for k, v in raw.items()})  # clones outside inference mode: usable by autograd
+
+
+def _sample_and_score(
+    policy, ref_policy, value_model, backend, score_fn, query, query_mask, settings: RolloutSettings, generator
+) -> dict[str, torch.Tensor]:
+    responses = [
+        backend.generate(query[rows], query_mask[rows], settings.max_new_tokens, settings.temperature, generator)
+        for rows in _chunks(query.shape[0], settings.generation_batch_size)
+    ]
+    response, response_mask, has_eos = truncate_after_eos(
+        torch.cat(responses, dim=0), settings.eos_token_id, settings.pad_token_id
+    )
+    width = int(response_mask.sum(dim=1).max())  # drop columns that are PAD in every row
+    response, response_mask = response[:, :width], response_mask[:, :width]
+
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
+    for rows in _chunks(query.shape[0], settings.forward_batch_size):
+        q, qm, r, rm = query[rows], query_mask[rows], response[rows], response_mask[rows]
+        input_ids = torch.cat([q, r], dim=1)
+        attention_mask = torch.cat([qm, rm.long()], dim=1)
+        logits = response_logits(policy, input_ids, attention_mask, width)  # (b, R, V)
+        parts["logprobs"].append(logprobs_from_logits(logits, r, settings.temperature))
+        parts["entropy"].append(entropy_from_logits(logits, settings.temperature))
+        ref_logits = response_logits(ref_policy, input_ids, attention_mask, width)
+        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, r, settings.temperature))
+        parts["values"].append(response_values(value_model, input_ids, attention_mask, width))
+        parts["scores"].append(score_fn(q, qm, r, rm).float())
+    out = {k: torch.cat(v, dim=0) for k, v in parts.items()}
+    zero = torch.zeros((), device=response.device)
+    for key in ("logprobs", "ref_logprobs", "values", "entropy"):  # nothing after EOS carries information
+        out[key] = torch.where(response_mask, out[key], zero)
+    raw_scores = out.pop("scores")
+    return {
+        "query": query,
+        "query_mask": query_mask,
+        "response": response,
+        "response_mask": response_mask,
+        "has_eos": has_eos,
+        "raw_scores": raw_scores,
+        "scores": apply_missing_eos_score(raw_scores, has_eos, settings.missing_eos_score),
+        **out,
+    }
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def compute_advantages(
+    rollout: Rollout,
+    kl_coef: float,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+) -> Rollout:
+    """Shaped rewards (InstructGPT Eq. 2), GAE, and whitening, over the whole rollout batch.
+
+        r_t = −β·(log π_rollout(y_t) − log π^SFT(y_t)) + [t = last] · r(x, y)     (N detail 17)
+        (A_t, R_t) = GAE(r, V; γ, λ)                                              (γ = 1, λ = 0.95)
+
+    Optional reward whitening scales r without re-centring it (``shift_mean=False``, N detail 18); advantage
+    whitening centres and scales A (N detail 18, N+ 25). Both use statistics of the whole batch, so they do
+    not depend on how the batch is later cut into minibatches and micro-batches. Returns are computed from
+    the unwhitened advantages: they are the value targets.
+    """
+    mask = rollout.response_mask
+    rewards, _, kl = shaped_rewards_for(rollout, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, rollout.values, mask, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    return replace(rollout, rewards=rewards, kl=kl, advantages=advantages, returns=returns)
+
+
+def shaped_rewards_for(rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rewards, non_score_rewards, kl)`` of :func:`instructrl.rl.shaped_rewards` for a rollout."""
+    return shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef)
+
+
+@torch.no_grad()
+def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
+    """Per-iteration statistics of a scored rollout (sequence sums, then batch means)."""
+    mask = rollout.response_mask
+    rewards, non_score, kl = shaped_rewards_for(rollout, kl_coef)  # unwhitened, as the objective defines them
+    kl3 = torch.where(mask, kl_k3(rollout.logprobs, rollout.ref_logprobs), torch.zeros((), device=mask.device))
+    lengths = mask.sum(dim=1).float()
+    metrics = {
+        "objective/reward": rewards.sum(dim=1).mean(),
+        "objective/score": rollout.scores.mean(),
+        "objective/score_raw": rollout.raw_scores.mean(),
+        "objective/non_score_reward": non_score.sum(dim=1).mean(),
+        "objective/kl": kl.sum(dim=1).mean(),
+        "objective/kl_k3": kl3.sum(dim=1).mean(),
+        "objective/beta": float(kl_coef),
+        "policy/entropy": masked_mean(rollout.entropy, mask),
+        "response/length": lengths.mean(),
+        "response/eos_rate": rollout.has_eos.float().mean(),
+    }
+    if rollout.returns is not None:
+        metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """PPO loss hyperparameters (taken from the stage config)."""
+
+    temperature: float = 1.0
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+
+
+def accumulate_ppo_gradients(
+    policy, value_model, batch: Rollout, micro_batch_size: int, settings: LossSettings
+) -> dict[str, float]:
+    """Add ∇(policy loss + vf_coef · value loss) of one minibatch to ``.grad``, micro-batch by micro-batch.
+
+    Each micro-batch's losses are masked *sums* divided by the minibatch's token count, so the micro-batch
+    gradients add up to exactly the gradient of the minibatch token means: 1 × N and N × 1 micro-batches
+    give the same update. The caller zeroes gradients before and steps the optimizers after.
+
+    Returns minibatch statistics: the losses, and token-weighted means of approx-KL and clip fractions.
+    """
+    n_tokens = batch.response_mask.sum().float()  # normalizer of the minibatch token mean
+    stats = WeightedMeans()
+    totals = {"loss/policy": 0.0, "loss/value": 0.0}
+    ratio_max = 0.0
+    for rows in _chunks(batch.size, micro_batch_size):
+        micro = batch.select(rows)
+        input_ids, attention_mask = micro.inputs()
+        width = micro.response.shape[1]
+        logits = response_logits(policy, input_ids, attention_mask, width)
+        logprobs = logprobs_from_logits(logits, micro.response, settings.temperature)  # (b, R)
+        values = response_values(value_model, input_ids, attention_mask, width)  # (b, R)
+        pg_loss, pg_stats = policy_loss(
+            logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
+        )
+        vf_loss, vf_stats = value_loss(
+            values, micro.values, micro.returns, micro.response_mask, settings.value_clip_range, n_tokens
+        )
+        (pg_loss + settings.vf_coef * vf_loss).backward()
+        totals["loss/policy"] += pg_loss.item()
+        totals["loss/value"] += vf_loss.item()
+        ratio_max = max(ratio_max, pg_stats["policy/ratio_max"].item())
+        weight = micro.response_mask.sum().item()
+        stats.add(
+            weight,
+            {
+                "policy/approx_kl": pg_stats["policy/approxkl_k3"],
+                "policy/clipfrac": pg_stats["policy/clipfrac"],
+                "value/clipfrac": vf_stats["val/clipfrac"],
+            },
+        )
+    return {**totals, **stats.means(), "policy/ratio_max": ratio_max}
+
+
+def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
+    """log π(x_t | x_<t) of pretraining windows (B, L) -> (B, L − 1), at temperature 1 (the LM itself)."""
+    logits = policy(input_ids=windows, use_cache=False).logits[:, :-1]
+    return logprobs_from_logits(logits, windows[:, 1:], 1.0)
+
+
+def accumulate_ptx_gradients(policy, windows: torch.Tensor, micro_batch_size: int, ptx_coef: float) -> float:
+    """Add γ · ∇(−mean log π(x)) over pretraining ``windows`` (B, L) to ``.grad``; returns the ptx loss.
+
+    This is the γ·E_{x~D_pretrain}[log π(x)] term of InstructGPT Eq. 2 as a loss, accumulated into the same
+    gradient as the PPO minibatch before the optimizer step (App. C.4). Token mean over the whole ptx batch.
+    """
+    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    total = 0.0
+    for rows in _chunks(windows.shape[0], micro_batch_size):
+        logprobs = ptx_logprobs(policy, windows[rows])
+        mask = torch.ones_like(logprobs, dtype=torch.bool)
+        loss, _ = ptx_loss(logprobs, mask, normalizer=n_tokens)
+        (ptx_coef * loss).backward()
+        total += loss.item()
+    return total
+
+
+class WeightedMeans:
+    """Weighted running means of named scalars (weights: token counts)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, weight: float, values: dict[str, torch.Tensor | float]) -> None:
+        self.weight += weight
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + weight * float(value)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.weight if self.weight else 0.0 for k, v in self.sums.items()}
+
+
+# --------------------------------------------------------------------------- samplers and EMA
+
+
+class PromptSampler:
+    """Cycles through ``n`` prompts in a random order, reshuffling after each pass (N+ detail 21)."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n, generator=self.generator)
+        self.position = 0
+        self.passes = 0
+
+    def next(self, k: int) -> list[int]:
+        """The next ``k`` prompt indices; a batch may straddle two passes."""
+        out: list[int] = []
+        while len(out) < k:
+            if self.position == self.n:
+                self.order = torch.randperm(self.n, generator=self.generator)
+                self.position = 0
+                self.passes += 1
+            take = min(k - len(out), self.n - self.position)
+            out.extend(self.order[self.position : self.position + take].tolist())
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+            "position": self.position,
+            "passes": self.passes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["order"]) != self.n:
+            raise ValueError(f"checkpoint was made with {len(state['order'])} prompts, this run has {self.n}")
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.position = int(state["position"])
+        self.passes = int(state["passes"])
+
+
+class WindowSampler:
+    """Random fixed-length windows of a token stream (documents joined by EOS): the ptx batches."""
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int):
+        if len(stream) <= seq_len:
+            raise ValueError(f"the pretraining stream has {len(stream)} tokens, fewer than one window of {seq_len}")
+        self.stream = stream
+        self.seq_len = seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """(n, seq_len) windows starting at uniform random offsets."""
+        starts = torch.randint(0, len(self.stream) - self.seq_len + 1, (n,), generator=self.generator)
+        return torch.stack([self.stream[s : s + self.seq_len] for s in starts.tolist()])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class PolicyEMA:
+    """Exponential moving average of the policy weights, θ_ema ← d·θ_ema + (1 − d)·θ after every optimizer
+    step (InstructGPT App. C.4: d = 0.992). Kept in float32; the released model is the EMA."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Temporarily load the EMA weights into ``model`` (e.g. to save it); the live weights come back after."""
+        backup = {name: p.detach().clone() for name, p in model.named_parameters()}
+        try:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(self.shadow[name])
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(backup[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
