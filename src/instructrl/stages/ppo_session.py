@@ -40,6 +40,7 @@ from instructrl.stages.ppo_parts import (
     reward_model_scorer,
     rollout_metrics,
 )
+from instructrl.utils.device import resolve_device
 from instructrl.utils.seed import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -47,14 +48,6 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserFacingError(f"device={name!r} but CUDA is not available; use device=cpu")
-    return torch.device(name)
 
 
 def _prepare(model: torch.nn.Module, device: torch.device, trainable: bool) -> torch.nn.Module:

@@ -33,6 +33,7 @@ from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parame
 from instructrl.models.tokenizer import train_bpe_tokenizer
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
 from instructrl.utils.io import MetricsWriter, atomic_write_json
 from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -87,6 +88,8 @@ class Config:
     """Seed for initialization and data order."""
     threads: int = 0
     """CPU threads for torch (0 = torch default)."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
 
@@ -99,6 +102,7 @@ class Config:
         )
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
@@ -146,8 +150,10 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: in
         idx = torch.arange(start, min(n_windows, start + batch_size)) * seq_len
         x = torch.stack([stream[i : i + seq_len] for i in idx.tolist()])  # (b, seq_len)
         y = torch.stack([stream[i + 1 : i + 1 + seq_len] for i in idx.tolist()])
-        logits = model(input_ids=x).logits
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        logits = model(input_ids=x.to(model.device)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten().to(model.device), reduction="sum"
+        )
         total_nll += nll.item()
         total_tokens += y.numel()
     return math.exp(total_nll / total_tokens)
@@ -176,7 +182,8 @@ def run(cfg: Config) -> dict:
         flush=True,
     )
 
-    model = build_causal_lm(cfg.model, tokenizer)
+    device = resolve_device(cfg.device)
+    model = build_causal_lm(cfg.model, tokenizer).to(device)
     print(f"model: {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters", flush=True)
     optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -201,7 +208,7 @@ def run(cfg: Config) -> dict:
     model.train()
     for step in range(start_step, cfg.max_steps):
         starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
-        window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])  # (B, seq_len+1)
+        window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
         logits = model(input_ids=window[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         if not torch.isfinite(loss):
@@ -237,7 +244,7 @@ def run(cfg: Config) -> dict:
 
     model.eval()
     heldout_ppl = stream_perplexity(model, held_stream, cfg.seq_len)
-    model.save_pretrained(out)
+    model.cpu().save_pretrained(out)
     tokenizer.save_pretrained(out)
     results = {
         "heldout_perplexity": heldout_ppl,

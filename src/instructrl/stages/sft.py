@@ -16,7 +16,6 @@ merged into the base weights on save so the output is a plain Hugging Face model
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_t
 from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
 from instructrl.utils.io import MetricsWriter, atomic_write_json
 from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -132,6 +132,8 @@ class Config:
     """Seed for data order, dropout and held-out split."""
     threads: int = 0
     """CPU threads for torch (0 = torch default)."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
 
@@ -151,6 +153,7 @@ class Config:
         mb = self.micro_batch_size or self.batch_size
         require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
         require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
+        require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
 
 
 # --------------------------------------------------------------------------- data
@@ -225,6 +228,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 def response_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labelled positions, and how many there were."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     nll = torch.nn.functional.cross_entropy(
@@ -331,7 +336,7 @@ def run(cfg: Config) -> dict:
         flush=True,
     )
 
-    model = load_causal_lm(cfg.model, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -405,7 +410,8 @@ def run(cfg: Config) -> dict:
             value = scores[key] if scorer is not None else -scores[key]
             history.append({"epoch": step // steps_per_epoch, **scores})
             if best is None or value > best["value"]:
-                best = {"value": value, "epoch": step // steps_per_epoch, "state": copy.deepcopy(model.state_dict())}
+                cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = {"value": value, "epoch": step // steps_per_epoch, "state": cpu_state}
             bar.set_postfix(valid_loss=f"{scores['valid_loss']:.3f}")
         metrics.log(step, **record)
         bar.update(1)
@@ -431,7 +437,7 @@ def run(cfg: Config) -> dict:
     model.eval()
     if cfg.lora.enabled:
         model = model.merge_and_unload()
-    model.save_pretrained(out)
+    model.cpu().save_pretrained(out)
     tokenizer.save_pretrained(out)
     results = {
         "selected_epoch": best["epoch"] if best else cfg.epochs,
