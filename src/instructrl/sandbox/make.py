@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from instructrl.config import require, require_positive, save_config
+from instructrl.sandbox.datasets import STAGE_SHARES, stage_tasks
 from instructrl.sandbox.labelers import synthetic_agreement
 from instructrl.sandbox.world import SandboxWorld, Task
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
@@ -77,15 +78,9 @@ def _task_fields(task: Task) -> dict[str, Any]:
     return {"id": task.id, "category": task.category, "type": task.type, "user_id": task.user_id, "split": task.split}
 
 
-def assign_stages(train: list[Task], n_sft: int, n_rm: int, rng: np.random.Generator) -> dict[str, str]:
-    """Partition train prompts at random into disjoint ``sft`` / ``rm`` / ``ppo`` sets: ``{task id: stage}``."""
-    order = rng.permutation(len(train))
-    n_sft = min(n_sft, len(train))
-    n_rm = min(n_rm, len(train) - n_sft)
-    stages = {}
-    for position, index in enumerate(order.tolist()):
-        stages[train[index].id] = "sft" if position < n_sft else "rm" if position < n_sft + n_rm else "ppo"
-    return stages
+def assign_stages(world: SandboxWorld) -> dict[str, str]:
+    """``{task id: stage}`` for the train prompts: the same disjoint sft / rm / ppo pools every stage uses."""
+    return {t.id: stage for stage in STAGE_SHARES for t in stage_tasks(world, stage)}
 
 
 def demonstration_records(world: SandboxWorld, tasks: list[Task], rng: np.random.Generator) -> list[dict]:
@@ -133,13 +128,13 @@ def run(cfg: Config) -> dict:
     atomic_write_jsonl(out / "heldout.jsonl", ({"text": t} for t in world.heldout_text(cfg.heldout_docs)))
 
     train, valid = world.tasks("train"), world.tasks("valid")
-    stages = assign_stages(train, cfg.sft_prompts, cfg.rm_prompts, rng)
+    stages = assign_stages(world)
     atomic_write_jsonl(
         out / "prompts.jsonl",
         ({"prompt": t.prompt, **_task_fields(t), "stage": stages.get(t.id)} for t in world.tasks("all")),
     )
-    sft_tasks = [t for t in train if stages[t.id] == "sft"] + valid
-    rm_tasks = [t for t in train if stages[t.id] == "rm"] + valid
+    sft_tasks = [t for t in train if stages[t.id] == "sft"][: cfg.sft_prompts] + valid
+    rm_tasks = [t for t in train if stages[t.id] == "rm"][: cfg.rm_prompts] + valid
     n_demos = atomic_write_jsonl(out / "demonstrations.jsonl", demonstration_records(world, sft_tasks, rng))
     n_comparisons = atomic_write_jsonl(
         out / "comparisons.jsonl", comparison_records(world, rm_tasks, cfg.min_k, cfg.max_k, rng)

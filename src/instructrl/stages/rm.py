@@ -1,0 +1,734 @@
+"""Stage 2 — the reward model r_θ(x, y), trained on K-wise rankings (InstructGPT §3.5, App. C.2).
+
+Model: the SFT model (any causal LM directory) with its unembedding replaced by a projection to one
+scalar, head init N(0, 1/√(d_model+1)) (N detail 8), dropout off (N+ detail 7). The reward is read at the
+EOS that ends ``prompt ⊕ response ⊕ EOS`` (N+ detail 12); sequences are right-padded with a PAD ≠ EOS.
+
+Loss, Eq. 1, with the paper's batching (footnote 5): an optimizer batch holds ``batch_size`` *prompts*; the
+K completions of each are forwarded **once** (all prompts' completions flattened into one padded tensor),
+and the C(K,2) pairs of one prompt form one element of the loss:
+
+    loss(θ) = −(1/G) Σ_g (1/n_g) Σ_{(w,l) of g} log σ(r_θ(x_g, y_w) − r_θ(x_g, y_l))
+
+with n_g = C(K_g,2) minus tied pairs (ties are dropped). Gradient accumulation over micro-batches of
+prompts divides by the optimizer batch's G, so it reproduces the one-big-batch gradient exactly.
+
+Schedule: one epoch (more overfits, App. C.2), Adam β = (0.9, 0.95), cosine decay to 10% of the peak LR,
+no warmup. After training a bias is stored so that labeler demonstrations score mean 0 (§3.5; bias only,
+no scale); it lives in the saved config under ``instructrl_reward_bias`` (see ``models/reward.py``).
+
+Evaluation: pairwise accuracy on held-out comparisons of the training labelers and, separately, on every
+comparison of the labelers listed in ``heldout_labelers`` (never trained on), the paper's 72.4 ± 0.4% vs
+69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l).
+
+Without ``comparisons`` the data comes from the sandbox: K in [4, 9] samples per RM-split prompt from the
+policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from instructrl.config import (
+    check_resume_compatible,
+    require,
+    require_fraction,
+    require_non_negative,
+    require_path_exists,
+    require_positive,
+    resume_fingerprint,
+    save_config,
+)
+from instructrl.data.loading import load_comparisons, load_demonstrations
+from instructrl.data.records import Comparison, Demonstration
+from instructrl.errors import UserFacingError
+from instructrl.models.causal_lm import count_parameters, disable_dropout, load_tokenizer
+from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
+from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
+from instructrl.rl.losses import ranking_loss
+from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.device import resolve_device
+from instructrl.utils.io import MetricsWriter, atomic_write_json, atomic_write_jsonl
+from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+
+SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
+SANDBOX_DEMONSTRATIONS = "sandbox_demonstrations.jsonl"
+UNKNOWN_LABELER = "unknown"
+"""Group name for comparisons without a ``labeler_id``."""
+
+
+@dataclass
+class Config:
+    """Reward-model training on K-wise comparisons."""
+
+    model: str = "runs/sandbox/sft"
+    """Causal LM to initialize from (the SFT model): a Hugging Face directory with its tokenizer."""
+    output_dir: str = "runs/sandbox/rm"
+    """Where the reward model (HF sequence-classification dir), metrics, checkpoints and results go."""
+    comparisons: str | None = None
+    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox."""
+    valid_comparisons: str | None = None
+    """Validation comparisons; unset = hold out ``valid_fraction`` of the prompts of ``comparisons``."""
+    valid_fraction: float = 0.1
+    """Fraction of prompts (all their comparisons together) held out when ``valid_comparisons`` is unset."""
+    demonstrations: str | None = None
+    """Demonstrations JSONL whose mean score the bias sets to 0; unset with ``comparisons`` set = the
+    best-ranked response of each training comparison (sandbox: the labelers' demonstrations)."""
+    heldout_labelers: list[str] = field(default_factory=list)
+    """labeler_id values whose comparisons are never trained on and are evaluated separately."""
+    skip_bad: bool = False
+    """Skip (and count) malformed records instead of stopping at the first one."""
+    max_k: int = 9
+    """Largest K accepted in a K-way record (paper: 9)."""
+    max_prompt_tokens: int = 192
+    """Longer prompts keep their last max_prompt_tokens tokens (counted in results)."""
+    max_response_tokens: int = 64
+    """Responses longer than this, counting the EOS appended to each, are dropped from their comparison (counted)
+    rather than cut: the reward is read at the EOS, which a cut response never reached (same rule as ``sft``)."""
+    epochs: int = 1
+    """Passes over the training comparisons (paper: 1; more overfits quickly)."""
+    batch_size: int = 16
+    """Prompts per optimizer step, each carrying all its C(K,2) pairs (paper: 64; the sandbox's ~1.2k training
+    prompts would give only ~20 steps at 64)."""
+    micro_batch_size: int = 8
+    """Prompts per forward/backward (gradient accumulation); 0 = batch_size."""
+    lr: float = 3e-4
+    """Peak learning rate (paper 9e-6 at 6B). Sandbox sweep (1e-4 … 3e-3, batch 16 and 64): accuracy flat within
+    ±1 point, validation loss lowest at 3e-4 / batch 16."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak (paper: 10%)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2 (paper: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    eval_every: int = 25
+    """Optimizer steps between evaluations on the validation and held-out-labeler comparisons."""
+    eval_batch_size: int = 64
+    """Completions per forward pass when evaluating and normalizing."""
+    save_every: int = 25
+    """Optimizer steps between resumable checkpoints."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."""
+    seed: int = 0
+    """Seed for the head init, data order, validation split and sandbox data."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch default)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir if there is one."""
+    sandbox_seed: int = 0
+    """Seed of the sandbox world used when ``comparisons`` is unset."""
+    sandbox_prompts: int = 1500
+    """Sandbox train prompts ranked for the RM, taken from the "rm" pool (``sandbox.datasets.stage_tasks``)."""
+    sandbox_min_k: int = 4
+    """Fewest responses per sandbox prompt (paper: 4)."""
+    sandbox_max_k: int = 9
+    """Most responses per sandbox prompt (paper: 9)."""
+    sandbox_samples_from_policy: bool = True
+    """Sample the sandbox responses from ``model`` (temperature 1); false = the sandbox's synthetic candidates."""
+    sandbox_demonstrations: int = 500
+    """Sandbox demonstrations written for the normalization."""
+    generation_batch_size: int = 64
+    """Sequences per generate() call when sampling sandbox responses."""
+
+    def validate(self) -> None:
+        require_positive(
+            self, "max_k", "max_prompt_tokens", "max_response_tokens", "epochs", "batch_size", "lr", "eval_every"
+        )
+        require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
+        require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
+        require_non_negative(self, "sandbox_demonstrations")
+        require_fraction(self, "min_lr_ratio")
+        require_fraction(self, "valid_fraction", inclusive_high=False)
+        require_path_exists(self, "comparisons", "valid_comparisons", "demonstrations")
+        require(self.max_k >= 2, "max_k", "must be >= 2")
+        require(self.max_response_tokens >= 2, "max_response_tokens", "must be >= 2 (a token and the EOS)")
+        require(self.micro_batch_size <= self.batch_size, "micro_batch_size", f"must be <= {self.batch_size}")
+        require(
+            2 <= self.sandbox_min_k <= self.sandbox_max_k <= self.max_k,
+            "sandbox_max_k",
+            f"need 2 <= sandbox_min_k <= sandbox_max_k <= max_k={self.max_k}",
+        )
+        require(
+            self.comparisons is not None or self.valid_comparisons is None,
+            "valid_comparisons",
+            "needs comparisons to be set too",
+        )
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu/cuda/auto")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodedComparison:
+    """One prompt's K completions as token ids (prompt ⊕ response ⊕ EOS) and its untied (winner, loser) pairs."""
+
+    completions: tuple[tuple[int, ...], ...]
+    pairs: tuple[tuple[int, int], ...]
+    labeler_id: str
+
+
+@dataclass
+class EncodeCounts:
+    """What encoding kept and changed, for the log and results.json."""
+
+    comparisons: int = 0
+    """Comparisons kept (at least one untied pair left)."""
+    completions: int = 0
+    """Completions kept (one forward pass each per epoch)."""
+    pairs: int = 0
+    """Untied (winner, loser) pairs kept."""
+    truncated_prompts: int = 0
+    """Prompts longer than max_prompt_tokens, kept with their last tokens."""
+    dropped_responses: int = 0
+    """Responses longer than max_response_tokens, removed from their comparison."""
+    dropped_comparisons: int = 0
+    """Comparisons left with no untied pair (after dropped responses)."""
+
+
+def labeler_of(record: Comparison | Demonstration) -> str:
+    value = record.meta.get("labeler_id")
+    return UNKNOWN_LABELER if value is None else str(value)
+
+
+def _truncate_prompt(prompt_ids: list[int], max_prompt_tokens: int) -> tuple[list[int], bool]:
+    """Keep the last ``max_prompt_tokens`` tokens: the end of a prompt is what the response answers."""
+    if len(prompt_ids) <= max_prompt_tokens:
+        return prompt_ids, False
+    return prompt_ids[-max_prompt_tokens:], True
+
+
+def encode_comparisons(
+    comparisons: Sequence[Comparison], tokenizer, max_prompt_tokens: int, max_response_tokens: int
+) -> tuple[list[EncodedComparison], EncodeCounts]:
+    """Tokenize comparisons into completions + pairs; truncate long prompts, drop long responses."""
+    counts = EncodeCounts()
+    prompt_ids = tokenize_texts(tokenizer, [c.prompt for c in comparisons])
+    response_ids = tokenize_texts(tokenizer, [r for c in comparisons for r in c.responses])
+    eos = tokenizer.eos_token_id
+    encoded, offset = [], 0
+    for comparison, prompt in zip(comparisons, prompt_ids):
+        responses = response_ids[offset : offset + comparison.k]
+        offset += comparison.k
+        prompt, truncated = _truncate_prompt(prompt, max_prompt_tokens)
+        counts.truncated_prompts += truncated
+        kept = [i for i, r in enumerate(responses) if len(r) + 1 <= max_response_tokens]  # + 1: the EOS
+        counts.dropped_responses += comparison.k - len(kept)
+        new_index = {old: new for new, old in enumerate(kept)}
+        pairs = tuple(
+            (new_index[w], new_index[lo]) for w, lo in comparison.pairs() if w in new_index and lo in new_index
+        )
+        if not pairs:
+            counts.dropped_comparisons += 1
+            continue
+        completions = tuple(tuple(prompt + responses[i] + [eos]) for i in kept)
+        encoded.append(EncodedComparison(completions, pairs, labeler_of(comparison)))
+        counts.comparisons += 1
+        counts.completions += len(completions)
+        counts.pairs += len(pairs)
+    return encoded, counts
+
+
+def encode_demonstrations(
+    demonstrations: Sequence[Demonstration], tokenizer, max_prompt_tokens: int, max_response_tokens: int
+) -> tuple[list[list[int]], int]:
+    """Demonstrations as scored sequences (same encoding as comparisons); returns them and how many were dropped."""
+    prompts = [d.prompt for d in demonstrations]
+    if getattr(tokenizer, "chat_template", None):  # render chat records like SFT does
+        from instructrl.data.loading import render_chat_prompt
+
+        prompts = [
+            render_chat_prompt(list(d.prompt_messages), tokenizer) if d.prompt_messages is not None else d.prompt
+            for d in demonstrations
+        ]
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for prompt, response in zip(
+        tokenize_texts(tokenizer, prompts), tokenize_texts(tokenizer, [d.response for d in demonstrations])
+    ):
+        if len(response) + 1 > max_response_tokens:  # + 1: the EOS
+            continue
+        sequences.append(_truncate_prompt(prompt, max_prompt_tokens)[0] + response + [eos])
+    return sequences, len(demonstrations) - len(sequences)
+
+
+# --------------------------------------------------------------------------- batching and the loss
+
+
+@dataclass
+class RankingBatch:
+    """Every completion of G prompts in one right-padded tensor, and the pairs pointing into it."""
+
+    input_ids: torch.Tensor  # (N, T) N = Σ_g K_g
+    attention_mask: torch.Tensor  # (N, T)
+    winner_idx: torch.Tensor  # (P,) row of y_w
+    loser_idx: torch.Tensor  # (P,) row of y_l
+    pair_group: torch.Tensor  # (P,) prompt index g in [0, G)
+    num_groups: int  # G
+
+    def to(self, device: torch.device) -> RankingBatch:
+        return RankingBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.winner_idx.to(device),
+            self.loser_idx.to(device),
+            self.pair_group.to(device),
+            self.num_groups,
+        )
+
+
+def collate_comparisons(batch: Sequence[EncodedComparison], pad_id: int) -> RankingBatch:
+    """Flatten the completions of ``batch`` (prompt g's K_g rows are contiguous) and index its pairs."""
+    sequences, winners, losers, groups = [], [], [], []
+    for g, comparison in enumerate(batch):
+        offset = len(sequences)
+        sequences.extend(comparison.completions)
+        for w, lo in comparison.pairs:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            groups.append(g)
+    input_ids, attention_mask = pad_right(sequences, pad_id)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return RankingBatch(input_ids, attention_mask, as_long(winners), as_long(losers), as_long(groups), len(batch))
+
+
+def accumulate_ranking_gradients(
+    model, batch: Sequence[EncodedComparison], micro_batch_size: int, pad_id: int
+) -> dict[str, float]:
+    """Forward and backward one optimizer batch of prompts, ``micro_batch_size`` prompts per forward pass.
+
+    Each micro-batch loss is divided by the whole batch's prompt count G (``normalizer``), so the summed
+    gradients equal those of the full-batch Eq. 1 loss whatever the split. Returns the batch's loss,
+    pairwise accuracy, mean margin r_w − r_l and sizes.
+    """
+    device = next(model.parameters()).device
+    num_prompts = len(batch)
+    micro = micro_batch_size or num_prompts
+    loss_sum, correct, margin_sum, num_pairs = 0.0, 0.0, 0.0, 0
+    all_rewards = []
+    for start in range(0, num_prompts, micro):
+        inputs = collate_comparisons(batch[start : start + micro], pad_id).to(device)
+        rewards = last_token_scores(model, inputs.input_ids, inputs.attention_mask, normalized=False)  # (N,)
+        loss, stats = ranking_loss(
+            rewards, inputs.winner_idx, inputs.loser_idx, inputs.pair_group, inputs.num_groups, normalizer=num_prompts
+        )
+        loss.backward()
+        pairs = int(stats["rm/num_pairs"].item())
+        loss_sum += loss.item()
+        correct += stats["rm/accuracy"].item() * pairs
+        margin_sum += stats["rm/margin_mean"].item() * pairs
+        num_pairs += pairs
+        all_rewards.append(rewards.detach().float().cpu())
+    rewards = torch.cat(all_rewards)  # (N,) one per completion of the batch
+    return {
+        "loss": loss_sum,
+        "accuracy": correct / max(num_pairs, 1),
+        "margin_mean": margin_sum / max(num_pairs, 1),
+        "score_mean": rewards.mean().item(),
+        "score_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "pairs": num_pairs,
+        "completions": rewards.numel(),
+        "prompts": num_prompts,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def pairwise_metrics(scores: torch.Tensor, encoded: Sequence[EncodedComparison]) -> dict:
+    """Accuracy (fraction of pairs with r_w > r_l), Eq. 1 loss, and accuracy per labeler.
+
+    ``scores`` (N,) are the flattened completion scores in ``encoded`` order.
+    """
+    winners, losers, groups, labelers = [], [], [], []
+    offset = 0
+    for g, comparison in enumerate(encoded):
+        for w, lo in comparison.pairs:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            groups.append(g)
+            labelers.append(comparison.labeler_id)
+        offset += len(comparison.completions)
+    winner_idx, loser_idx = torch.tensor(winners), torch.tensor(losers)
+    loss, _ = ranking_loss(scores.double(), winner_idx, loser_idx, torch.tensor(groups), len(encoded))
+    correct = (scores[winner_idx] > scores[loser_idx]).tolist()
+    by_labeler: dict[str, list[bool]] = defaultdict(list)
+    for labeler, ok in zip(labelers, correct):
+        by_labeler[labeler].append(ok)
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "loss": loss.item(),
+        "pairs": len(correct),
+        "prompts": len(encoded),
+        "accuracy_by_labeler": {
+            name: {"accuracy": sum(oks) / len(oks), "pairs": len(oks)} for name, oks in sorted(by_labeler.items())
+        },
+    }
+
+
+def evaluate(model, encoded: Sequence[EncodedComparison], pad_id: int, batch_size: int) -> tuple[dict, torch.Tensor]:
+    """Score every completion once (unnormalized) and compute :func:`pairwise_metrics`; also return the scores."""
+    sequences = [s for comparison in encoded for s in comparison.completions]
+    scores = score_sequences(model, sequences, pad_id, batch_size, normalized=False)
+    return pairwise_metrics(scores, encoded), scores
+
+
+def score_distribution(scores: torch.Tensor) -> dict[str, float]:
+    """Mean, std and percentiles of a score vector (for results.json)."""
+    s = scores.double()
+    quantiles = torch.quantile(s, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)).tolist()
+    return {
+        "n": s.numel(),
+        "mean": s.mean().item(),
+        "std": s.std().item() if s.numel() > 1 else 0.0,
+        "min": s.min().item(),
+        "p05": quantiles[0],
+        "p25": quantiles[1],
+        "p50": quantiles[2],
+        "p75": quantiles[3],
+        "p95": quantiles[4],
+        "max": s.max().item(),
+    }
+
+
+def normalize_to_demonstrations(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> dict:
+    """Set the stored bias b so that demonstrations score mean 0: b = −mean_i r_θ(x_i, y_i) (§3.5).
+
+    The pairwise loss is invariant to adding a constant to r_θ, so b changes no comparison; it anchors the
+    scale PPO sees. Returns the mean before and after and the bias.
+    """
+    raw = score_sequences(model, sequences, pad_id, batch_size, normalized=False).double()  # (N,)
+    bias = -raw.mean().item()
+    setattr(model.config, BIAS_KEY, bias)
+    after = score_sequences(model, sequences, pad_id, batch_size, normalized=True).double()
+    return {"n": len(sequences), "bias": bias, "mean_before": raw.mean().item(), "mean_after": after.mean().item()}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def split_comparisons(
+    comparisons: Sequence[Comparison],
+    valid: Sequence[Comparison] | None,
+    heldout_labelers: Sequence[str],
+    valid_fraction: float,
+    seed: int,
+) -> tuple[list[Comparison], list[Comparison], list[Comparison]]:
+    """(train, valid, heldout-labeler) comparisons.
+
+    Comparisons by a held-out labeler go to the third set only (from both files). Without a validation
+    file, ``valid_fraction`` of the distinct *prompts* are held out with all their comparisons, so one
+    prompt ranked by several labelers never straddles train and valid.
+    """
+    heldout_set = set(heldout_labelers)
+    is_heldout = lambda c: labeler_of(c) in heldout_set  # noqa: E731
+    heldout = [c for c in comparisons if is_heldout(c)]
+    rest = [c for c in comparisons if not is_heldout(c)]
+    if valid is not None:
+        heldout += [c for c in valid if is_heldout(c)]
+        return rest, [c for c in valid if not is_heldout(c)], heldout
+    prompts = sorted({c.prompt for c in rest})
+    random.Random(seed).shuffle(prompts)
+    valid_prompts = set(prompts[: int(len(prompts) * valid_fraction)])
+    train = [c for c in rest if c.prompt not in valid_prompts]
+    return train, [c for c in rest if c.prompt in valid_prompts], heldout
+
+
+def _load_comparison_file(path: str, cfg: Config, label: str, skipped: dict[str, int]) -> list[Comparison]:
+    records, stats = load_comparisons(path, skip_bad=cfg.skip_bad, max_k=cfg.max_k)
+    if stats.n_skipped:
+        print(f"{label}: {stats.summary()}", flush=True)
+        skipped[label] = stats.n_skipped
+    return records
+
+
+def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
+    """Generate and write the sandbox comparisons and demonstrations; returns the two file paths.
+
+    Prompts: the "rm" pool of the sandbox's train prompts (``sandbox.datasets.stage_tasks``; InstructGPT's SFT,
+    RM and PPO prompt sets are distinct). For each: K ~ U[sandbox_min_k, sandbox_max_k]
+    responses (policy samples at temperature 1, or synthetic candidates), ranked by a labeler drawn at
+    random. Demonstrations: labelers' responses to prompts of the "sft" share.
+    """
+    import numpy as np
+
+    from instructrl.sandbox import SandboxWorld
+    from instructrl.sandbox.datasets import stage_tasks
+
+    world = SandboxWorld(cfg.sandbox_seed)
+    rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
+    sft_tasks = stage_tasks(world, "sft")
+    rng = np.random.default_rng(cfg.seed)
+    ks = [int(k) for k in rng.integers(cfg.sandbox_min_k, cfg.sandbox_max_k + 1, size=len(rm_tasks))]
+    if cfg.sandbox_samples_from_policy:
+        candidates = _policy_samples(cfg, tokenizer, [t.prompt for t in rm_tasks], ks)
+    else:
+        candidates = [world.synthetic_candidates(t, k, rng) for t, k in zip(rm_tasks, ks)]
+    labelers = world.labelers()
+    records = []
+    for task, responses in zip(rm_tasks, candidates):
+        responses = [r for r in responses if r.strip()]  # an immediately-stopped sample has nothing to rank
+        if len(responses) < 2:
+            continue
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        ranking = [list(e) if isinstance(e, tuple) else e for e in world.rank(task, responses, labeler, rng)]
+        record = {"prompt": task.prompt, "responses": responses, "ranking": ranking, "labeler_id": str(labeler)}
+        records.append(record | {"id": task.id, "category": task.category})
+    demos = []
+    for index in rng.permutation(len(sft_tasks))[: cfg.sandbox_demonstrations].tolist():
+        task = sft_tasks[index]
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        response = world.demonstrate(task, labeler, rng)
+        demos.append({"prompt": task.prompt, "response": response, "labeler_id": str(labeler), "id": task.id})
+    comparisons_path, demos_path = out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS
+    atomic_write_jsonl(comparisons_path, records)
+    atomic_write_jsonl(demos_path, demos)
+    print(f"sandbox: wrote {len(records)} comparisons and {len(demos)} demonstrations to {out}", flush=True)
+    return comparisons_path, demos_path
+
+
+def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -> list[list[str]]:
+    """K_i samples of the policy in ``cfg.model`` for each prompt (pure sampling, T = 1, cut at EOS)."""
+    from instructrl.eval.generate import generate_responses
+    from instructrl.models.causal_lm import load_causal_lm
+
+    policy = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
+    repeated = [p for p, k in zip(prompts, ks) for _ in range(k)]
+    generated = generate_responses(
+        policy,
+        tokenizer,
+        repeated,
+        max_new_tokens=cfg.max_response_tokens - 1,  # room for the EOS appended to a sample that never stopped
+        temperature=1.0,
+        batch_size=cfg.generation_batch_size,
+        seed=cfg.seed,
+    )
+    limit = cfg.max_response_tokens - 1
+    texts = []
+    for g in generated:
+        # Decoded text can re-tokenize longer than the sampled ids (e.g. partial UTF-8 bytes become U+FFFD);
+        # cut such samples back to the budget so the length filter does not silently drop them.
+        ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
+        texts.append(g.text if len(ids) <= limit else tokenizer.decode(ids[:limit]))
+    out, offset = [], 0
+    for k in ks:
+        out.append(texts[offset : offset + k])
+        offset += k
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "instructrl_rm.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+
+    resumed = load_latest_checkpoint(out) if cfg.resume else None
+    if resumed is not None:
+        check_resume_compatible(resumed[1]["config"], cfg, str(out))
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- data
+    comparisons_path, demos_path = cfg.comparisons, cfg.demonstrations
+    if comparisons_path is None:
+        sandbox_files = (out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS)
+        if resumed is not None and all(p.exists() for p in sandbox_files):
+            comparisons_path, demos_path = sandbox_files  # resume on exactly the data the run started with
+        else:
+            comparisons_path, demos_path = sandbox_data(cfg, tokenizer, out)
+    skipped_records: dict[str, int] = {}
+    all_comparisons = _load_comparison_file(str(comparisons_path), cfg, "comparisons", skipped_records)
+    valid_file = (
+        _load_comparison_file(cfg.valid_comparisons, cfg, "valid", skipped_records) if cfg.valid_comparisons else None
+    )
+    train_c, valid_c, heldout_c = split_comparisons(
+        all_comparisons, valid_file, cfg.heldout_labelers, cfg.valid_fraction, cfg.seed
+    )
+    encode = lambda cs: encode_comparisons(cs, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens)  # noqa: E731
+    train, train_counts = encode(train_c)
+    valid, valid_counts = encode(valid_c)
+    heldout, heldout_counts = encode(heldout_c)
+    if not train:
+        raise UserFacingError(
+            "no training comparison left (after held-out labelers, the validation split and the length limits)"
+        )
+    if demos_path is not None:
+        demos, demo_stats = load_demonstrations(demos_path, skip_bad=cfg.skip_bad)
+        if demo_stats.n_skipped:
+            print(f"demonstrations: {demo_stats.summary()}", flush=True)
+            skipped_records["demonstrations"] = demo_stats.n_skipped
+        normalization_source = str(demos_path)
+    else:  # no demonstrations given: anchor on the labelers' favourite response of each training comparison
+        demos = [Demonstration(c.prompt, c.responses[_best(c)], meta=c.meta) for c in train_c]
+        normalization_source = "best-ranked response of each training comparison"
+    demo_sequences, demos_dropped = encode_demonstrations(
+        demos, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens
+    )
+    if not demo_sequences:
+        raise UserFacingError(f"no demonstration fits max_response_tokens={cfg.max_response_tokens}")
+    print(
+        f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} pairs, {train_counts.completions} "
+        f"completions), {valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
+        f"{train_counts.truncated_prompts} prompts truncated, {train_counts.dropped_responses} responses over "
+        f"{cfg.max_response_tokens} tokens dropped",
+        flush=True,
+    )
+
+    # ---- model
+    model = reward_model_from_causal_lm(cfg.model, pad_token_id=pad_id)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):  # load_tokenizer added a PAD token
+        model.resize_token_embeddings(len(tokenizer))
+    disable_dropout(model)
+    context = max_positions(model)
+    longest = max(len(s) for c in train + valid + heldout for s in c.completions)
+    if context is not None and longest > context:
+        raise UserFacingError(
+            f"sequences of up to {longest} tokens exceed the model's context of {context}; lower "
+            "max_prompt_tokens / max_response_tokens"
+        )
+    model.to(device)
+    print(f"model: {count_parameters(model) / 1e6:.2f}M parameters on {device}", flush=True)
+
+    micro = cfg.micro_batch_size or cfg.batch_size
+    total_steps = math.ceil(len(train) * cfg.epochs / cfg.batch_size)
+    order = training_order(len(train), cfg.epochs, cfg.seed)
+    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr_factor(s, total_steps, 0, cfg.min_lr_ratio)
+    )
+
+    step = 0
+    if resumed is not None:
+        step, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        print(f"resumed from step {step}", flush=True)
+
+    def evaluate_sets() -> dict[str, float]:
+        record = {}
+        for name, encoded in (("valid", valid), ("heldout", heldout)):
+            if encoded:
+                result, scores = evaluate(model, encoded, pad_id, cfg.eval_batch_size)
+                record[f"{name}_accuracy"], record[f"{name}_loss"] = result["accuracy"], result["loss"]
+                distribution = score_distribution(scores)
+                record.update({f"{name}_score_{k}": distribution[k] for k in ("mean", "std", "p05", "p50", "p95")})
+        return record
+
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=step if resumed else None)
+    bar = progress(total_steps, step, "rm")
+    model.train()
+    while step < total_steps:
+        batch = [train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+        optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_ranking_gradients(model, batch, micro, pad_id)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        record = {**stats, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        if step % cfg.eval_every == 0 or step == total_steps:
+            record.update(evaluate_sets())
+            model.train()
+            if "valid_accuracy" in record:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", valid_acc=f"{record['valid_accuracy']:.3f}")
+        metrics.log(step, **record)
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(
+                out,
+                step,
+                {
+                    "config": resume_fingerprint(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                },
+            )
+    bar.close()
+    metrics.close()
+
+    # ---- normalization, final evaluation, save
+    model.eval()
+    normalization = normalize_to_demonstrations(model, demo_sequences, pad_id, cfg.eval_batch_size)
+    normalization.update(source=normalization_source, dropped_over_length=demos_dropped)
+    results: dict = {"heldout_labelers": list(cfg.heldout_labelers)}
+    distribution_scores = None
+    for name, encoded in (("valid", valid), ("heldout", heldout)):
+        if not encoded:
+            results[name] = None
+            continue
+        result, scores = evaluate(model, encoded, pad_id, cfg.eval_batch_size)
+        results[name] = result
+        if distribution_scores is None:
+            distribution_scores = scores + normalization["bias"]
+    if distribution_scores is None:
+        distribution_scores = score_sequences(model, demo_sequences, pad_id, cfg.eval_batch_size)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    results.update(
+        {
+            "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,
+            "heldout_accuracy": results["heldout"]["accuracy"] if results["heldout"] else None,
+            "normalization": normalization,
+            "score_distribution": score_distribution(distribution_scores),
+            "data": {
+                "source": str(comparisons_path),
+                "skipped_records": skipped_records,
+                "train": vars(train_counts),
+                "valid": vars(valid_counts),
+                "heldout": vars(heldout_counts),
+            },
+            "steps": total_steps,
+            "seconds": time.time() - t0,
+        }
+    )
+    atomic_write_json(out / "results.json", results)
+    valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
+    heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
+    print(
+        f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
+        f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {out}",
+        flush=True,
+    )
+    return results
+
+
+def _best(comparison: Comparison) -> int:
+    first = comparison.ranking[0]
+    return first[0] if isinstance(first, tuple) else first
+
+
+def training_order(n: int, epochs: int, seed: int) -> list[int]:
+    """Indices of the training prompts in visiting order: one fresh permutation per epoch, fixed by the seed.
+
+    The order depends only on (n, epochs, seed), so a resumed run finds its data position from the step alone.
+    """
+    order = []
+    for epoch in range(epochs):
+        permutation = list(range(n))
+        random.Random(seed * 1000 + epoch).shuffle(permutation)
+        order.extend(permutation)
+    return order

@@ -1,0 +1,368 @@
+"""Reward-model stage: K-wise batching (one forward per completion), ties, gradient accumulation,
+normalization, saving/loading, learning a toy preference, resume, the scoring API and both CLIs."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from instructrl.cli import main
+from instructrl.config import load_config
+from instructrl.data.loading import load_comparisons
+from instructrl.data.records import Comparison
+from instructrl.models.causal_lm import disable_dropout, load_tokenizer
+from instructrl.models.reward import BIAS_KEY, backbone, load_reward_model, reward_model_from_causal_lm
+from instructrl.models.scoring import RewardScorer, pad_right, score_sequences
+from instructrl.stages import rm
+
+WORDS = ["red", "blue", "green", "mat", "sang", "cat"]
+GOOD_WORD = "cat"
+"""In the toy task a response is better the more times it says 'cat'."""
+
+
+def toy_comparison(rng: random.Random, k: int, labeler: str) -> dict:
+    """A K-way record ranked by the number of GOOD_WORD occurrences (equal counts are ties)."""
+    prompt = f"Q: {rng.randint(0, 999)} say {rng.choice(WORDS)} words\nA:"
+    responses, counts = [], []
+    while len(responses) < k:
+        words = [rng.choice(WORDS) for _ in range(4)]
+        text = " " + " ".join(words)
+        if text not in responses:
+            responses.append(text)
+            counts.append(words.count(GOOD_WORD))
+    ranking = [
+        group if len(group) > 1 else group[0]
+        for _, group in ((c, [i for i in range(k) if counts[i] == c]) for c in sorted(set(counts), reverse=True))
+    ]
+    return {"prompt": prompt, "responses": responses, "ranking": ranking, "labeler_id": labeler}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def toy_files(tmp_path: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    records = [toy_comparison(rng, rng.randint(2, 5), f"L{i % 3}") for i in range(n)]
+    demos = [{"prompt": r["prompt"], "response": r["responses"][0]} for r in records[:20]]
+    return write_jsonl(tmp_path / "comparisons.jsonl", records), write_jsonl(tmp_path / "demos.jsonl", demos)
+
+
+def encoded_toy(tokenizer, n: int, seed: int = 0) -> list[rm.EncodedComparison]:
+    """``n`` toy comparisons with at least one untied pair each, encoded."""
+    rng = random.Random(seed)
+    encoded: list[rm.EncodedComparison] = []
+    while len(encoded) < n:
+        comparison = Comparison(**_as_comparison(toy_comparison(rng, rng.randint(2, 6), "L0")))
+        encoded += rm.encode_comparisons([comparison], tokenizer, 64, 32)[0]
+    return encoded
+
+
+def _as_comparison(record: dict) -> dict:
+    meta = {"labeler_id": record["labeler_id"]}
+    return {"prompt": record["prompt"], "responses": record["responses"], "ranking": record["ranking"], "meta": meta}
+
+
+@pytest.fixture
+def fresh_rm(tiny_lm_dir):
+    torch.manual_seed(0)
+    model = reward_model_from_causal_lm(tiny_lm_dir, pad_token_id=load_tokenizer(tiny_lm_dir).pad_token_id)
+    disable_dropout(model)
+    return model
+
+
+def rm_config(tmp_path: Path, model_dir: Path, comparisons: Path, demos: Path | None, **overrides) -> rm.Config:
+    settings = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "rm"),
+        "comparisons": str(comparisons),
+        "demonstrations": str(demos) if demos else None,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "lr": 3e-3,
+        "eval_every": 1000,
+        "device": "cpu",
+        **overrides,
+    }
+    return load_config(rm.Config, overrides=[f"{k}={json.dumps(v)}" for k, v in settings.items()])
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_each_completion_is_forwarded_exactly_once_per_step(tiny_tokenizer, fresh_rm):
+    batch = encoded_toy(tiny_tokenizer, 5)
+    calls, rows = [], []
+
+    def count_rows(module, args, kwargs, output) -> None:
+        calls.append(1)
+        rows.append(kwargs["input_ids"].shape[0])
+
+    hook = backbone(fresh_rm).register_forward_hook(count_rows, with_kwargs=True)
+    try:
+        stats = rm.accumulate_ranking_gradients(
+            fresh_rm, batch, micro_batch_size=2, pad_id=tiny_tokenizer.pad_token_id
+        )
+    finally:
+        hook.remove()
+    total_k = sum(len(c.completions) for c in batch)
+    assert len(calls) == 3  # ceil(5 prompts / 2 per micro-batch) forward passes, no more
+    assert sum(rows) == total_k == stats["completions"]
+    assert stats["pairs"] == sum(len(c.pairs) for c in batch)
+
+
+def test_collate_points_pairs_at_their_prompts_rows(tiny_tokenizer):
+    batch = encoded_toy(tiny_tokenizer, 3)
+    inputs = rm.collate_comparisons(batch, tiny_tokenizer.pad_token_id)
+    offsets = list(itertools.accumulate([0] + [len(c.completions) for c in batch[:-1]]))
+    for w, lo, g in zip(inputs.winner_idx.tolist(), inputs.loser_idx.tolist(), inputs.pair_group.tolist()):
+        assert offsets[g] <= min(w, lo) and max(w, lo) < offsets[g] + len(batch[g].completions)
+    # every row ends with EOS at its last real position (right padding), where the reward is read
+    last = inputs.attention_mask.sum(-1) - 1
+    assert (inputs.input_ids[torch.arange(len(last)), last] == tiny_tokenizer.eos_token_id).all()
+
+
+def test_ties_are_dropped_and_pairwise_records_are_k2(tiny_tokenizer, tmp_path):
+    comparisons = [
+        Comparison("p", ["a", "b", "c", "d"], [0, [1, 2], 3]),  # C(4,2)=6 pairs minus the tied (1,2)
+        Comparison("q", ["a", "b", "c"], [[0, 1, 2]]),  # everything tied: no pair, dropped
+    ]
+    encoded, counts = rm.encode_comparisons(comparisons, tiny_tokenizer, 64, 32)
+    assert [len(c.pairs) for c in encoded] == [5]
+    assert (1, 2) not in encoded[0].pairs and (2, 1) not in encoded[0].pairs
+    assert counts.dropped_comparisons == 1 and counts.pairs == 5
+
+    pairwise = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": " good", "rejected": " bad"}])
+    loaded, _ = load_comparisons(pairwise)
+    encoded, _ = rm.encode_comparisons(loaded, tiny_tokenizer, 64, 32)
+    assert len(encoded[0].completions) == 2 and encoded[0].pairs == ((0, 1),)
+
+
+def test_long_prompts_are_left_truncated_and_long_responses_dropped(tiny_tokenizer):
+    long_prompt = " ".join(["red blue"] * 40) + " END"
+    comparison = Comparison(long_prompt, [" cat", " " + " ".join(["mat"] * 50), " red"], [0, 1, 2])
+    encoded, counts = rm.encode_comparisons([comparison], tiny_tokenizer, 8, 10)
+    assert counts.truncated_prompts == 1 and counts.dropped_responses == 1
+    assert len(encoded[0].completions) == 2 and encoded[0].pairs == ((0, 1),)  # old (0, 2) re-indexed
+    prompt_end = tiny_tokenizer(long_prompt, add_special_tokens=False)["input_ids"][-8:]
+    assert list(encoded[0].completions[0][:8]) == prompt_end
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_tokenizer, fresh_rm):
+    batch = encoded_toy(tiny_tokenizer, 8, seed=3)
+    pad = tiny_tokenizer.pad_token_id
+    grads, losses = [], []
+    for micro in (8, 1):
+        fresh_rm.zero_grad(set_to_none=True)
+        losses.append(rm.accumulate_ranking_gradients(fresh_rm, batch, micro, pad)["loss"])
+        grads.append({n: p.grad.clone() for n, p in fresh_rm.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_lm_dir):
+    """A short toy run shared by the save / normalization / learning tests."""
+    tmp_path = tmp_path_factory.mktemp("rm_run")
+    comparisons, demos = toy_files(tmp_path, 200)
+    cfg = rm_config(tmp_path, tiny_lm_dir, comparisons, demos, epochs=2, heldout_labelers=["L2"])
+    results = rm.run(cfg)
+    return cfg, results, demos
+
+
+def test_run_learns_the_toy_preference_and_changes_every_weight(trained_run, tiny_lm_dir):
+    cfg, results, _ = trained_run
+    print("toy accuracies:", results["valid_accuracy"], results["heldout_accuracy"])
+    assert results["valid_accuracy"] > 0.7  # chance is 0.5
+    assert results["heldout_accuracy"] > 0.7  # labeler L2 was never trained on
+    assert set(results["valid"]["accuracy_by_labeler"]) == {"L0", "L1"}
+    assert set(results["heldout"]["accuracy_by_labeler"]) == {"L2"}
+    trained = load_reward_model(cfg.output_dir)
+    untrained = reward_model_from_causal_lm(tiny_lm_dir, pad_token_id=trained.config.pad_token_id)
+    untrained_weights = dict(untrained.named_parameters())
+    for name, param in trained.named_parameters():
+        if name != "score.weight":  # the head is re-initialized at random, so compare the trunk only
+            assert not torch.equal(param, untrained_weights[name]), f"{name} did not change"
+    lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, results["steps"] + 1))
+    assert "valid_accuracy" in lines[-1] and "heldout_accuracy" in lines[-1]
+
+
+def test_normalization_makes_demonstrations_score_mean_zero_after_reload(trained_run):
+    cfg, results, demos = trained_run
+    assert abs(results["normalization"]["mean_after"]) < 1e-4
+    assert abs(results["normalization"]["mean_before"]) > 1e-3  # the bias had something to do
+    records = [json.loads(line) for line in demos.read_text().splitlines()]
+    scorer = RewardScorer(cfg.output_dir, device="cpu")
+    scores = scorer.score([r["prompt"] for r in records], [r["response"] for r in records])
+    assert abs(scores.double().mean().item()) < 1e-4
+    raw = scorer.score([r["prompt"] for r in records], [r["response"] for r in records], normalized=False)
+    torch.testing.assert_close(scores - raw, torch.full_like(raw, getattr(scorer.model.config, BIAS_KEY)))
+
+
+def test_saved_dir_loads_with_plain_transformers_and_gives_the_same_raw_scores(trained_run, tiny_tokenizer):
+    cfg, _, _ = trained_run
+    plain = AutoModelForSequenceClassification.from_pretrained(cfg.output_dir, num_labels=1).eval()
+    ours = load_reward_model(cfg.output_dir)
+    sequences = [c for comparison in encoded_toy(tiny_tokenizer, 4) for c in comparison.completions]
+    input_ids, attention_mask = pad_right(sequences, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain_scores = plain(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+    raw = score_sequences(ours, sequences, tiny_tokenizer.pad_token_id, batch_size=3, normalized=False)
+    torch.testing.assert_close(plain_scores, raw, rtol=1e-4, atol=1e-5)
+
+
+def test_scorer_restores_input_order_across_length_sorted_batches(trained_run):
+    cfg, _, _ = trained_run
+    scorer = RewardScorer(cfg.output_dir, batch_size=2, device="cpu")
+    prompts = ["Q: say cat words\nA:", "Q: hi\nA:", "Q: say red words\nA:"] * 2
+    responses = [" cat cat cat cat", " red", " blue mat", " cat", " red red red red red red", " sang"]
+    batched = scorer.score(prompts, responses)
+    one_by_one = torch.cat([scorer.score([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir, monkeypatch):
+    comparisons, demos = toy_files(tmp_path, 48, seed=1)
+    straight = rm.run(rm_config(tmp_path / "a", tiny_lm_dir, comparisons, demos, save_every=2, valid_fraction=0.0))
+
+    real_step, calls = rm.accumulate_ranking_gradients, []
+
+    def crash_at_fifth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    cfg = rm_config(tmp_path / "b", tiny_lm_dir, comparisons, demos, save_every=2, valid_fraction=0.0)
+    monkeypatch.setattr(rm, "accumulate_ranking_gradients", crash_at_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        rm.run(cfg)
+    monkeypatch.setattr(rm, "accumulate_ranking_gradients", real_step)
+    resumed = rm.run(cfg)  # continues from the step-4 checkpoint
+    assert resumed["normalization"]["bias"] == pytest.approx(straight["normalization"]["bias"], abs=1e-6)
+    a, b = load_reward_model(tmp_path / "a" / "rm"), load_reward_model(tmp_path / "b" / "rm")
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, straight["steps"] + 1))
+
+
+def test_runs_on_real_hh_rlhf_pairs(tmp_path, tiny_lm_dir):
+    """Real data: long dialogues get left-truncated, long replies dropped, and the stage still runs end to end."""
+    hh_file = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if not hh_file.exists():
+        pytest.skip("shared HH-RLHF data not present")
+    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
+        lines = list(itertools.islice(f, 120))
+    subset = tmp_path / "hh.jsonl"
+    subset.write_text("".join(lines))
+    cfg = rm_config(tmp_path, tiny_lm_dir, subset, None, max_prompt_tokens=32, max_response_tokens=90, skip_bad=True)
+    results = rm.run(cfg)
+    train = results["data"]["train"]
+    assert results["data"]["skipped_records"]["comparisons"] >= 1  # a record with an empty final reply
+    assert train["truncated_prompts"] > 0 and train["dropped_responses"] > 0
+    assert train["pairs"] == train["comparisons"]  # every HH record is one K=2 pair
+    assert results["normalization"]["source"].startswith("best-ranked")
+    assert abs(results["normalization"]["mean_after"]) < 1e-4
+    assert 0.0 <= results["valid_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("from_policy", [True, False])
+def test_sandbox_default_generates_ranked_k_way_data(tmp_path, tiny_lm_dir, from_policy):
+    cfg = load_config(
+        rm.Config,
+        overrides=[
+            f"model={tiny_lm_dir}",
+            f"output_dir={tmp_path / 'rm'}",
+            "sandbox_prompts=16",
+            "sandbox_demonstrations=8",
+            f"sandbox_samples_from_policy={str(from_policy).lower()}",
+            "max_prompt_tokens=100",
+            "max_response_tokens=24",
+            "valid_fraction=0.25",
+            "device=cpu",
+        ],
+    )
+    results = rm.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "rm" / rm.SANDBOX_COMPARISONS).read_text().splitlines()]
+    assert 10 <= len(records) <= 16
+    for record in records:
+        assert 2 <= len(record["responses"]) <= 9 and record["labeler_id"].isdigit()
+        assert Comparison(record["prompt"], record["responses"], record["ranking"])  # a valid permutation
+    assert all(len(r["responses"]) >= 4 for r in records) or from_policy  # only empty samples are removed
+    demos = (tmp_path / "rm" / rm.SANDBOX_DEMONSTRATIONS).read_text().splitlines()
+    assert len(demos) == 8 and results["normalization"]["n"] + results["normalization"]["dropped_over_length"] == 8
+    assert results["data"]["train"]["comparisons"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gradients_and_scores_match_cpu(trained_run, tiny_tokenizer, tiny_lm_dir, tmp_path):
+    cfg, _, _ = trained_run
+    prompts, responses = ["Q: 1 say cat words\nA:", "Q: 2 hi\nA:"], [" cat cat", " red blue mat"]
+    on_cpu = RewardScorer(cfg.output_dir, device="cpu").score(prompts, responses)
+    on_gpu = RewardScorer(cfg.output_dir, device="cuda").score(prompts, responses)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
+
+    batch = encoded_toy(tiny_tokenizer, 6, seed=5)
+    grads = []
+    for device in ("cpu", "cuda"):
+        model = load_reward_model(cfg.output_dir).to(device)
+        rm.accumulate_ranking_gradients(model, batch, 2, tiny_tokenizer.pad_token_id)
+        grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+    comparisons, demos = toy_files(tmp_path, 60)
+    results = rm.run(rm_config(tmp_path, tiny_lm_dir, comparisons, demos, device="cuda"))
+    assert abs(results["normalization"]["mean_after"]) < 1e-4
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_rm_then_rm_score(tmp_path, tiny_lm_dir):
+    comparisons, demos = toy_files(tmp_path, 24)
+    out = tmp_path / "cli_rm"
+    sets = {
+        "model": tiny_lm_dir,
+        "output_dir": out,
+        "comparisons": comparisons,
+        "demonstrations": demos,
+        "batch_size": 8,
+        "device": "cpu",
+    }
+    argv = ["rm"] + [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
+    assert main(argv) == 0
+    assert (out / "results.json").exists() and (out / "config.json").exists()
+
+    to_score = [
+        {"prompt": "Q: say cat words\nA:", "response": " cat cat", "id": 1},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}], "id": 2},
+    ]
+    scored_path = tmp_path / "scored.jsonl"
+    argv = ["rm", "score", "--set", f"model={out}", "--set", f"input={write_jsonl(tmp_path / 'in.jsonl', to_score)}"]
+    assert main(argv + ["--set", f"output={scored_path}", "--set", "device=cpu"]) == 0
+    scored = [json.loads(line) for line in scored_path.read_text().splitlines()]
+    assert [r["id"] for r in scored] == [1, 2] and scored[1]["messages"] == to_score[1]["messages"]
+    expected = RewardScorer(out, device="cpu").score(["Q: say cat words\nA:"], [" cat cat"])
+    assert scored[0]["score"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_cli_rm_score_reports_a_missing_input(tmp_path, tiny_lm_dir, capsys):
+    argv = ["rm", "score", "--set", f"model={tiny_lm_dir}", "--set", f"input={tmp_path / 'nope.jsonl'}"]
+    assert main(argv + ["--set", f"output={tmp_path / 'out.jsonl'}"]) == 2
+    assert "input" in capsys.readouterr().err
