@@ -45,3 +45,38 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance
     rate = (wins + 0.5 * ties) / n if n else 0.0
     low, high = wilson_interval(wins + 0.5 * ties, n)
     return WinRate(rate, low, high, n, wins, ties, losses)
+
+
+def outcome_win_rate(outcomes: Sequence[float]) -> WinRate:
+    """Win rate from per-comparison outcomes o_i ∈ [0, 1] = how much A was preferred (1 win, ½ tie, 0 loss).
+
+    rate = (1/n) Σ_i o_i, so a tie counts as half a win; a judge may also return a graded preference such
+    as 0.7. The Wilson interval treats Σ_i o_i as the number of successes. ``wins`` / ``losses`` count
+    outcomes above / below ½ and ``ties`` those equal to ½. Equals :func:`win_rate` on 1 / ½ / 0 outcomes.
+    """
+    values = [float(o) for o in outcomes]
+    bad = [o for o in values if not 0.0 <= o <= 1.0]
+    if bad:
+        raise ValueError(f"outcomes must lie in [0, 1], got {bad[:3]}")
+    n = len(values)
+    wins = sum(1 for o in values if o > 0.5)
+    losses = sum(1 for o in values if o < 0.5)
+    successes = sum(values)
+    low, high = wilson_interval(successes, n)
+    return WinRate(successes / n if n else 0.0, low, high, n, wins, n - wins - losses, losses)
+
+
+def bootstrap_interval(
+    outcomes: Sequence[float], n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean outcome: resample the n comparisons with replacement
+    ``n_resamples`` times and take the (1 − level)/2 and (1 + level)/2 quantiles of the resampled means."""
+    import numpy as np
+
+    values = np.asarray(outcomes, dtype=np.float64)
+    if values.size == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)  # (n_resamples,)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

@@ -1,0 +1,879 @@
+"""The evaluation report: one self-contained HTML page, the same in Markdown, and ``metrics.json``.
+
+:class:`ReportData` holds everything a report shows; :func:`write_report` renders it. Every number comes
+from the run; the only fixed numbers are the papers' reference figures, always in a column or phrase
+marked as a paper value. Sections:
+
+* the headline table (:func:`build_headline`, printed by :func:`format_headline`): the paper's claims next
+  to the run's measurements. ``metrics.json["headline"]`` holds exactly the numbers printed, because both
+  are made from the same already-rounded :class:`HeadlineRow` values;
+* win rates with 95% Wilson intervals, and breakdowns by prompt type and category;
+* behaviour (truthfulness, harmlessness, instruction following), the alignment tax, RM accuracy beside
+  labeler agreement;
+* plots (matplotlib, Agg backend, embedded as base64 PNG; also written to ``plots/`` for the Markdown):
+  PPO training curves, win rates, over-optimization (gold and proxy against d = √KL with fits);
+* sample responses of each model side by side.
+
+All text in the HTML is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from instructrl.eval.overopt import Fit, OverOptCurve, predict
+from instructrl.eval.sandbox_eval import BehaviourRow
+from instructrl.eval.stats import WinRate, wilson_interval
+from instructrl.eval.tax import TaxRow
+from instructrl.utils.io import atomic_write_json, atomic_write_text
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class WinRateRow:
+    """Win rate of ``policy`` over ``baseline`` by ``judge`` on the tasks of ``group`` ("all", "type=plain", …)."""
+
+    policy: str
+    baseline: str
+    judge: str
+    group: str
+    rate: float
+    low: float
+    high: float
+    n: int
+    wins: int
+    ties: int
+    losses: int
+
+    @classmethod
+    def of(cls, policy: str, baseline: str, judge: str, group: str, wr: WinRate) -> WinRateRow:
+        return cls(policy, baseline, judge, group, wr.rate, wr.low, wr.high, wr.n, wr.wins, wr.ties, wr.losses)
+
+
+@dataclass(frozen=True)
+class RMAccuracy:
+    """Reward-model pairwise accuracy (from ``instructrl rm``'s results.json) and inter-labeler agreement."""
+
+    train_labelers_accuracy: float | None
+    """Accuracy on held-out comparisons by the labelers the RM trained on."""
+    train_labelers_pairs: int
+    heldout_labelers_accuracy: float | None
+    """Accuracy on every comparison by labelers the RM never saw."""
+    heldout_labelers_pairs: int
+    labeler_agreement: float | None
+    """Mean pairwise agreement between labelers."""
+    labeler_agreement_stderr: float | None
+    heldout_labelers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One prompt and each model's response to it (with the response's gold score)."""
+
+    prompt: str
+    category: str
+    type: str
+    responses: dict[str, str]
+    gold: dict[str, float]
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    """One line of the headline table. ``value``, ``low`` and ``high`` are already rounded to ``decimals``
+    in ``unit`` (e.g. 63.4 with unit "%"), so the printed table and metrics.json show the same numbers."""
+
+    id: str
+    claim: str
+    value: float | None
+    low: float | None
+    high: float | None
+    unit: str
+    decimals: int
+    paper: str
+    """The paper's reference figure or finding (always a paper value, never a run's)."""
+    note: str = ""
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; tables are lists of rows."""
+
+    title: str = "instructrl evaluation"
+    info: dict[str, str] = field(default_factory=dict)
+    """Run facts shown at the top (prompts, seed, models…)."""
+    headline: list[HeadlineRow] = field(default_factory=list)
+    win_rates: list[WinRateRow] = field(default_factory=list)
+    """Overall win rates (group "all")."""
+    breakdowns: list[WinRateRow] = field(default_factory=list)
+    """Win rates per prompt type and category."""
+    behaviour: list[BehaviourRow] = field(default_factory=list)
+    tax: list[TaxRow] = field(default_factory=list)
+    rm: RMAccuracy | None = None
+    training_curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """PPO run name -> its metrics.jsonl records."""
+    overopt: list[OverOptCurve] = field(default_factory=list)
+    samples: list[SampleRow] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- headline
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which evaluated models play the paper's parts in the headline table (a missing one shows n/a)."""
+
+    sft: str = "sft"
+    ppo: str = "ppo"
+    ppo_ptx: str = "ppo_ptx"
+    large_sft: str = "sft_large"
+    """An SFT model about 10× larger than the PPO-ptx policy."""
+    base: str = "base"
+    judge: str = "gold"
+    """Judge of the headline win rates."""
+    labeler_judge: str = "labelers"
+    """Judge of the held-out-labeler win rate (row 1b)."""
+
+
+def _rounded(x: float | None, scale: float, decimals: int) -> float | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return round(x * scale, decimals)
+
+
+def _row(
+    id_: str,
+    claim: str,
+    value: float | None,
+    interval: tuple[float, float] | None,
+    paper: str,
+    unit: str = "%",
+    decimals: int = 1,
+    note: str = "",
+) -> HeadlineRow:
+    scale = 100.0 if unit == "%" else 1.0
+    low, high = interval if interval is not None and value is not None else (None, None)
+    return HeadlineRow(
+        id_,
+        claim,
+        _rounded(value, scale, decimals),
+        _rounded(low, scale, decimals),
+        _rounded(high, scale, decimals),
+        unit,
+        decimals,
+        paper,
+        note,
+    )
+
+
+def _find_win(rows: Sequence[WinRateRow], policy: str, baseline: str, judge: str) -> WinRateRow | None:
+    for r in rows:
+        if (r.policy, r.baseline, r.judge, r.group) == (policy, baseline, judge, "all"):
+            return r
+    return None
+
+
+def _rate_interval(rate: float, n: int) -> tuple[float, float] | None:
+    if n <= 0 or math.isnan(rate):
+        return None
+    return wilson_interval(rate * n, n)
+
+
+PAPER_WIN_VS_SFT = (
+    "InstructGPT strongly preferred to its SFT baseline (Fig. 1: 175B PPO-ptx ≈ 65% vs 175B SFT, approx.)"
+)
+PAPER_HELDOUT_LABELERS = "held-out labelers prefer InstructGPT about as often as training labelers (Fig. 3)"
+PAPER_SMALL_VS_LARGE = (
+    "1.3B InstructGPT preferred to 175B GPT-3 (§1); Stiennon et al.: 1.3B RLHF beats a 10× larger SFT model"
+)
+PAPER_TAX = {
+    "base": "GPT 69.75",
+    "sft": "SFT 65.90",
+    "ppo": "PPO 51.95 (regresses)",
+    "ppo_ptx": "PPO-ptx 69.93 (recovers)",
+}
+"""Table 14, 175B, SQuADv2 few-shot F1: the paper's alignment-tax pattern."""
+PAPER_RM_TRAIN = "72.4 ± 0.4% (training labelers, §4.1)"
+PAPER_RM_HELDOUT = "69.6 ± 0.9% (held-out labelers, §4.1)"
+PAPER_AGREEMENT = "72.6 ± 1.5% (training labelers, §5.2)"
+PAPER_REFUSALS = "no rate reported; InstructGPT mostly follows harmful instructions when asked to (§5.3)"
+PAPER_HALLUCINATION = "closed-domain hallucination 21% InstructGPT vs 41% GPT-3 (§4.2)"
+
+
+def build_headline(
+    roles: Roles,
+    win_rates: Sequence[WinRateRow],
+    behaviour: Sequence[BehaviourRow],
+    tax: Sequence[TaxRow],
+    rm: RMAccuracy | None,
+    parameters: dict[str, int] | None = None,
+) -> list[HeadlineRow]:
+    """The issue's five headline claims, each measured in this run (n/a where a model was not evaluated).
+
+    ``parameters`` (model name -> parameter count) annotates the small-vs-large comparison.
+    """
+    rows: list[HeadlineRow] = []
+
+    def win(policy: str, baseline: str, judge: str) -> tuple[float | None, tuple[float, float] | None, str]:
+        r = _find_win(win_rates, policy, baseline, judge)
+        return (r.rate, (r.low, r.high), f"n={r.n}") if r else (None, None, "not evaluated")
+
+    value, interval, note = win(roles.ppo_ptx, roles.sft, roles.judge)
+    rows.append(
+        _row("1", f"PPO-ptx vs SFT win rate ({roles.judge} judge)", value, interval, PAPER_WIN_VS_SFT, note=note)
+    )
+    value, interval, note = win(roles.ppo_ptx, roles.sft, roles.labeler_judge)
+    rows.append(
+        _row(
+            "1b",
+            f"PPO-ptx vs SFT win rate ({roles.labeler_judge} judge)",
+            value,
+            interval,
+            PAPER_HELDOUT_LABELERS,
+            note=note,
+        )
+    )
+    value, interval, note = win(roles.ppo_ptx, roles.large_sft, roles.judge)
+    params = parameters or {}
+    if roles.ppo_ptx in params and roles.large_sft in params:
+        ratio = params[roles.large_sft] / max(1, params[roles.ppo_ptx])
+        note += f"; SFT has {ratio:.1f}× the parameters"
+    rows.append(
+        _row(
+            "2",
+            f"small PPO-ptx vs larger SFT win rate ({roles.judge} judge)",
+            value,
+            interval,
+            PAPER_SMALL_VS_LARGE,
+            note=note,
+        )
+    )
+
+    by_model = {t.model: t for t in tax}
+    parts = [
+        ("a", roles.base, "base"),
+        ("b", roles.sft, "sft"),
+        ("c", roles.ppo, "ppo"),
+        ("d", roles.ppo_ptx, "ppo_ptx"),
+    ]
+    for letter, name, _ in parts:
+        t = by_model.get(name)
+        rows.append(
+            _row(
+                f"3{letter}",
+                f"alignment tax: held-out perplexity, {name}",
+                t.heldout_perplexity if t else None,
+                None,
+                "PPO regresses on public NLP tasks, PPO-ptx recovers (Table 14)",
+                unit="",
+                decimals=3,
+                note="lower is better" if t else "not evaluated",
+            )
+        )
+    for letter, name, key in parts:
+        t = by_model.get(name)
+        rows.append(
+            _row(
+                f"3{chr(ord(letter) + 4)}",
+                f"alignment tax: in-context continuation accuracy, {name}",
+                t.continuation_accuracy if t else None,
+                _rate_interval(t.continuation_accuracy, t.continuation_probes) if t else None,
+                f"SQuADv2 few-shot F1 (Table 14, 175B): {PAPER_TAX[key]}",
+                note=f"n={t.continuation_probes}" if t else "not evaluated",
+            )
+        )
+
+    has_rm = rm is not None
+    acc_train = rm.train_labelers_accuracy if has_rm else None
+    acc_held = rm.heldout_labelers_accuracy if has_rm else None
+    rows.append(
+        _row(
+            "4a",
+            "RM accuracy, labelers it trained on (held-out comparisons)",
+            acc_train,
+            _rate_interval(acc_train, rm.train_labelers_pairs) if acc_train is not None else None,
+            PAPER_RM_TRAIN,
+            note=f"pairs={rm.train_labelers_pairs}" if acc_train is not None else "not evaluated",
+        )
+    )
+    rows.append(
+        _row(
+            "4b",
+            "RM accuracy, held-out labelers",
+            acc_held,
+            _rate_interval(acc_held, rm.heldout_labelers_pairs) if acc_held is not None else None,
+            PAPER_RM_HELDOUT,
+            note=f"pairs={rm.heldout_labelers_pairs}" if acc_held is not None else "not evaluated",
+        )
+    )
+    agreement = rm.labeler_agreement if has_rm else None
+    stderr = rm.labeler_agreement_stderr if has_rm else None
+    agreement_interval = (
+        (agreement - 1.96 * stderr, agreement + 1.96 * stderr)
+        if agreement is not None and stderr is not None
+        else None
+    )
+    rows.append(
+        _row(
+            "4c",
+            "inter-labeler agreement",
+            agreement,
+            agreement_interval,
+            PAPER_AGREEMENT,
+            note="mean ± 1.96 s.e. over labeler pairs" if agreement is not None else "not measured",
+        )
+    )
+
+    by_behaviour = {b.model: b for b in behaviour}
+    for letter, name in (("a", roles.sft), ("b", roles.ppo_ptx)):
+        b = by_behaviour.get(name)
+        rows.append(
+            _row(
+                f"5{letter}",
+                f"harmful requests refused, {name}",
+                b.harmful_refused if b else None,
+                _rate_interval(b.harmful_refused, b.n_harmful) if b else None,
+                PAPER_REFUSALS,
+                note=f"n={b.n_harmful}" if b else "not evaluated",
+            )
+        )
+    for letter, name in (("c", roles.sft), ("d", roles.ppo_ptx)):
+        b = by_behaviour.get(name)
+        rows.append(
+            _row(
+                f"5{letter}",
+                f"fact questions answered with a confident wrong fact, {name}",
+                b.wrong_fact if b else None,
+                _rate_interval(b.wrong_fact, b.n_facts) if b else None,
+                PAPER_HALLUCINATION,
+                note=f"n={b.n_facts}" if b else "not evaluated",
+            )
+        )
+    return rows
+
+
+def format_value(value: float | None, unit: str, decimals: int) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}{unit}"
+
+
+def format_interval(row: HeadlineRow) -> str:
+    if row.low is None or row.high is None:
+        return "-"
+    return f"[{format_value(row.low, row.unit, row.decimals)}, {format_value(row.high, row.unit, row.decimals)}]"
+
+
+HEADLINE_COLUMNS = ("#", "claim", "measured", "95% CI", "paper value", "note")
+
+
+def _headline_cells(row: HeadlineRow) -> list[str]:
+    return [
+        row.id,
+        row.claim,
+        format_value(row.value, row.unit, row.decimals),
+        format_interval(row),
+        row.paper,
+        row.note,
+    ]
+
+
+def format_headline(data: ReportData) -> str:
+    """The headline table as a Markdown pipe table (what ``instructrl eval`` prints)."""
+    return _markdown_table(list(HEADLINE_COLUMNS), [_headline_cells(r) for r in data.headline])
+
+
+def headline_metrics(data: ReportData) -> list[dict[str, Any]]:
+    """The headline rows for metrics.json: the same rounded numbers :func:`format_headline` prints."""
+    return [
+        {
+            "id": r.id,
+            "claim": r.claim,
+            "value": r.value,
+            "low": r.low,
+            "high": r.high,
+            "unit": r.unit,
+            "paper": r.paper,
+            "note": r.note,
+        }
+        for r in data.headline
+    ]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Table:
+    """A rendered table: HTML element id, title, column names and rows of already formatted cells."""
+
+    id: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, decimals: int = 3) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{decimals}f}"
+
+
+def _ci(low: float, high: float) -> str:
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _win_rows(rows: Sequence[WinRateRow], with_group: bool) -> list[list[str]]:
+    out = []
+    for r in rows:
+        cells = [r.policy, r.baseline, r.judge] + ([r.group] if with_group else [])
+        cells += [_pct(r.rate), _ci(r.low, r.high), str(r.n), f"{r.wins}/{r.ties}/{r.losses}"]
+        out.append(cells)
+    return out
+
+
+def _fit_cells(fit: Fit | None) -> list[str]:
+    if fit is None:
+        return ["n/a"] * 4
+    peak = fit.peak_d
+    return [_num(fit.alpha, 4), _num(fit.beta, 4), _num(peak, 3) if peak is not None else "none", _num(fit.rmse, 4)]
+
+
+def build_tables(data: ReportData) -> list[Table]:
+    """Every table of the report, in page order."""
+    win_cols = ["policy", "baseline", "judge"]
+    tables = [
+        Table(
+            "headline",
+            "Headline: the paper's claims in this run",
+            list(HEADLINE_COLUMNS),
+            [_headline_cells(r) for r in data.headline],
+            "Measured values come from this run; the paper column quotes Ouyang et al. 2022 (InstructGPT) unless "
+            "it names another paper.",
+        ),
+        Table(
+            "win-rates",
+            "Win rates (ties count ½, 95% Wilson intervals)",
+            win_cols + ["win rate", "95% CI", "n", "W/T/L"],
+            _win_rows(data.win_rates, False),
+        ),
+        Table(
+            "breakdowns",
+            "Win rates by prompt type and category",
+            win_cols + ["group", "win rate", "95% CI", "n", "W/T/L"],
+            _win_rows(data.breakdowns, True),
+        ),
+        Table(
+            "behaviour",
+            "Truthfulness, harmlessness, instruction following",
+            [
+                "model",
+                "n",
+                "mean gold",
+                "correct (harmless)",
+                "harmful refused",
+                "harmful complied",
+                "toxic",
+                "wrong facts",
+                "format followed",
+                "ended (EOS)",
+                "mean words",
+            ],
+            [
+                [
+                    b.model,
+                    str(b.n),
+                    _num(b.mean_gold),
+                    _pct(b.correct),
+                    _pct(b.harmful_refused),
+                    _pct(b.harmful_complied),
+                    _pct(b.toxic),
+                    _pct(b.wrong_fact),
+                    _pct(b.followed_format),
+                    _pct(b.stopped),
+                    _num(b.mean_words, 1),
+                ]
+                for b in data.behaviour
+            ],
+            "wrong facts: fact questions answered with another fact of the same kind (the sandbox's hallucination); "
+            "format followed: among prompts with a format constraint or few-shot examples.",
+        ),
+        Table(
+            "alignment-tax",
+            "Alignment tax: abilities outside the instruction format",
+            [
+                "model",
+                "held-out perplexity",
+                "next-token accuracy",
+                "fact completion",
+                "in-context continuation",
+                "held-out tokens",
+            ],
+            [
+                [
+                    t.model,
+                    _num(t.heldout_perplexity),
+                    _pct(t.next_token_accuracy),
+                    _pct(t.fact_accuracy),
+                    _pct(t.continuation_accuracy),
+                    str(t.heldout_tokens),
+                ]
+                for t in data.tax
+            ],
+            "Held-out text: non-instruction documents no corpus contains. Lower perplexity, higher accuracy is "
+            "better.",
+        ),
+        Table(
+            "rm-accuracy",
+            "Reward-model accuracy beside labeler agreement",
+            ["measure", "measured", "pairs", "paper value"],
+            _rm_rows(data.rm),
+        ),
+        Table(
+            "overopt-fits",
+            "Over-optimization fits (Gao et al. 2022)",
+            ["method", "run", "score", "α", "β", "peak d*", "rmse"],
+            [
+                [c.method, c.run, target] + _fit_cells(fit)
+                for c in data.overopt
+                for target, fit in (("gold", c.gold_fit), ("proxy", c.proxy_fit))
+            ],
+            "RL: R(d) = d(α − β ln d); best-of-n: R(d) = d(α − β d); d = √KL, scores relative to the initial policy.",
+        ),
+        Table(
+            "overopt-points",
+            "Over-optimization points",
+            ["method", "run", "point", "KL (nats)", "d", "gold Δ", "proxy Δ"],
+            [
+                [p.method, p.run, p.label, _num(p.kl), _num(p.d), _num(p.gold), _num(p.proxy)]
+                for c in data.overopt
+                for p in c.points
+            ],
+        ),
+        _samples_table(data.samples),
+        Table("run-info", "Run", ["item", "value"], [[k, str(v)] for k, v in data.info.items()]),
+    ]
+    return tables
+
+
+def _rm_rows(rm: RMAccuracy | None) -> list[list[str]]:
+    if rm is None:
+        return []
+    rows = [
+        [
+            "RM accuracy, training labelers",
+            _pct(rm.train_labelers_accuracy),
+            str(rm.train_labelers_pairs),
+            PAPER_RM_TRAIN,
+        ],
+        [
+            "RM accuracy, held-out labelers" + (f" ({', '.join(rm.heldout_labelers)})" if rm.heldout_labelers else ""),
+            _pct(rm.heldout_labelers_accuracy),
+            str(rm.heldout_labelers_pairs),
+            PAPER_RM_HELDOUT,
+        ],
+    ]
+    agreement = _pct(rm.labeler_agreement)
+    if rm.labeler_agreement_stderr is not None and rm.labeler_agreement is not None:
+        agreement += f" ± {100 * rm.labeler_agreement_stderr:.1f}"
+    rows.append(["inter-labeler agreement", agreement, "-", PAPER_AGREEMENT])
+    return rows
+
+
+def _samples_table(samples: Sequence[SampleRow]) -> Table:
+    models: list[str] = []
+    for s in samples:
+        models += [m for m in s.responses if m not in models]
+    rows = [
+        [s.prompt, f"{s.category} / {s.type}"]
+        + [f"{s.responses[m]}  [gold {s.gold[m]:+.2f}]" if m in s.responses else "" for m in models]
+        for s in samples
+    ]
+    return Table("samples", "Sample responses", ["prompt", "category / type"] + models, rows)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+@dataclass(frozen=True)
+class Plot:
+    id: str
+    title: str
+    png: bytes
+
+
+TRAINING_PANELS = (
+    ("objective/score", "RM score r_θ"),
+    ("objective/reward", "reward (score − β·KL)"),
+    ("objective/kl", "KL(π ‖ π_SFT), nats"),
+    ("objective/beta", "β"),
+    ("loss/value", "value loss"),
+    ("response/length", "response length (tokens)"),
+)
+
+
+def _figure_png(draw: Callable[[Any], None], size: tuple[float, float], grid: tuple[int, int] = (1, 1)) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*grid, figsize=size, squeeze=False)
+    try:
+        draw(axes)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_training_curves(curves: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Six panels (score, reward, KL, β, value loss, length) against PPO iteration, one line per run."""
+
+    def draw(axes) -> None:
+        for ax, (key, label) in zip(axes.flat, TRAINING_PANELS):
+            for run, records in curves.items():
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+                if points:
+                    ax.plot(*zip(*points), label=run)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("iteration", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes.flat[0].legend(fontsize=7)
+
+    return _figure_png(draw, (11, 6), (2, 3))
+
+
+def plot_win_rates(rows: Sequence[WinRateRow]) -> bytes:
+    """Horizontal bars of each win rate with its 95% interval; the dashed line is 50% (no preference)."""
+
+    def draw(axes) -> None:
+        ax = axes[0, 0]
+        labels = [f"{r.policy} vs {r.baseline} [{r.judge}]" for r in rows]
+        rates = [100 * r.rate for r in rows]
+        errors = [[100 * (r.rate - r.low) for r in rows], [100 * (r.high - r.rate) for r in rows]]
+        ax.barh(range(len(rows)), rates, xerr=errors, color="#4c72b0", capsize=3)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(50, color="gray", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("win rate (%)")
+
+    return _figure_png(draw, (8, 1.2 + 0.35 * len(rows)))
+
+
+def plot_overopt(curves: Sequence[OverOptCurve]) -> bytes:
+    """Gold (left) and proxy (right) score change against d = √KL: points and fitted curves per run."""
+
+    def draw(axes) -> None:
+        import matplotlib.pyplot as plt
+
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, target in zip(axes.flat, ("gold", "proxy")):
+            for k, curve in enumerate(curves):
+                color = colors[k % len(colors)]
+                ds = [p.d for p in curve.points]
+                ys = [getattr(p, target) for p in curve.points]
+                marker = "o" if curve.method == "rl" else "s"
+                ax.scatter(ds, ys, color=color, marker=marker, label=f"{curve.method}: {curve.run}", s=18)
+                fit = curve.gold_fit if target == "gold" else curve.proxy_fit
+                if fit is not None and ds:
+                    top = max(ds)
+                    grid = [top * i / 100 for i in range(101)]
+                    ax.plot(grid, [predict(fit.form, d, fit.alpha, fit.beta) for d in grid], color=color, linewidth=1)
+            ax.axhline(0, color="gray", linewidth=0.5)
+            ax.set_xlabel("d = √KL (nats^½)")
+            ax.set_ylabel(f"{target} score − initial policy's")
+            ax.set_title(f"{target} score", fontsize=10)
+        axes.flat[0].legend(fontsize=7)
+
+    return _figure_png(draw, (11, 4.2), (1, 2))
+
+
+def build_plots(data: ReportData) -> list[Plot]:
+    """The plots whose data the report has: training curves, win rates, over-optimization."""
+    plots = []
+    if data.training_curves:
+        plots.append(Plot("plot-training-curves", "PPO training curves", plot_training_curves(data.training_curves)))
+    if data.win_rates:
+        plots.append(Plot("plot-win-rates", "Win rates", plot_win_rates(data.win_rates)))
+    if any(c.points for c in data.overopt):
+        plots.append(Plot("plot-overoptimization", "Over-optimization", plot_overopt(data.overopt)))
+    return plots
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _markdown_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ↵ ")
+
+
+def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(_markdown_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_markdown_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; vertical-align: top; text-align: left; }
+th { background: #f2f2f2; }
+td { white-space: pre-wrap; }
+.caption { color: #555; font-size: 0.85em; }
+img { max-width: 100%; }
+"""
+
+
+def _html_table(table: Table) -> str:
+    e = html.escape
+    parts = [f"<h2>{e(table.title)}</h2>", f'<table id="{e(table.id)}">']
+    parts.append("<thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr></thead><tbody>")
+    if not table.rows:
+        parts.append(f'<tr><td colspan="{len(table.columns)}">not measured in this run</td></tr>')
+    for row in table.rows:
+        parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
+    parts.append("</tbody></table>")
+    if table.caption:
+        parts.append(f'<p class="caption">{e(table.caption)}</p>')
+    return "\n".join(parts)
+
+
+def render_html(data: ReportData, tables: Sequence[Table], plots: Sequence[Plot]) -> str:
+    """One self-contained page: tables, then plots as base64 PNG ``<img>`` elements."""
+    e = html.escape
+    by_id = {t.id: t for t in tables}
+    plot_by_id = {p.id: p for p in plots}
+    sections = []
+    order = [
+        "headline",
+        "win-rates",
+        "plot-win-rates",
+        "breakdowns",
+        "behaviour",
+        "alignment-tax",
+        "rm-accuracy",
+        "plot-training-curves",
+        "plot-overoptimization",
+        "overopt-fits",
+        "overopt-points",
+        "samples",
+        "run-info",
+    ]
+    for key in order:
+        if key in by_id:
+            sections.append(_html_table(by_id[key]))
+        elif key in plot_by_id:
+            plot = plot_by_id[key]
+            encoded = base64.b64encode(plot.png).decode("ascii")
+            sections.append(
+                f"<h2>{e(plot.title)}</h2>\n"
+                f'<img id="{e(plot.id)}" alt="{e(plot.title)}" src="data:image/png;base64,{encoded}">'
+            )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(data.title)}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>{e(data.title)}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def render_markdown(data: ReportData, tables: Sequence[Table], plot_paths: dict[str, str]) -> str:
+    """The same report in Markdown; plots are linked PNG files (relative paths)."""
+    parts = [f"# {data.title}"]
+    for table in tables:
+        parts.append(f"## {table.title}")
+        parts.append(_markdown_table(table.columns, table.rows) if table.rows else "_not measured in this run_")
+        if table.caption:
+            parts.append(f"_{table.caption}_")
+        if table.id == "rm-accuracy":
+            for plot_id, path in plot_paths.items():
+                parts.append(f"## {plot_id.removeprefix('plot-').replace('-', ' ')}\n\n![{plot_id}]({path})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON values: dataclasses to dicts, NaN / inf to null (strict JSON has no NaN)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _json_safe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def report_metrics(data: ReportData) -> dict[str, Any]:
+    """Everything numeric in the report, for metrics.json (training curves as final values per run)."""
+    final = {
+        run: {key: next((r[key] for r in reversed(records) if key in r), None) for key, _ in TRAINING_PANELS}
+        | {"iterations": len(records)}
+        for run, records in data.training_curves.items()
+    }
+    return _json_safe(
+        {
+            "headline": headline_metrics(data),
+            "win_rates": data.win_rates,
+            "breakdowns": data.breakdowns,
+            "behaviour": data.behaviour,
+            "alignment_tax": data.tax,
+            "rm_accuracy": data.rm,
+            "training_final": final,
+            "overoptimization": [
+                {
+                    "method": c.method,
+                    "run": c.run,
+                    "points": c.points,
+                    "gold_fit": c.gold_fit,
+                    "proxy_fit": c.proxy_fit,
+                }
+                for c in data.overopt
+            ],
+            "samples": data.samples,
+            "info": data.info,
+        }
+    )
+
+
+def write_report(out_dir: str | Path, data: ReportData) -> dict[str, Path]:
+    """Write ``report.html``, ``report.md``, ``metrics.json`` and ``plots/*.png`` into ``out_dir``.
+
+    Returns their paths: keys ``html``, ``markdown``, ``metrics`` and one ``plot-…`` key per plot.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(data)
+    plots = build_plots(data)
+    paths: dict[str, Path] = {}
+    for plot in plots:
+        path = out / "plots" / f"{plot.id.removeprefix('plot-')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(plot.png)
+        paths[plot.id] = path
+    paths["html"] = out / "report.html"
+    atomic_write_text(paths["html"], render_html(data, tables, plots))
+    paths["markdown"] = out / "report.md"
+    relative = {plot_id: str(path.relative_to(out)) for plot_id, path in paths.items() if plot_id.startswith("plot-")}
+    atomic_write_text(paths["markdown"], render_markdown(data, tables, relative))
+    paths["metrics"] = out / "metrics.json"
+    atomic_write_json(paths["metrics"], report_metrics(data))
+    return paths
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

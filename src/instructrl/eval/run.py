@@ -1,0 +1,439 @@
+"""``instructrl eval``: win rates, behaviour, alignment tax, best-of-n and over-optimization for saved policies.
+
+Every policy in ``policies`` answers the same held-out sandbox prompts (one sampled response each). Each
+comparison (policy vs baseline) is judged by every configured judge — the gold judgement, held-out
+simulated labelers, the reward model, a user's callable (see :mod:`instructrl.eval.judges`) — giving win
+rates with 95% Wilson intervals, overall and by prompt type and category. With a reward model, best-of-n
+sampling from ``bon_policy`` is a further policy, and its expected gold and proxy scores for n = 1, 2, 4…
+trace the best-of-n over-optimization curve; PPO runs in ``ppo_runs`` contribute their training curves
+and, when they saved ``policy-iter-XXXX`` snapshots, the RL curve. The report (HTML, Markdown,
+metrics.json) goes to ``output_dir``; the headline table is printed.
+
+Example::
+
+    instructrl eval --set 'policies={sft: runs/sandbox/sft, ppo_ptx: runs/sandbox/ppo_ptx/policy}' \\
+        --set reward_model=runs/sandbox/rm --set 'ppo_runs={ppo_ptx: runs/sandbox/ppo_ptx}'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from instructrl.config import require, require_non_negative, require_positive, save_config
+from instructrl.errors import UserFacingError
+from instructrl.eval.best_of_n import sample_best_of_n
+from instructrl.eval.judges import (
+    CallableJudge,
+    GoldJudge,
+    Judge,
+    LabelerJudge,
+    RewardModelJudge,
+    judge_pair,
+    load_callable,
+)
+from instructrl.eval.overopt import OverOptCurve, policy_snapshots, rl_curve
+from instructrl.eval.report import (
+    ReportData,
+    RMAccuracy,
+    Roles,
+    SampleRow,
+    WinRateRow,
+    build_headline,
+    format_headline,
+    headline_metrics,
+    write_report,
+)
+from instructrl.eval.sandbox_eval import PolicyEval, behaviour_row, eval_tasks, evaluate_policy
+from instructrl.eval.tax import TaxRow, measure_tax
+from instructrl.sandbox.world import SandboxWorld, Task
+from instructrl.stages.common import set_threads
+from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
+from instructrl.utils.seed import seed_everything
+
+JUDGES = ("gold", "labelers", "rm", "custom")
+
+
+@dataclass
+class Config:
+    """Evaluation of saved policies on held-out sandbox prompts, and the report."""
+
+    output_dir: str = "runs/sandbox/eval"
+    """Where report.html, report.md, metrics.json, plots/ and results.json go."""
+    policies: dict = field(default_factory=dict)
+    """Policies to evaluate: name -> causal-LM directory, e.g. {sft: runs/sandbox/sft, ppo_ptx:
+    runs/sandbox/ppo_ptx/policy}."""
+    baseline: str = "sft"
+    """The policy every other one is compared with when ``comparisons`` is empty."""
+    comparisons: list[str] = field(default_factory=list)
+    """'policy:baseline' pairs to judge; empty = every other policy (and best-of-n) against ``baseline``. The
+    headline pairs (PPO-ptx vs SFT and vs the large SFT) are added when their models are evaluated."""
+    judges: list[str] = field(default_factory=lambda: list(JUDGES))
+    """Judges to run: gold, labelers, rm, custom. 'rm' runs only when ``reward_model`` is set and 'custom' only
+    when ``custom_judge`` is set."""
+    labelers: list[int] = field(default_factory=list)
+    """Simulated labelers of the 'labelers' judge; empty = the reward model's held-out labelers (from its
+    results.json), or every labeler when it has none."""
+    reward_model: str | None = None
+    """Reward model (saved by ``instructrl rm``): the 'rm' judge, best-of-n and the proxy score."""
+    custom_judge: str | None = None
+    """A judge function 'package.module:function' or 'path/to/file.py:function': judge(prompt, response_a,
+    response_b) -> float in [0, 1] (1 = A better, 0.5 = tie), or score(prompt, response) -> float."""
+    custom_judge_kind: Literal["auto", "pairwise", "scorer"] = "auto"
+    """'auto' decides by the number of required arguments (3 = pairwise, 2 = scorer)."""
+    sandbox_seed: int = 0
+    """Seed of the sandbox world whose prompts, labelers and gold judgement are used."""
+    split: Literal["train", "valid", "test"] = "test"
+    """Prompt split (test = held-out users, as the paper's evaluation)."""
+    prompts: int = 300
+    """Evaluation prompts (distinct texts, first of the split); 0 = all."""
+    max_new_tokens: int = 48
+    """Response length cap in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the win-rate responses (0 = greedy). Best-of-n samples at 1.0 and the
+    over-optimization curve at each PPO run's rollout temperature, so that its KL is the one PPO measured."""
+    best_of_n: int = 16
+    """n of the best-of-n baseline (argmax of the reward model over n samples); 0 = off. Needs reward_model."""
+    bon_policy: str | None = None
+    """Policy best-of-n samples from; unset = ``baseline``."""
+    missing_eos_score: float | None = -1.0
+    """Proxy score of a sample that never emitted EOS (as PPO rewards it); null keeps the RM score."""
+    ppo_runs: dict = field(default_factory=dict)
+    """PPO output folders, name -> dir: training curves from metrics.jsonl and, from policy-iter-XXXX
+    snapshots, the over-optimization curve."""
+    overopt_prompts: int = 100
+    """Prompts sampled per checkpoint for the over-optimization curve (first of the evaluation prompts)."""
+    overopt_reference: str | None = None
+    """KL reference of the over-optimization curve; unset = each PPO run's ref_policy (or policy)."""
+    base_model: str | None = None
+    """The pretrained base model, measured in the alignment-tax table (as ``role_base``)."""
+    tax: bool = True
+    """Measure the alignment tax (held-out perplexity, next-token accuracy, fact and continuation probes)."""
+    heldout_docs: int = 500
+    """Held-out non-instruction documents for the alignment tax."""
+    tax_seq_len: int = 128
+    """Tokens per perplexity window (capped at each model's context)."""
+    rm_results: str | None = None
+    """The reward model's results.json (accuracies); unset = reward_model/results.json when it exists."""
+    agreement: str | None = None
+    """agreement.json from ``instructrl sandbox make`` (inter-labeler agreement)."""
+    role_sft: str = "sft"
+    """Name of the SFT policy in the headline table."""
+    role_ppo: str = "ppo"
+    """Name of the PPO (no ptx) policy in the headline table."""
+    role_ppo_ptx: str = "ppo_ptx"
+    """Name of the PPO-ptx policy in the headline table."""
+    role_large_sft: str = "sft_large"
+    """Name of the ~10× larger SFT model in the headline table."""
+    role_base: str = "base"
+    """Name of the base model in the headline and alignment-tax tables."""
+    samples: int = 4
+    """Prompts shown with every model's response side by side."""
+    title: str = "instructrl evaluation"
+    """Report title."""
+    device: str = "auto"
+    """Device of every model: auto (CUDA when available), cpu, cuda[:N]."""
+    seed: int = 0
+    """Seed of sampling and of the labeler judge."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch default)."""
+
+    def validate(self) -> None:
+        require_non_negative(self, "prompts", "best_of_n", "samples", "threads", "temperature")
+        require_positive(self, "max_new_tokens", "overopt_prompts", "heldout_docs", "tax_seq_len")
+        for name in ("policies", "ppo_runs"):
+            mapping = getattr(self, name)
+            require(
+                all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()),
+                name,
+                "must map names to directory paths",
+            )
+            require(not any(":" in k for k in mapping), name, "names may not contain ':'")
+        # model paths are checked when the run starts (a pipeline may build this config before training them)
+        unknown = sorted(set(self.judges) - set(JUDGES))
+        require(not unknown, "judges", f"unknown judges {unknown}; known: {list(JUDGES)}")
+        for pair in self.comparisons:
+            require(
+                pair.count(":") == 1 and all(pair.split(":")),
+                "comparisons",
+                f"expected 'policy:baseline', got {pair!r}",
+            )
+        require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "device",
+            f"unknown device {self.device!r}",
+        )
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def comparison_pairs(cfg: Config, evaluated: list[str], roles: Roles) -> list[tuple[str, str]]:
+    """``(policy, baseline)`` pairs: configured or every policy vs the baseline, plus the headline pairs."""
+    if cfg.comparisons:
+        pairs = [tuple(p.split(":")) for p in cfg.comparisons]
+    else:
+        pairs = [(name, cfg.baseline) for name in evaluated if name != cfg.baseline]
+    for extra in ((roles.ppo_ptx, roles.sft), (roles.ppo_ptx, roles.large_sft)):
+        if all(name in evaluated for name in extra) and extra not in pairs:
+            pairs.append(extra)
+    missing = sorted({name for pair in pairs for name in pair} - set(evaluated))
+    if missing:
+        raise UserFacingError(f"comparisons name {missing}, which were not evaluated; evaluated: {evaluated}")
+    return pairs  # type: ignore[return-value]
+
+
+def heldout_labelers_of(rm_results: dict | None) -> list[int]:
+    """The reward model's held-out labeler ids that are integers (sandbox labelers), else []."""
+    out = []
+    for name in (rm_results or {}).get("heldout_labelers") or []:
+        try:
+            out.append(int(name))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def build_judges(cfg: Config, world: SandboxWorld, scorer, labelers: list[int]) -> list[Judge]:
+    judges: list[Judge] = []
+    for name in cfg.judges:
+        if name == "gold":
+            judges.append(GoldJudge(world))
+        elif name == "labelers":
+            judges.append(LabelerJudge(world, labelers, seed=cfg.seed))
+        elif name == "rm" and scorer is not None:
+            judges.append(RewardModelJudge(scorer))
+        elif name == "custom" and cfg.custom_judge:
+            judges.append(CallableJudge(load_callable(cfg.custom_judge), cfg.custom_judge_kind, seed=cfg.seed))
+    return judges
+
+
+def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMAccuracy | None:
+    """RM accuracies from the RM's results.json and agreement from ``sandbox make``'s agreement.json."""
+    agreement = json.loads(Path(agreement_path).read_text()) if agreement_path else None
+    if rm_results is None and agreement is None:
+        return None
+    valid = (rm_results or {}).get("valid") or {}
+    heldout = (rm_results or {}).get("heldout") or {}
+    return RMAccuracy(
+        train_labelers_accuracy=valid.get("accuracy"),
+        train_labelers_pairs=int(valid.get("pairs") or 0),
+        heldout_labelers_accuracy=heldout.get("accuracy"),
+        heldout_labelers_pairs=int(heldout.get("pairs") or 0),
+        labeler_agreement=agreement.get("mean") if agreement else None,
+        labeler_agreement_stderr=agreement.get("stderr") if agreement else None,
+        heldout_labelers=[str(x) for x in (rm_results or {}).get("heldout_labelers") or []],
+    )
+
+
+def pick_samples(tasks: list[Task], evals: dict[str, PolicyEval], n: int) -> list[SampleRow]:
+    """``n`` prompts, one per category first (in the order categories appear), with every model's response."""
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for i, t in enumerate(tasks):
+        if len(chosen) < n and t.category not in seen:
+            chosen.append(i)
+            seen.add(t.category)
+    chosen += [i for i in range(len(tasks)) if i not in chosen][: n - len(chosen)]
+    return [
+        SampleRow(
+            tasks[i].prompt,
+            tasks[i].category,
+            tasks[i].type,
+            {name: pe.responses[i] for name, pe in evals.items()},
+            {name: pe.gold[i] for name, pe in evals.items()},
+        )
+        for i in sorted(chosen)
+    ]
+
+
+def ppo_saved_config(ppo_dir: str | Path) -> dict:
+    path = Path(ppo_dir) / "instructrl_ppo.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def parameter_counts(cfg: Config, names: list[str]) -> dict[str, int]:
+    from instructrl.models.causal_lm import count_parameters, load_causal_lm
+
+    return {name: count_parameters(load_causal_lm(cfg.policies[name])) for name in names if name in cfg.policies}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def check_paths(cfg: Config) -> None:
+    """Every configured model and file exists (checked at run time, not when the config is built)."""
+    named = [(f"policies.{k}", v) for k, v in cfg.policies.items()] + [
+        (f"ppo_runs.{k}", v) for k, v in cfg.ppo_runs.items()
+    ]
+    for key in ("reward_model", "rm_results", "agreement", "base_model", "overopt_reference"):
+        if getattr(cfg, key):
+            named.append((key, getattr(cfg, key)))
+    missing = [f"{key}: {path}" for key, path in named if not Path(path).exists()]
+    if missing:
+        raise UserFacingError("paths not found: " + "; ".join(missing))
+    if not cfg.policies:
+        raise UserFacingError("no policies to evaluate; set policies={name: model_dir, ...}")
+
+
+def _rm_results(cfg: Config) -> dict | None:
+    path = cfg.rm_results
+    if path is None and cfg.reward_model and (Path(cfg.reward_model) / "results.json").is_file():
+        path = str(Path(cfg.reward_model) / "results.json")
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def judge_all(
+    judges: list[Judge], evals: dict[str, PolicyEval], pairs: list[tuple[str, str]]
+) -> tuple[list[WinRateRow], list[WinRateRow]]:
+    """Overall win rates and their breakdowns by prompt type and category, for every pair and judge."""
+    win_rates, breakdowns = [], []
+    for policy, baseline in pairs:
+        for judge in judges:
+            judgement = judge_pair(judge, evals[policy], evals[baseline])
+            win_rates.append(WinRateRow.of(policy, baseline, judge.name, "all", judgement.overall()))
+            for attribute in ("type", "category"):
+                for group, wr in judgement.by(attribute).items():
+                    breakdowns.append(WinRateRow.of(policy, baseline, judge.name, f"{attribute}={group}", wr))
+            print(f"[eval] {policy} vs {baseline} ({judge.name}): {judgement.overall()}", flush=True)
+    return win_rates, breakdowns
+
+
+def ppo_run_curve(cfg: Config, name: str, ppo_dir: str, world: SandboxWorld, tasks: list[Task], scorer, device):
+    """The RL over-optimization curve of one PPO run, sampled as its rollouts were (temperature, length)."""
+    from instructrl.models.scoring import RewardScorer
+
+    saved = ppo_saved_config(ppo_dir)
+    generation = saved.get("generation") or {}
+    reference = cfg.overopt_reference or saved.get("ref_policy") or saved.get("policy")
+    proxy_path = cfg.reward_model or saved.get("reward_model")
+    if not reference or not Path(reference).exists() or not proxy_path or not Path(proxy_path).exists():
+        raise UserFacingError(
+            f"over-optimization of {ppo_dir}: cannot find its reference policy ({reference}) or reward model "
+            f"({proxy_path}); set overopt_reference and reward_model"
+        )
+    proxy = scorer if cfg.reward_model else RewardScorer(proxy_path, device=device)
+    print(f"[eval] over-optimization: {name} (reference {reference})", flush=True)
+    return rl_curve(
+        name,
+        ppo_dir,
+        reference,
+        world,
+        tasks[: cfg.overopt_prompts],
+        proxy,
+        max_new_tokens=int(generation.get("max_new_tokens", cfg.max_new_tokens)),
+        temperature=float(generation.get("temperature", 1.0)),
+        missing_eos_score=saved.get("missing_eos_score", cfg.missing_eos_score),
+        seed=cfg.seed,
+        device=device,
+    )
+
+
+def collect(cfg: Config) -> ReportData:
+    """Run every evaluation of ``cfg`` and return the report's data (nothing is written)."""
+    from instructrl.models.scoring import RewardScorer, resolve_device
+
+    check_paths(cfg)
+    t0 = time.time()
+    device = resolve_device(cfg.device)
+    roles = Roles(cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base)
+    world = SandboxWorld(seed=cfg.sandbox_seed)
+    tasks = eval_tasks(world, cfg.split, cfg.prompts)
+    if not tasks:
+        raise UserFacingError(f"the {cfg.split} split has no prompts")
+    if cfg.baseline not in cfg.policies and not cfg.comparisons:
+        raise UserFacingError(f"baseline {cfg.baseline!r} is not one of the policies {list(cfg.policies)}")
+
+    evals: dict[str, PolicyEval] = {}
+    for name, path in cfg.policies.items():
+        print(f"[eval] {name}: {len(tasks)} responses from {path}", flush=True)
+        evals[name] = evaluate_policy(
+            name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.seed, device=device
+        )
+    rm_results = _rm_results(cfg)
+    scorer = RewardScorer(cfg.reward_model, device=device) if cfg.reward_model else None
+
+    bon_curves: list[OverOptCurve] = []
+    if cfg.best_of_n and scorer is not None:
+        source = cfg.bon_policy or cfg.baseline
+        if source not in cfg.policies:
+            raise UserFacingError(f"bon_policy {source!r} is not one of the policies {list(cfg.policies)}")
+        print(f"[eval] best-of-{cfg.best_of_n} from {source}", flush=True)
+        bon = sample_best_of_n(
+            cfg.policies[source], world, tasks, scorer, cfg.best_of_n, cfg.max_new_tokens,
+            missing_eos_score=cfg.missing_eos_score, seed=cfg.seed, device=device,
+        )  # fmt: skip
+        evals[f"best-of-{cfg.best_of_n}"] = bon.policy_eval(world)
+        bon_curves.append(bon.curve(run=f"best-of-n from {source}"))
+
+    labelers = cfg.labelers or heldout_labelers_of(rm_results)
+    judges = build_judges(cfg, world, scorer, labelers)
+    win_rates, breakdowns = judge_all(judges, evals, comparison_pairs(cfg, list(evals), roles))
+
+    tax: list[TaxRow] = []
+    if cfg.tax:
+        heldout = world.heldout_text(cfg.heldout_docs)
+        tax_models = ({roles.base: cfg.base_model} if cfg.base_model else {}) | dict(cfg.policies)
+        for name, path in tax_models.items():
+            print(f"[eval] alignment tax: {name}", flush=True)
+            tax.append(measure_tax(name, path, heldout, cfg.tax_seq_len, device=device))
+
+    training_curves, rl_curves = {}, []
+    for name, ppo_dir in cfg.ppo_runs.items():
+        if (Path(ppo_dir) / "metrics.jsonl").is_file():
+            training_curves[name] = read_jsonl_lenient(Path(ppo_dir) / "metrics.jsonl")
+        if policy_snapshots(ppo_dir):
+            rl_curves.append(ppo_run_curve(cfg, name, ppo_dir, world, tasks, scorer, device))
+        else:
+            print(f"[eval] {name}: no policy-iter-XXXX snapshots, no over-optimization curve", flush=True)
+
+    behaviour = [behaviour_row(pe, world) for pe in evals.values()]
+    rm = load_rm_accuracy(rm_results, cfg.agreement)
+    parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft])
+    info = {
+        "sandbox seed": str(cfg.sandbox_seed),
+        "prompts": f"{len(tasks)} ({cfg.split} split)",
+        "judges": ", ".join(j.name for j in judges),
+        "labelers judging": ", ".join(map(str, labelers)) or "all",
+        "sampling": f"temperature {cfg.temperature}, up to {cfg.max_new_tokens} tokens",
+        "policies": ", ".join(f"{k} = {v}" for k, v in cfg.policies.items()),
+        "reward model": str(cfg.reward_model),
+        "parameters": ", ".join(f"{k} = {v:,}" for k, v in parameters.items()) or "-",
+        "seconds": f"{time.time() - t0:.0f}",
+    }
+    return ReportData(
+        title=cfg.title,
+        info=info,
+        headline=build_headline(roles, win_rates, behaviour, tax, rm, parameters),
+        win_rates=win_rates,
+        breakdowns=breakdowns,
+        behaviour=behaviour,
+        tax=tax,
+        rm=rm,
+        training_curves=training_curves,
+        overopt=rl_curves + bon_curves,
+        samples=pick_samples(tasks, evals, cfg.samples),
+    )
+
+
+def run(cfg: Config) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "instructrl_eval.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    data = collect(cfg)
+    paths = write_report(out, data)
+    print("\n" + format_headline(data), flush=True)
+    print(f"\n[eval] report: {paths['html']}", flush=True)
+    results = {
+        "headline": headline_metrics(data),
+        "paths": {key: str(path) for key, path in paths.items()},
+    }
+    atomic_write_json(out / "results.json", results)
+    return results
