@@ -25,8 +25,12 @@ class Command:
     summary: str
     """One line for the command list."""
     flags: dict[str, str] = field(default_factory=dict)
-    """Convenience flags mapped to ``--set`` overrides, e.g. ``{"--quick": "quick=true"}``."""
+    """Convenience flags mapped to ``--set`` overrides, e.g. ``{"--quick": "quick=true"}``; an override
+    holding ``{}`` makes a flag that takes a value, e.g. ``{"--db": "db={}"}`` for ``--db FILE``."""
 
+
+_DB_FLAG = {"--db": "db={}"}
+"""``--db FILE.sqlite`` for the labeling commands (same as ``--set db=FILE.sqlite``)."""
 
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("instructrl.stages.pretrain", "Train the tokenizer and the base causal LM on a text corpus."),
@@ -39,7 +43,25 @@ COMMANDS: dict[str, Command] = {
     "data prepare": Command("instructrl.data.prepare", "Prompt pipeline: dedup, per-user caps, PII scrub, splits."),
     "sandbox make": Command("instructrl.sandbox.make", "Write the sandbox corpus, prompts and labels to a folder."),
     "demo": Command("instructrl.demo", "The whole InstructGPT pipeline on the sandbox.", {"--quick": "quick=true"}),
-    "label serve": Command("instructrl.label.serve", "Start the labeling web app."),
+    "label serve": Command("instructrl.label.serve", "Start the labeling web app.", _DB_FLAG),
+    "label create-labeler": Command(
+        "instructrl.label.create_labeler", "Add or change a labeler/admin account (prints its secret once).", _DB_FLAG
+    ),
+    "label load-prompts": Command(
+        "instructrl.label.load_prompts", "Load prompts (e.g. data prepare output) into a labeling database.", _DB_FLAG
+    ),
+    "label add-samples": Command(
+        "instructrl.label.add_samples", "Sample K responses per comparison prompt from a saved policy.", _DB_FLAG
+    ),
+    "label assign": Command(
+        "instructrl.label.assign", "Assign unassigned items to labelers, some to several for agreement.", _DB_FLAG
+    ),
+    "label export": Command(
+        "instructrl.label.export", "Export labels as SFT demonstrations or K-way comparisons (JSONL).", _DB_FLAG
+    ),
+    "label stats": Command(
+        "instructrl.label.stats", "Labeling progress, skip reasons and inter-labeler agreement.", _DB_FLAG
+    ),
 }
 
 
@@ -118,9 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for flag, override in cmd.flags.items():
-        parser.add_argument(
-            flag, action="append_const", const=override, dest="overrides", help=f"same as --set {override}"
-        )
+        if "{}" in override:  # a flag with a value, e.g. --db FILE
+            parser.add_argument(
+                flag,
+                action="append",
+                type=override.format,
+                dest="overrides",
+                metavar="VALUE",
+                help=f"same as --set {override.format('VALUE')}",
+            )
+        else:
+            parser.add_argument(
+                flag, action="append_const", const=override, dest="overrides", help=f"same as --set {override}"
+            )
     args = parser.parse_args(rest)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
