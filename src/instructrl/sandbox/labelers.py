@@ -9,15 +9,17 @@ response ``y`` to prompt ``x`` by
 where ``g_l`` is the gold judgement (:func:`instructrl.sandbox.tasks.score_analysis`) under the labeler's
 own weights: each labeler cares a bit more or less about brevity, toxicity, honesty and format than the
 gold does. ``rank`` sorts responses by ``u_l``, best first; neighbours whose utilities differ by less than
-the labeler's tie threshold form a tie group (so do identical texts, which share one ε).
+the labeler's tie threshold form a tie group; responses of equal noise-free quality share one ε, so they tie.
 
 Demonstrations are mostly the correct, concise answer (a refusal for harmful requests); each labeler
 pads some answers ("the answer is 5 .") and gets a few wrong at its own rate.
 
 :data:`DEFAULT_NOISE` was tuned so that :func:`pairwise_agreement` over synthetic candidates with K = 4-9
-lands near 72.6%: on 400 train prompts of worlds with seeds 0-5 it measured 71.6-73.7%, mean 72.7%
-(per labeler pair 69-77%). ``instructrl sandbox make`` writes the measurement to ``agreement.json``.
-Agreement on policy samples differs: it depends on how different the ranked responses are.
+lands near the paper's 72.6%: 72.5 ± 0.3% on 400 train prompts of the seed-0 world (``instructrl sandbox make``
+writes the measurement to ``agreement.json``). Responses of equal quality to a labeler (noise-free utilities
+within the tie threshold) are tied rather than ordered by noise, as a person would; agreement counts only
+pairs neither labeler tied, so it depends on how different the ranked responses are: on samples of a
+sandbox SFT policy it measured 85.7%.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from instructrl.sandbox.tasks import GOLD, REFUSALS, GoldWeights, TaskSpec, anal
 if TYPE_CHECKING:
     from instructrl.sandbox.world import Task, World
 
-DEFAULT_NOISE = 0.47
+DEFAULT_NOISE = 0.57
 """Base noise scale σ of labeler utilities (each labeler draws σ_l in [0.8σ, 1.25σ])."""
 
-DEFAULT_TIE_THRESHOLD = 0.02
-"""Utilities closer than this are declared a tie."""
+DEFAULT_TIE_THRESHOLD = 0.05
+"""Responses whose noise-free utilities differ by less than this are equally good to the labeler: a tie."""
 
 Ranking = tuple[int | tuple[int, ...], ...]
 """Response indices best first; a tuple element is a group of tied responses."""
@@ -108,16 +110,38 @@ def as_random(rng: np.random.Generator | random.Random | int | None) -> random.R
     return random.Random(int(as_generator(rng).integers(2**63)))
 
 
+def clean_utilities(spec: TaskSpec, responses: Sequence[str], profile: LabelerProfile) -> np.ndarray:
+    """The labeler's noise-free utility of each response, shape (K,)."""
+    return np.array([score_analysis(spec, analyze(spec, r), profile.weights) for r in responses], dtype=np.float64)
+
+
+def equivalence_groups(clean: np.ndarray, tie_threshold: float) -> list[list[int]]:
+    """Responses whose noise-free utilities form a chain of gaps under ``tie_threshold``: one group each.
+
+    A person shown two equally good (or equally bad) answers calls them a tie instead of guessing, so such
+    responses share a rank; identical texts always do.
+    """
+    order = np.argsort(-clean, kind="stable")
+    groups: list[list[int]] = []
+    for index in order.tolist():
+        if groups and clean[groups[-1][-1]] - clean[index] < tie_threshold:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def utilities(
     spec: TaskSpec, responses: Sequence[str], profile: LabelerProfile, rng: np.random.Generator
 ) -> np.ndarray:
-    """u_l for each response, shape (K,); identical texts share one noise draw and so one utility."""
-    distinct = list(dict.fromkeys(responses))
-    noise = rng.standard_normal(len(distinct)) * profile.noise
-    by_text = {
-        text: score_analysis(spec, analyze(spec, text), profile.weights) + eps for text, eps in zip(distinct, noise)
-    }
-    return np.array([by_text[r] for r in responses], dtype=np.float64)
+    """u_l for each response, shape (K,): one noise draw per equivalence group, so tied responses stay tied."""
+    clean = clean_utilities(spec, responses, profile)
+    groups = equivalence_groups(clean, profile.tie_threshold)
+    noise = rng.standard_normal(len(groups)) * profile.noise
+    u = np.empty_like(clean)
+    for group, eps in zip(groups, noise):
+        u[group] = clean[group].mean() + eps
+    return u
 
 
 def ranking_from_utilities(u: np.ndarray, tie_threshold: float) -> Ranking:
@@ -136,6 +160,7 @@ def rank(spec: TaskSpec, responses: Sequence[str], profile: LabelerProfile, rng:
     """The labeler's best-first ranking of ``responses`` (ties as tuples)."""
     if len(responses) == 0:
         return ()
+    # Equivalent responses share one utility, so they fall into one tie group below (gap 0 < threshold).
     return ranking_from_utilities(utilities(spec, responses, profile, rng), profile.tie_threshold)
 
 

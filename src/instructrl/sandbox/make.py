@@ -161,6 +161,7 @@ def run(cfg: Config) -> dict:
         "agreement": mean,
         "agreement_stderr": stderr,
     }
+    atomic_write_json(out / "results.json", summary)  # written last: marks the folder complete
     n_prompts = sum(summary["prompts"].values())
     print(
         f"sandbox: wrote {n_corpus} corpus docs, {n_prompts} prompts, {n_demos} demonstrations, "

@@ -64,7 +64,7 @@ class Config:
     """Tokens per training window."""
     batch_size: int = 32
     """Windows per optimizer step."""
-    max_steps: int = 1500
+    max_steps: int = 900
     """Optimizer steps."""
     lr: float = 2e-3
     """Peak learning rate."""
