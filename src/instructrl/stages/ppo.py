@@ -140,7 +140,7 @@ class Config:
     value_head_init: Literal["reward", "zero"] = "reward"
     """'reward' keeps the reward model's head (paper); 'zero' zeroes it (Ziegler's code, N detail 11)."""
     prompts: str | None = None
-    """JSONL of {prompt} records; unset = the sandbox's train-split prompts."""
+    """JSONL of {prompt} records; unset = the sandbox's PPO prompt pool (train split, disjoint from SFT and RM)."""
     skip_bad: bool = False
     """Skip (and count) malformed prompt records instead of stopping at the first one."""
     sandbox_seed: int = 0

@@ -95,8 +95,10 @@ def load_prompt_ids(cfg: Config, tokenizer) -> tuple[list[str], list[list[int]]]
         texts = [r.prompt for r in records]
     else:
         from instructrl.sandbox import SandboxWorld
+        from instructrl.sandbox.datasets import stage_tasks
 
-        texts = [t.prompt for t in SandboxWorld(seed=cfg.sandbox_seed).tasks("train")]
+        # the PPO pool: train-split prompts that neither the SFT nor the RM data used (InstructGPT Table 6)
+        texts = [t.prompt for t in stage_tasks(SandboxWorld(seed=cfg.sandbox_seed), "ppo")]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.generation.max_prompt_tokens]
     dropped = len(texts) - len(keep)
