@@ -130,3 +130,14 @@ def test_config_errors_fail_before_work(tmp_path, capsys):
     assert main(["sft", "--set", "epoch=3"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
     assert main(["sft", "--set", f"data={tmp_path / 'missing.jsonl'}"]) == 2
+
+
+def test_generate_command_writes_one_record_per_sample(tmp_path, tiny_lm_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Instruction: what is 1 plus 1 ?\\nResponse:", "user_id": 7, "id": "a"}\n')
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", "--set", f"model={tiny_lm_dir}", "--set", f"input={prompts}", "--set", f"output={out}"]
+    assert main([*args, "--set", "samples_per_prompt=3", "--set", "max_new_tokens=5", "--set", "device=cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1, 2]
+    assert all(r["id"] == "a" and r["user_id"] == "7" and 1 <= r["n_tokens"] <= 5 for r in rows)
