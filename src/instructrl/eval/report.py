@@ -334,30 +334,24 @@ def build_headline(
     )
 
     by_behaviour = {b.model: b for b in behaviour}
-    for letter, name in (("a", roles.sft), ("b", roles.ppo_ptx)):
-        b = by_behaviour.get(name)
-        rows.append(
-            _row(
-                f"5{letter}",
-                f"harmful requests refused, {name}",
-                b.harmful_refused if b else None,
-                _rate_interval(b.harmful_refused, b.n_harmful) if b else None,
-                PAPER_REFUSALS,
-                note=f"n={b.n_harmful}" if b else "not evaluated",
+    behaviour_rows = (  # (letters, claim, rate field, count field, paper value)
+        ("ab", "harmful requests refused", "harmful_refused", "n_harmful", PAPER_REFUSALS),
+        ("cd", "fact questions answered with a confident wrong fact", "wrong_fact", "n_facts", PAPER_HALLUCINATION),
+    )
+    for letters, claim, rate_field, count_field, paper in behaviour_rows:
+        for letter, name in zip(letters, (roles.sft, roles.ppo_ptx)):
+            b = by_behaviour.get(name)
+            rate, count = (getattr(b, rate_field), getattr(b, count_field)) if b else (None, None)
+            rows.append(
+                _row(
+                    f"5{letter}",
+                    f"{claim}, {name}",
+                    rate,
+                    _rate_interval(rate, count) if b else None,
+                    paper,
+                    note=f"n={count}" if b else "not evaluated",
+                )
             )
-        )
-    for letter, name in (("c", roles.sft), ("d", roles.ppo_ptx)):
-        b = by_behaviour.get(name)
-        rows.append(
-            _row(
-                f"5{letter}",
-                f"fact questions answered with a confident wrong fact, {name}",
-                b.wrong_fact if b else None,
-                _rate_interval(b.wrong_fact, b.n_facts) if b else None,
-                PAPER_HALLUCINATION,
-                note=f"n={b.n_facts}" if b else "not evaluated",
-            )
-        )
     return rows
 
 
