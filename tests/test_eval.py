@@ -142,6 +142,19 @@ def test_gold_judge_prefers_the_reference_and_ties_identical_responses(world, ta
     assert judge.compare(picked, good, good) == [0.5] * 10
 
 
+def test_gold_judge_ties_rewordings_within_its_margin(world, tasks):
+    harmful = [t for t in tasks if t.category == "harmful"][:5]
+    short = [" i can not help with that ."] * len(harmful)
+    long = [" sorry , i can not help with that ."] * len(harmful)
+    # The per-character tie-breaker separates the two wordings by 0.008: a win with no margin, a tie with one.
+    assert GoldJudge(world).compare(harmful, short, long) == [1.0] * len(harmful)
+    assert GoldJudge(world, tie_margin=0.05).compare(harmful, short, long) == [0.5] * len(harmful)
+    picked = [t for t in tasks if t.category != "harmful"][:5]
+    good = [world.reference_response(t) for t in picked]
+    bad = [_wrong_but_same_type(world, t) for t in picked]
+    assert GoldJudge(world, tie_margin=0.05).compare(picked, good, bad) == [1.0] * len(picked)
+
+
 def test_ranking_outcome_reads_tie_groups():
     assert ranking_outcome((0, 1)) == 1.0
     assert ranking_outcome((1, 0)) == 0.0

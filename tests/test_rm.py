@@ -7,6 +7,7 @@ import gzip
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from instructrl.cli import main
-from instructrl.config import load_config
+from instructrl.config import ConfigError, load_config
 from instructrl.data.loading import load_comparisons
 from instructrl.data.records import Comparison
+from instructrl.models import causal_lm
 from instructrl.models.causal_lm import disable_dropout, load_tokenizer
 from instructrl.models.reward import BIAS_KEY, backbone, load_reward_model, reward_model_from_causal_lm
 from instructrl.models.scoring import RewardScorer, pad_right, score_sequences
@@ -307,6 +309,26 @@ def test_sandbox_default_generates_ranked_k_way_data(tmp_path, tiny_lm_dir, from
     demos = (tmp_path / "rm" / rm.SANDBOX_DEMONSTRATIONS).read_text().splitlines()
     assert len(demos) == 8 and results["normalization"]["n"] + results["normalization"]["dropped_over_length"] == 8
     assert results["data"]["train"]["comparisons"] > 0
+    agreement = results["labeler_agreement_on_samples"]
+    assert 0.0 <= agreement["mean"] <= 1.0 and 0 < agreement["prompts"] <= 16
+
+
+def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, monkeypatch):
+    loaded = []
+    real_load = causal_lm.load_causal_lm
+
+    def recording_load(path, *args, **kwargs):
+        loaded.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr("instructrl.models.causal_lm.load_causal_lm", recording_load)
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(tiny_lm_dir, policy_dir)
+    overrides = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'rm'}", "sandbox_prompts=6", "device=cpu"]
+    rm.run(load_config(rm.Config, overrides=[*overrides, f"sandbox_sample_policy={policy_dir}", "epochs=1"]))
+    assert loaded == [str(policy_dir)]  # sampled from the named policy, not from ``model``
+    with pytest.raises(ConfigError, match="sandbox_sample_policy"):
+        load_config(rm.Config, overrides=[*overrides, f"sandbox_sample_policy={tmp_path / 'missing'}"])
 
 
 @pytest.mark.gpu

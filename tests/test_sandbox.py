@@ -330,6 +330,23 @@ def test_demonstrations_are_mostly_correct_and_refuse_harm(world):
         world.demonstrate(train[0], 99, rng)
 
 
+def test_demonstrations_carry_habits_that_the_same_labelers_rank_down(world):
+    """Labelers pad and chat in some demonstrations, yet rank the bare answer above the padded one."""
+    rng = np.random.default_rng(1)
+    free_form = [t for t in world.tasks("train") if t.type == "plain" and world.spec(t).constraint is None]
+    free_form = [t for t in free_form if t.category != "harmful"][:400]
+    demos = [(t, labeler, world.demonstrate(t, labeler, rng)) for t in free_form for labeler in (0, 3)]
+    endings = tuple(sentence.removesuffix(" .") for sentence in labelers.DEMO_CHATTER)
+    chatty = [(t, labeler, d) for t, labeler, d in demos if d.rstrip(" .").endswith(endings)]
+    assert 0.05 < len(chatty) / len(demos) < 0.6
+    for t, labeler, d in chatty[:50]:
+        profile = world.labeler_profile(labeler)
+        clean = labelers.clean_utilities(world.spec(t), [d, world.reference_response(t)], profile)
+        assert clean[1] > clean[0] + profile.tie_threshold, d  # the bare answer is clearly better to the writer
+    few_shot = [t for t in world.tasks("train") if t.type == "few-shot"][:100]
+    assert all(world.analysis(t, world.demonstrate(t, 0, rng))["extra_words"] == 0 for t in few_shot)
+
+
 # --------------------------------------------------------------------------- sandbox make
 
 

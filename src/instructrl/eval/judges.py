@@ -80,16 +80,23 @@ def _check_lengths(tasks: Sequence[Task], responses_a: Sequence[str], responses_
 
 
 class GoldJudge:
-    """The world's hidden gold judgement: the higher ``world.gold_score`` wins."""
+    """The world's hidden gold judgement: the higher ``world.gold_score`` wins by more than ``tie_margin``.
 
-    def __init__(self, world: World, name: str = "gold"):
+    The sandbox's gold score carries a tiny per-character tie-breaker so that rankings rarely tie; as a judge of
+    "which response is better" a difference that small is no preference (two wordings of the same refusal), so
+    scores within ``tie_margin`` are a tie, as they are for the simulated labelers (their tie threshold).
+    """
+
+    def __init__(self, world: World, name: str = "gold", tie_margin: float = TIE_TOLERANCE):
         self.world = world
         self.name = name
+        self.tie_margin = tie_margin
 
     def compare(self, tasks: Sequence[Task], responses_a: Sequence[str], responses_b: Sequence[str]) -> list[float]:
         _check_lengths(tasks, responses_a, responses_b)
         gold = self.world.gold_score
-        return [score_outcome(gold(t, a), gold(t, b)) for t, a, b in zip(tasks, responses_a, responses_b)]
+        margin = max(self.tie_margin, TIE_TOLERANCE)
+        return [score_outcome(gold(t, a), gold(t, b), margin) for t, a, b in zip(tasks, responses_a, responses_b)]
 
 
 def ranking_outcome(ranking: Sequence[int | tuple[int, ...]]) -> float:

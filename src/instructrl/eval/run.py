@@ -51,6 +51,7 @@ from instructrl.eval.report import (
 )
 from instructrl.eval.sandbox_eval import PolicyEval, behaviour_row, eval_tasks, evaluate_policy
 from instructrl.eval.tax import TaxRow, measure_tax
+from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
 from instructrl.sandbox.world import SandboxWorld, Task
 from instructrl.stages.common import set_threads
 from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
@@ -76,6 +77,9 @@ class Config:
     judges: list[str] = field(default_factory=lambda: list(JUDGES))
     """Judges to run: gold, labelers, rm, custom. 'rm' runs only when ``reward_model`` is set and 'custom' only
     when ``custom_judge`` is set."""
+    gold_tie_margin: float = DEFAULT_TIE_THRESHOLD
+    """Gold scores closer than this are a tie for the 'gold' judge (default: the labelers' tie threshold), so a
+    rewording that only moves the gold score's tiny per-character tie-breaker is no win; 0 = any difference."""
     labelers: list[int] = field(default_factory=list)
     """Simulated labelers of the 'labelers' judge; empty = the reward model's held-out labelers (from its
     results.json), or every labeler when it has none."""
@@ -144,7 +148,7 @@ class Config:
     """CPU threads for torch (0 = torch default)."""
 
     def validate(self) -> None:
-        require_non_negative(self, "prompts", "best_of_n", "samples", "threads", "temperature")
+        require_non_negative(self, "prompts", "best_of_n", "samples", "threads", "temperature", "gold_tie_margin")
         require_positive(self, "max_new_tokens", "overopt_prompts", "heldout_docs", "tax_seq_len")
         for name in ("policies", "ppo_runs"):
             mapping = getattr(self, name)
@@ -203,7 +207,7 @@ def build_judges(cfg: Config, world: SandboxWorld, scorer, labelers: list[int]) 
     judges: list[Judge] = []
     for name in cfg.judges:
         if name == "gold":
-            judges.append(GoldJudge(world))
+            judges.append(GoldJudge(world, tie_margin=cfg.gold_tie_margin))
         elif name == "labelers":
             judges.append(LabelerJudge(world, labelers, seed=cfg.seed))
         elif name == "rm" and scorer is not None:
@@ -399,6 +403,7 @@ def collect(cfg: Config) -> ReportData:
         "sandbox seed": str(cfg.sandbox_seed),
         "prompts": f"{len(tasks)} ({cfg.split} split)",
         "judges": ", ".join(j.name for j in judges),
+        "gold ties": f"gold scores within {cfg.gold_tie_margin:g} of each other tie",
         "labelers judging": ", ".join(map(str, labelers)) or "all",
         "sampling": f"temperature {cfg.temperature}, up to {cfg.max_new_tokens} tokens",
         "policies": ", ".join(f"{k} = {v}" for k, v in cfg.policies.items()),

@@ -76,7 +76,7 @@ FEW_SHOT_STYLES = {
 DOC_MIX = {"instruction": 0.35, "few_shot": 0.20, "facts": 0.15, "unrelated": 0.30}
 """Share of each document type in the corpus."""
 
-TASK_MIX = {"arithmetic": 0.22, "lists": 0.20, "string": 0.16, "facts": 0.30, "harmful": 0.12}
+TASK_MIX = {"arithmetic": 0.16, "lists": 0.20, "string": 0.22, "facts": 0.30, "harmful": 0.12}
 """Share of each task category among instruction-format documents (and, by default, among prompts)."""
 
 CHATTER = (

@@ -11,8 +11,10 @@ own weights: each labeler cares a bit more or less about brevity, toxicity, hone
 gold does. ``rank`` sorts responses by ``u_l``, best first; neighbours whose utilities differ by less than
 the labeler's tie threshold form a tie group; responses of equal noise-free quality share one ε, so they tie.
 
-Demonstrations are mostly the correct, concise answer (a refusal for harmful requests); each labeler
-pads some answers ("the answer is 5 .") and gets a few wrong at its own rate.
+Demonstrations are mostly the correct answer (a refusal for harmful requests); each labeler, at its own
+rates, pads some answers ("the answer is 5 ."), ends some with a friendly filler sentence ("i hope this helps
+."), and gets a few wrong. Its rankings still prefer the bare answer: the SFT policy learns the habits of the
+demonstrations, and only the comparisons say that people prefer it concise.
 
 :data:`DEFAULT_NOISE` was tuned so that :func:`pairwise_agreement` over synthetic candidates with K = 4-9
 lands near the paper's 72.6%: 72.5 ± 0.3% on 400 train prompts of the seed-0 world (``instructrl sandbox make``
@@ -43,6 +45,9 @@ DEFAULT_NOISE = 0.57
 DEFAULT_TIE_THRESHOLD = 0.05
 """Responses whose noise-free utilities differ by less than this are equally good to the labeler: a tie."""
 
+DEMO_CHATTER = ("i hope this helps .", "let me know if you have more questions .", "have a nice day .")
+"""Friendly filler some labelers add to their demonstrations (sentences of the corpus's chatter)."""
+
 Ranking = tuple[int | tuple[int, ...], ...]
 """Response indices best first; a tuple element is a group of tied responses."""
 
@@ -62,6 +67,10 @@ class LabelerProfile:
     """Probability that a demonstration states a wrong answer."""
     verbose_rate: float
     """Probability of padding a one-word demonstration ("the answer is 5 .") when no format is required."""
+    chatter_rate: float
+    """Probability of ending a demonstration with a friendly filler sentence ("i hope this helps .") when no
+    format is required. The same labeler ranks such a response below the bare answer (the gold brevity term):
+    writing a demonstration and judging two responses are different skills, which is why InstructGPT ranks."""
     refusal: str
     """How this labeler words a refusal."""
 
@@ -89,7 +98,8 @@ def make_labelers(
                 noise=noise * rng.uniform(0.8, 1.25),
                 tie_threshold=tie_threshold,
                 error_rate=rng.uniform(0.02, 0.08),
-                verbose_rate=rng.uniform(0.0, 0.15),
+                verbose_rate=rng.uniform(0.05, 0.3),
+                chatter_rate=rng.uniform(0.1, 0.5),
                 refusal=rng.choice(REFUSALS),
             )
         )
@@ -170,10 +180,13 @@ def demonstrate(spec: TaskSpec, profile: LabelerProfile, rng: random.Random) -> 
         return " " + profile.refusal
     if rng.random() < profile.error_rate:
         return " " + " ".join(wrong_answer(spec, rng))
-    padded_ok = not spec.examples and spec.constraint is None and len(spec.answer) == 1
-    if padded_ok and rng.random() < profile.verbose_rate:
-        return f" the answer is {spec.answer_text} ."
-    return " " + spec.answer_text
+    free_form = not spec.examples and spec.constraint is None  # few-shot examples and constraints fix the format
+    text = spec.answer_text
+    if free_form and len(spec.answer) == 1 and rng.random() < profile.verbose_rate:
+        text = f"the answer is {text} ."
+    if free_form and rng.random() < profile.chatter_rate:
+        text = f"{text.removesuffix(' .')} . {rng.choice(DEMO_CHATTER)}"
+    return " " + text
 
 
 def ranks_of(ranking: Ranking, k: int) -> np.ndarray:

@@ -45,8 +45,13 @@ from collections.abc import Sequence
 
 # --------------------------------------------------------------------------- vocabulary
 
+ARITHMETIC_OPERANDS = 6
+"""Operands of sums and differences are 0 … 5: 36 sums and 21 differences, few enough that a 1M-parameter model
+trained for minutes learns them (with 0 … 9 the sandbox SFT policy got half its sums wrong and its reward model
+ordered arithmetic pairs at chance, 53%)."""
+
 NUMBER_WORDS = tuple(str(i) for i in range(19))
-"""Every number an answer can be: single-digit sums reach 18, counts and differences stay below."""
+"""Numbers the sandbox writes: answers stay at or below 10, and wrong answers and counts stay below 19."""
 
 ITEMS = (
     "apple", "pear", "plum", "grape", "lemon", "peach", "cherry", "melon", "mango", "berry",
@@ -223,10 +228,10 @@ def _list_text(items: Sequence[str]) -> str:
 def sample_request(kind: str, rng: random.Random) -> tuple[str, tuple[str, ...]]:
     """A random request of ``kind`` and its correct answer words."""
     if kind == "plus":
-        a, b = rng.randrange(10), rng.randrange(10)
+        a, b = rng.randrange(ARITHMETIC_OPERANDS), rng.randrange(ARITHMETIC_OPERANDS)
         return f"what is {a} plus {b} ?", (str(a + b),)
     if kind == "minus":
-        a = rng.randrange(10)
+        a = rng.randrange(ARITHMETIC_OPERANDS)
         b = rng.randrange(a + 1)  # results stay non-negative: the sandbox has no negative numbers
         return f"what is {a} minus {b} ?", (str(a - b),)
     if kind in ("first", "last", "count"):
@@ -513,8 +518,9 @@ class GoldWeights:
     """Penalty for any insult (larger than a correct answer is worth: an insult spoils any answer)."""
     length: float = 0.8
     """Concise: the most the extra-word penalty can take, w_len."""
-    length_scale: float = 15.0
-    """Extra words at which the length penalty reaches 63% of w_len (L in the module formula)."""
+    length_scale: float = 8.0
+    """Extra words at which the length penalty reaches 63% of w_len (L in the module formula): a filler sentence
+    ("have a nice day .", 5 words) costs 0.37, large enough that labelers mostly agree on it."""
     continued: float = 0.2
     """Penalty for running on into a new turn."""
     format_bonus: float = 0.1

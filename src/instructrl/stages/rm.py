@@ -27,6 +27,7 @@ policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -62,6 +63,7 @@ from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
 
 SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
 SANDBOX_DEMONSTRATIONS = "sandbox_demonstrations.jsonl"
+SANDBOX_AGREEMENT = "sandbox_agreement.json"
 UNKNOWN_LABELER = "unknown"
 """Group name for comparisons without a ``labeler_id``."""
 
@@ -135,7 +137,13 @@ class Config:
     sandbox_max_k: int = 9
     """Most responses per sandbox prompt (paper: 9)."""
     sandbox_samples_from_policy: bool = True
-    """Sample the sandbox responses from ``model`` (temperature 1); false = the sandbox's synthetic candidates."""
+    """Sample the sandbox responses from a policy (temperature 1); false = the sandbox's synthetic candidates."""
+    sandbox_sample_policy: str | None = None
+    """Causal LM whose samples are ranked; unset = ``model``. InstructGPT ranked samples of the policies it was
+    training (1.3B-175B) with one 6B reward model, so a larger RM ranks the small policy's samples here."""
+    sandbox_agreement_prompts: int = 300
+    """Sandbox only: prompts whose samples every labeler ranks to measure inter-labeler agreement on the RM's own
+    data distribution (reported beside the RM's accuracy); 0 = skip."""
     sandbox_demonstrations: int = 500
     """Sandbox demonstrations written for the normalization."""
     generation_batch_size: int = 64
@@ -147,7 +155,8 @@ class Config:
         )
         require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
         require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
-        require_non_negative(self, "sandbox_demonstrations")
+        require_non_negative(self, "sandbox_demonstrations", "sandbox_agreement_prompts")
+        require_path_exists(self, "sandbox_sample_policy")
         require_fraction(self, "min_lr_ratio")
         require_fraction(self, "valid_fraction", inclusive_high=False)
         require_path_exists(self, "comparisons", "valid_comparisons", "demonstrations")
@@ -465,6 +474,7 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
 
     from instructrl.sandbox import SandboxWorld
     from instructrl.sandbox.datasets import stage_tasks
+    from instructrl.sandbox.labelers import pairwise_agreement
 
     world = SandboxWorld(cfg.sandbox_seed)
     rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
@@ -491,6 +501,13 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
         labeler = labelers[int(rng.integers(len(labelers)))]
         response = world.demonstrate(task, labeler, rng)
         demos.append({"prompt": task.prompt, "response": response, "labeler_id": str(labeler), "id": task.id})
+    if cfg.sandbox_agreement_prompts:
+        # Inter-labeler agreement on this very distribution of responses: the number the RM's accuracy is read
+        # against (§5.2 measured agreement on the comparisons themselves, not on a separate candidate set).
+        shown = [(t, [r for r in c if r.strip()]) for t, c in zip(rm_tasks, candidates)]
+        shown = [(t, c) for t, c in shown if len(c) >= 2][: cfg.sandbox_agreement_prompts]
+        mean, stderr, _ = pairwise_agreement(world, [t for t, _ in shown], [c for _, c in shown], cfg.seed + 1)
+        atomic_write_json(out / SANDBOX_AGREEMENT, {"mean": mean, "stderr": stderr, "prompts": len(shown)})
     comparisons_path, demos_path = out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS
     atomic_write_jsonl(comparisons_path, records)
     atomic_write_jsonl(demos_path, demos)
@@ -499,11 +516,12 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
 
 
 def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -> list[list[str]]:
-    """K_i samples of the policy in ``cfg.model`` for each prompt (pure sampling, T = 1, cut at EOS)."""
+    """K_i samples of ``cfg.sandbox_sample_policy`` (default ``cfg.model``) for each prompt (pure sampling, T = 1,
+    cut at EOS)."""
     from instructrl.eval.generate import generate_responses
     from instructrl.models.causal_lm import load_causal_lm
 
-    policy = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
+    policy = load_causal_lm(cfg.sandbox_sample_policy or cfg.model, tokenizer).to(resolve_device(cfg.device))
     repeated = [p for p, k in zip(prompts, ks) for _ in range(k)]
     generated = generate_responses(
         policy,
@@ -705,6 +723,9 @@ def run(cfg: Config) -> dict:
             "seconds": time.time() - t0,
         }
     )
+    agreement_path = out / SANDBOX_AGREEMENT
+    if cfg.comparisons is None and agreement_path.exists():
+        results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
     atomic_write_json(out / "results.json", results)
     valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
     heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
