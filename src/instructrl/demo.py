@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructrl.config import load_config, require_non_negative, require_positive, save_config
+from instructrl.config import load_config, require, require_non_negative, require_positive, save_config
 
 
 @dataclass
@@ -32,10 +32,35 @@ class Config:
     """CPU threads for torch (0 = torch default)."""
     eval_prompts: int = 300
     """Held-out test prompts used for the win rates."""
+    kl_coef: float = 0.1
+    """β of both PPO runs. With the paper's 0.02 the sandbox policy exploited its small reward model (gold win rate
+    vs SFT 41-49%: empty responses to harmful requests, one-word answers to "repeat" tasks); measured with PPO,
+    100 iterations: β 0.05 → 54.7%, β 0.1 → 60.5%, which also removed 97% of the SFT policy's filler words."""
+    ptx_batch_ratio: float = 2.0
+    """Pretraining windows per RL episode in PPO-ptx (paper: 8 sequences per episode). A sandbox episode is ~40
+    tokens and a window 64, so 2 windows already give 3× as many pretraining tokens as RL tokens; measured on 2
+    CPU cores: PPO 170 s, PPO-ptx 269 s at ratio 2 (100 iterations)."""
+    large_model: bool = False
+    """Also pretrain and fine-tune a larger model, the larger-SFT baseline of the headline table (row 2). Off by
+    default: on 2 CPU cores its pretraining alone (3.4M parameters, 900 steps) takes ~12 minutes."""
+    large_d_model: int = 256
+    """Width of the larger model (the small one is 128 wide, 4 layers: 0.94M parameters). 320 × 8 layers would be
+    the ~10× of the paper's comparison (10.2M parameters) but takes ~40 minutes to pretrain on 2 CPU cores."""
+    large_n_layers: int = 4
+    """Blocks of the larger model (256 × 4: 3.4M parameters, 3.6× the small one)."""
+    large_pretrain_steps: int = 900
+    """Pretraining steps of the larger model."""
+    rm_from_large: bool = False
+    """Initialize the reward model from the larger SFT model (InstructGPT used one 6B RM for policies of
+    1.3B-175B) instead of the small one; it still ranks the small policy's samples. Measured on a GPU with a
+    10.2M-parameter RM: validation accuracy 72.0% vs 61.3%, but held-out labelers 62.4% vs 64.9% and no better
+    PPO, while PPO's value model (initialized from the RM) becomes 11× costlier."""
 
     def validate(self) -> None:
-        require_non_negative(self, "threads")
-        require_positive(self, "eval_prompts")
+        require_non_negative(self, "threads", "kl_coef")
+        require_positive(self, "ptx_batch_ratio")
+        require_positive(self, "eval_prompts", "large_d_model", "large_n_layers", "large_pretrain_steps")
+        require(self.large_d_model % 64 == 0, "large_d_model", "must be a multiple of 64 (64-wide heads)")
 
 
 @dataclass(frozen=True)
@@ -77,24 +102,62 @@ def plan(cfg: Config) -> list[Step]:
             (f"model={base}", f"output_dir={sft}", f"sandbox_seed={cfg.seed}", *common)
             + (("sandbox_demos=300", "epochs=1") if q else ()),
         ),
+    ]
+    rm_init = sft
+    if cfg.large_model:
+        base_large, sft_large = run / "base_large", run / "sft_large"
+        large_spec = (
+            ("model.d_model=96", "model.n_layers=3", "model.n_heads=3")
+            if q
+            else (f"model.d_model={cfg.large_d_model}", f"model.n_layers={cfg.large_n_layers}")
+            + (f"model.n_heads={cfg.large_d_model // 64}", "lr=1e-3")
+        )
+        steps += [
+            Step(
+                "pretrain_large",
+                "instructrl.stages.pretrain",
+                # The small model's tokenizer: the reward model must read the policy's token ids.
+                (f"output_dir={base_large}", f"tokenizer={base}", f"sandbox_seed={cfg.seed}", *common, *large_spec)
+                + (
+                    ("sandbox_docs=3000", "max_steps=60", "eval_every=30", "save_every=30")
+                    if q
+                    else (f"max_steps={cfg.large_pretrain_steps}",)
+                ),
+            ),
+            Step(
+                "sft_large",
+                "instructrl.stages.sft",
+                (f"model={base_large}", f"output_dir={sft_large}", f"sandbox_seed={cfg.seed}", *common)
+                + (("sandbox_demos=300", "epochs=1") if q else ()),
+            ),
+        ]
+        rm_init = sft_large if cfg.rm_from_large else sft
+    steps.append(
         Step(
             "rm",
             "instructrl.stages.rm",
-            (f"model={sft}", f"output_dir={rm}", f"sandbox_seed={cfg.seed}", "heldout_labelers=[6,7]", *common)
-            + (("sandbox_prompts=80", "sandbox_demonstrations=40") if q else ()),
-        ),
-    ]
-    # PPO-ptx keeps the paper's 8 pretraining sequences per episode but uses 64-token windows: sandbox documents
-    # average ~40 tokens, and 128-token windows made PPO-ptx 6x slower than PPO on a 2-core CPU (847 s vs 139 s).
-    for name, out, ptx in (("ppo", ppo, ("ptx.coef=0.0",)), ("ppo_ptx", ppo_ptx, ("ptx.seq_len=64",))):
+            # The RM ranks samples of the policy PPO will train (the small SFT model), whichever model it starts from.
+            (f"model={rm_init}", f"sandbox_sample_policy={sft}", f"output_dir={rm}", f"sandbox_seed={cfg.seed}")
+            + ("heldout_labelers=[6,7]", *common)
+            + (("sandbox_prompts=80", "sandbox_demonstrations=40", "sandbox_agreement_prompts=40") if q else ()),
+        )
+    )
+    # PPO-ptx uses 64-token windows (sandbox documents average ~40 tokens); with the paper's 8 windows per episode
+    # of 128 tokens it ran 6x slower than PPO on a 2-core CPU (847 s vs 139 s), see ``ptx_batch_ratio``.
+    ptx_settings = ("ptx.seq_len=64", f"ptx.batch_ratio={cfg.ptx_batch_ratio}")
+    for name, out, ptx in (("ppo", ppo, ("ptx.coef=0.0",)), ("ppo_ptx", ppo_ptx, ptx_settings)):
         steps.append(
             Step(
                 name,
                 "instructrl.stages.ppo",
                 (f"policy={sft}", f"reward_model={rm}", f"output_dir={out}", f"sandbox_seed={cfg.seed}", *common, *ptx)
+                + (f"kl.coef={cfg.kl_coef}",)
                 + (("iterations=3", "batch_size=16", "ptx.sandbox_docs=300") if q else ("save_policy_every=20",)),
             )
         )
+    policies = {"sft": sft, "ppo": ppo / "policy", "ppo_ptx": ppo_ptx / "policy"}
+    if cfg.large_model:
+        policies["sft_large"] = run / "sft_large"
     steps.append(
         Step(
             "eval",
@@ -104,7 +167,7 @@ def plan(cfg: Config) -> list[Step]:
                 f"sandbox_seed={cfg.seed}",
                 f"threads={cfg.threads}",
                 f"prompts={60 if q else cfg.eval_prompts}",
-                f"policies={{sft: {sft}, ppo: {ppo / 'policy'}, ppo_ptx: {ppo_ptx / 'policy'}}}",
+                "policies={" + ", ".join(f"{name}: {path}" for name, path in policies.items()) + "}",
                 f"base_model={base}",
                 f"reward_model={rm}",
                 f"agreement={data / 'agreement.json'}",
