@@ -538,7 +538,9 @@ def _report_data() -> report.ReportData:
         tax.TaxRow("ppo", 4.2, 0.4, 0.3, 0.4, 1000, 48, 100),
         tax.TaxRow("ppo_ptx", 3.4, 0.47, 0.5, 0.6, 1000, 48, 100),
     ]
-    rm = report.RMAccuracy(0.712, 400, 0.689, 300, 0.727, 0.01, ["6", "7"])
+    rm = report.RMAccuracy(
+        0.712, 400, 0.689, 300, 0.727, 0.01, ["6", "7"], sample_agreement=0.751, sample_agreement_stderr=0.005
+    )
     ds = [0.0, 0.5, 1.0, 1.5, 2.0]
     rl_points = overopt.relative_points(
         "rl",
@@ -593,6 +595,7 @@ def test_headline_rows_are_the_runs_numbers_rounded():
     assert rows["3g"].value == 40.0 and rows["3g"].low == round(100 * wilson_interval(40, 100)[0], 1)
     assert (rows["4a"].value, rows["4b"].value, rows["4c"].value) == (71.2, 68.9, 72.7)
     assert rows["4c"].low == round(100 * (0.727 - 1.96 * 0.01), 1)
+    assert rows["4d"].value == 75.1 and rows["4d"].high == round(100 * (0.751 + 1.96 * 0.005), 1)
     assert (rows["5a"].value, rows["5b"].value, rows["5c"].value, rows["5d"].value) == (40.0, 80.0, 20.0, 10.0)
     assert all(r.paper for r in rows.values())
 

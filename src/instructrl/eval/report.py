@@ -74,6 +74,9 @@ class RMAccuracy:
     """Mean pairwise agreement between labelers."""
     labeler_agreement_stderr: float | None
     heldout_labelers: list[str] = field(default_factory=list)
+    sample_agreement: float | None = None
+    """Inter-labeler agreement on the RM's own comparisons (policy samples), when the RM measured it."""
+    sample_agreement_stderr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,18 @@ def build_headline(
             note="mean ± 1.96 s.e. over labeler pairs" if agreement is not None else "not measured",
         )
     )
+    if has_rm and rm.sample_agreement is not None:
+        spread = 1.96 * (rm.sample_agreement_stderr or 0.0)
+        rows.append(
+            _row(
+                "4d",
+                "inter-labeler agreement on the RM's comparisons (policy samples)",
+                rm.sample_agreement,
+                (rm.sample_agreement - spread, rm.sample_agreement + spread),
+                PAPER_AGREEMENT,
+                note="mean ± 1.96 s.e.; the distribution the RM accuracy is measured on",
+            )
+        )
 
     by_behaviour = {b.model: b for b in behaviour}
     behaviour_rows = (  # (letters, claim, rate field, count field, paper value)
@@ -581,6 +596,10 @@ def _rm_rows(rm: RMAccuracy | None) -> list[list[str]]:
     if rm.labeler_agreement_stderr is not None and rm.labeler_agreement is not None:
         agreement += f" ± {100 * rm.labeler_agreement_stderr:.1f}"
     rows.append(["inter-labeler agreement", agreement, "-", PAPER_AGREEMENT])
+    if rm.sample_agreement is not None:
+        rows.append(
+            ["inter-labeler agreement on the RM's comparisons", _pct(rm.sample_agreement), "-", PAPER_AGREEMENT]
+        )
     return rows
 
 

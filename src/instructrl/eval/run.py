@@ -224,6 +224,7 @@ def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMA
         return None
     valid = (rm_results or {}).get("valid") or {}
     heldout = (rm_results or {}).get("heldout") or {}
+    on_samples = (rm_results or {}).get("labeler_agreement_on_samples") or {}
     return RMAccuracy(
         train_labelers_accuracy=valid.get("accuracy"),
         train_labelers_pairs=int(valid.get("pairs") or 0),
@@ -232,6 +233,8 @@ def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMA
         labeler_agreement=agreement.get("mean") if agreement else None,
         labeler_agreement_stderr=agreement.get("stderr") if agreement else None,
         heldout_labelers=[str(x) for x in (rm_results or {}).get("heldout_labelers") or []],
+        sample_agreement=on_samples.get("mean"),
+        sample_agreement_stderr=on_samples.get("stderr"),
     )
 
 
