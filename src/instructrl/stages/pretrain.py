@@ -92,6 +92,8 @@ class Config:
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
+    tensorboard: bool = False
+    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
 
     def validate(self) -> None:
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
@@ -203,7 +205,8 @@ def run(cfg: Config) -> dict:
         set_rng_state(state["rng"])
         print(f"resumed from step {start_step}", flush=True)
 
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if resumed else None)
+    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=start_step if resumed else None)
     bar = progress(cfg.max_steps, start_step, "pretrain")
     model.train()
     for step in range(start_step, cfg.max_steps):

@@ -128,6 +128,8 @@ class Config:
     """CPU threads for torch (0 = torch default)."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
+    tensorboard: bool = False
+    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
     sandbox_seed: int = 0
     """Seed of the sandbox world used when ``comparisons`` is unset."""
     sandbox_prompts: int = 1500
@@ -652,7 +654,8 @@ def run(cfg: Config) -> dict:
                 record.update({f"{name}_score_{k}": distribution[k] for k in ("mean", "std", "p05", "p50", "p95")})
         return record
 
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=step if resumed else None)
+    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
     bar = progress(total_steps, step, "rm")
     model.train()
     while step < total_steps:

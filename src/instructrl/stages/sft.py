@@ -136,6 +136,8 @@ class Config:
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
+    tensorboard: bool = False
+    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr", "batch_size", "max_prompt_tokens", "max_response_tokens", "save_every")
@@ -377,7 +379,8 @@ def run(cfg: Config) -> dict:
         best, history = state["best"], state["history"]
         print(f"resumed from step {step}", flush=True)
 
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=step if resumed else None)
+    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
     bar = progress(total_steps, step, "sft")
     model.train()
     while step < total_steps:

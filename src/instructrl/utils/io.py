@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -97,8 +98,13 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # tensorboard is optional
-                self._tb = None
+            except ImportError:  # tensorboard is optional: say so rather than drop the curves silently
+                warnings.warn(
+                    "tensorboard logging was requested but the tensorboard package is not installed "
+                    "(pip install 'instructrl[tensorboard]'); metrics are written to "
+                    f"{self.path} only",
+                    stacklevel=2,
+                )
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, **metrics}
