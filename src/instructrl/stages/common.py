@@ -42,8 +42,10 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
-    """A progress bar on stderr; when stderr is not a terminal (logs, CI) it updates every 15 s instead."""
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False) -> tqdm:
+    """A progress bar on stderr; when stderr is not a terminal (logs, CI) it updates every 15 s instead.
+
+    ``disable`` hides it (ranks other than 0 of a multi-process run)."""
     interactive = sys.stderr.isatty()
     return tqdm(
         total=total,
@@ -52,4 +54,5 @@ def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
         dynamic_ncols=True,
         file=sys.stderr,
         mininterval=0.2 if interactive else 15.0,
+        disable=disable,
     )

@@ -39,10 +39,11 @@ from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
-from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
-from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
-from instructrl.utils.io import MetricsWriter, atomic_write_json
-from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+from instructrl.utils.checkpoint import load_latest_checkpoint
+from instructrl.utils.device import DEVICE_HELP, valid_device_name
+from instructrl.utils.distributed import get_runtime
+from instructrl.utils.io import atomic_write_json
+from instructrl.utils.seed import rng_state, set_rng_state
 
 IGNORE = -100
 """Label value cross-entropy ignores (prompt and padding positions)."""
@@ -309,9 +310,11 @@ def _make_scorer(cfg: Config, tokenizer):
 def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "instructrl_sft.yaml")
+    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
+    if runtime.is_main:
+        save_config(cfg, out / "instructrl_sft.yaml")
     set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    runtime.seed(cfg.seed)  # per-rank dropout; the data order below uses the shared cfg.seed
     t0 = time.time()
 
     tokenizer = load_tokenizer(cfg.model)
@@ -338,7 +341,7 @@ def run(cfg: Config) -> dict:
         flush=True,
     )
 
-    model = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
+    model = load_causal_lm(cfg.model, tokenizer).to(runtime.device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -359,6 +362,7 @@ def run(cfg: Config) -> dict:
         flush=True,
     )
     micro = cfg.micro_batch_size or cfg.batch_size
+    runtime.require_divisible(cfg.batch_size, "batch_size")
     steps_per_epoch = max(1, len(train_examples) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
@@ -375,37 +379,45 @@ def run(cfg: Config) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        own_rng = runtime.own_rank_state(state["rng"])
+        if own_rng is not None:
+            set_rng_state(own_rng)
         best, history = state["best"], state["history"]
         print(f"resumed from step {step}", flush=True)
 
     tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
-    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
-    bar = progress(total_steps, step, "sft")
+    metrics = runtime.metrics_writer(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
+    training_model, optimizer = runtime.prepare(model, optimizer)
+    bar = progress(total_steps, step, "sft", disable=not runtime.is_main)
     model.train()
     while step < total_steps:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = list(range(len(train_examples)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # data order depends only on (seed, epoch)
         batch_ids = order[index_in_epoch * cfg.batch_size : (index_in_epoch + 1) * cfg.batch_size]
+        local_ids = runtime.shard(batch_ids)  # this rank's contiguous share of the global batch
         micro_batches = [
-            collate([train_examples[i] for i in batch_ids[s : s + micro]], pad_id)
-            for s in range(0, len(batch_ids), micro)
+            collate([train_examples[i] for i in local_ids[s : s + micro]], pad_id)
+            for s in range(0, len(local_ids), micro)
         ]
-        n_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+        local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+        n_tokens = runtime.gradient_normalizer(local_tokens)  # global token count / processes
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for mb in micro_batches:
-            nll, _ = response_nll_sum(model, mb)
-            (nll / n_tokens).backward()  # token mean over the whole optimizer batch, whatever the split
+        for index, mb in enumerate(micro_batches):
+            with runtime.sync_context([training_model], sync=index == len(micro_batches) - 1):
+                nll, _ = response_nll_sum(training_model, mb)
+                runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
             loss_sum += nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        loss_sum = runtime.sum(loss_sum) / runtime.world_size  # so that loss_sum / n_tokens is the global mean
+        grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
         optimizer.step()
         scheduler.step()
         step += 1
         record = {"loss": loss_sum / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        record["tokens"] = round(n_tokens * runtime.world_size)  # response tokens of the global batch
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate for checkpoint selection
             scores = _select_score(cfg, model, tokenizer, valid_examples, valid_demos, pad_id, scorer)
             record.update(scores, epoch=step // steps_per_epoch)
@@ -419,15 +431,15 @@ def run(cfg: Config) -> dict:
         metrics.log(step, **record)
         bar.update(1)
         if step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(
+            runtime.save_checkpoint(
                 out,
                 step,
                 {
                     "config": resume_fingerprint(cfg),
-                    "model": model.state_dict(),
+                    "model": runtime.full_state_dict(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
+                    "rng": runtime.rank_states(rng_state()),
                     "best": best,
                     "history": history,
                 },
@@ -440,8 +452,9 @@ def run(cfg: Config) -> dict:
     model.eval()
     if cfg.lora.enabled:
         model = model.merge_and_unload()
-    model.cpu().save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if runtime.is_main:  # one writer; every rank holds the same weights
+        model.cpu().save_pretrained(out)
+        tokenizer.save_pretrained(out)
     results = {
         "selected_epoch": best["epoch"] if best else cfg.epochs,
         "selected_by": "reward" if scorer is not None else "loss",
@@ -452,6 +465,8 @@ def run(cfg: Config) -> dict:
         "steps": total_steps,
         "seconds": time.time() - t0,
     }
-    atomic_write_json(out / "results.json", results)
+    if runtime.is_main:
+        atomic_write_json(out / "results.json", results)
+    runtime.barrier()
     print(f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {out}", flush=True)
     return results
