@@ -56,10 +56,11 @@ from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_f
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
-from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
-from instructrl.utils.io import MetricsWriter, atomic_write_json, atomic_write_jsonl
-from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+from instructrl.utils.distributed import Runtime, call_model_function, get_runtime
+from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
+from instructrl.utils.seed import rng_state, set_rng_state
 
 SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
 SANDBOX_DEMONSTRATIONS = "sandbox_demonstrations.jsonl"
@@ -314,43 +315,60 @@ def collate_comparisons(batch: Sequence[EncodedComparison], pad_id: int) -> Rank
     return RankingBatch(input_ids, attention_mask, as_long(winners), as_long(losers), as_long(groups), len(batch))
 
 
+def raw_last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r_θ at each row's last real token without the normalization bias: (N, T) -> (N,)."""
+    return last_token_scores(model, input_ids, attention_mask, normalized=False)
+
+
 def accumulate_ranking_gradients(
-    model, batch: Sequence[EncodedComparison], micro_batch_size: int, pad_id: int
+    model, batch: Sequence[EncodedComparison], micro_batch_size: int, pad_id: int, runtime: Runtime | None = None
 ) -> dict[str, float]:
     """Forward and backward one optimizer batch of prompts, ``micro_batch_size`` prompts per forward pass.
 
     Each micro-batch loss is divided by the whole batch's prompt count G (``normalizer``), so the summed
-    gradients equal those of the full-batch Eq. 1 loss whatever the split. Returns the batch's loss,
-    pairwise accuracy, mean margin r_w − r_l and sizes.
+    gradients equal those of the full-batch Eq. 1 loss whatever the split. Under N processes ``batch`` is this
+    rank's share and G is the global count over N (DDP averages the ranks' gradients); the returned statistics
+    are those of the global batch: loss, pairwise accuracy, mean margin r_w − r_l and sizes.
     """
+    runtime = runtime or Runtime(next(model.parameters()).device)
     device = next(model.parameters()).device
     num_prompts = len(batch)
+    normalizer = runtime.gradient_normalizer(num_prompts)  # G / processes
     micro = micro_batch_size or num_prompts
+    starts = range(0, num_prompts, micro)
     loss_sum, correct, margin_sum, num_pairs = 0.0, 0.0, 0.0, 0
     all_rewards = []
-    for start in range(0, num_prompts, micro):
-        inputs = collate_comparisons(batch[start : start + micro], pad_id).to(device)
-        rewards = last_token_scores(model, inputs.input_ids, inputs.attention_mask, normalized=False)  # (N,)
-        loss, stats = ranking_loss(
-            rewards, inputs.winner_idx, inputs.loser_idx, inputs.pair_group, inputs.num_groups, normalizer=num_prompts
-        )
-        loss.backward()
+    for start in starts:
+        with runtime.sync_context([model], sync=start == starts[-1]):
+            inputs = collate_comparisons(batch[start : start + micro], pad_id).to(device)
+            rewards = call_model_function(model, raw_last_token_scores, inputs.input_ids, inputs.attention_mask)
+            loss, stats = ranking_loss(
+                rewards,
+                inputs.winner_idx,
+                inputs.loser_idx,
+                inputs.pair_group,
+                inputs.num_groups,
+                normalizer=normalizer,
+            )
+            runtime.backward(loss)
         pairs = int(stats["rm/num_pairs"].item())
         loss_sum += loss.item()
         correct += stats["rm/accuracy"].item() * pairs
         margin_sum += stats["rm/margin_mean"].item() * pairs
         num_pairs += pairs
         all_rewards.append(rewards.detach().float().cpu())
-    rewards = torch.cat(all_rewards)  # (N,) one per completion of the batch
+    rewards = torch.cat(runtime.gather_objects(torch.cat(all_rewards)))  # (N,) one per completion of the batch
+    totals = runtime.sums({"loss": loss_sum, "correct": correct, "margin": margin_sum, "pairs": num_pairs})
+    totals["loss"] /= runtime.world_size  # each rank's loss is its sum over G / N
     return {
-        "loss": loss_sum,
-        "accuracy": correct / max(num_pairs, 1),
-        "margin_mean": margin_sum / max(num_pairs, 1),
+        "loss": totals["loss"],
+        "accuracy": totals["correct"] / max(totals["pairs"], 1),
+        "margin_mean": totals["margin"] / max(totals["pairs"], 1),
         "score_mean": rewards.mean().item(),
         "score_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "pairs": num_pairs,
+        "pairs": round(totals["pairs"]),
         "completions": rewards.numel(),
-        "prompts": num_prompts,
+        "prompts": round(normalizer * runtime.world_size),
     }
 
 
@@ -554,10 +572,12 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
 def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "instructrl_rm.yaml")
+    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
+    if runtime.is_main:
+        save_config(cfg, out / "instructrl_rm.yaml")
     set_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    runtime.seed(cfg.seed)
+    device = runtime.device
     t0 = time.time()
 
     resumed = load_latest_checkpoint(out) if cfg.resume else None
@@ -570,10 +590,10 @@ def run(cfg: Config) -> dict:
     comparisons_path, demos_path = cfg.comparisons, cfg.demonstrations
     if comparisons_path is None:
         sandbox_files = (out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS)
-        if resumed is not None and all(p.exists() for p in sandbox_files):
-            comparisons_path, demos_path = sandbox_files  # resume on exactly the data the run started with
-        else:
-            comparisons_path, demos_path = sandbox_data(cfg, tokenizer, out)
+        if not (resumed is not None and all(p.exists() for p in sandbox_files)) and runtime.is_main:
+            sandbox_data(cfg, tokenizer, out)  # a resumed run keeps exactly the data it started with
+        runtime.barrier()  # the other ranks read what rank 0 wrote
+        comparisons_path, demos_path = sandbox_files
     skipped_records: dict[str, int] = {}
     all_comparisons = _load_comparison_file(str(comparisons_path), cfg, "comparisons", skipped_records)
     valid_file = (
@@ -629,6 +649,10 @@ def run(cfg: Config) -> dict:
 
     micro = cfg.micro_batch_size or cfg.batch_size
     total_steps = math.ceil(len(train) * cfg.epochs / cfg.batch_size)
+    tail = len(train) * cfg.epochs % cfg.batch_size
+    if 0 < tail < runtime.world_size:  # every rank needs at least one prompt of the last (partial) batch
+        total_steps -= 1
+        print(f"rm: the last {tail} prompt(s) are skipped: fewer than the {runtime.world_size} processes", flush=True)
     order = training_order(len(train), cfg.epochs, cfg.seed)
     optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -641,7 +665,9 @@ def run(cfg: Config) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        own_rng = runtime.own_rank_state(state["rng"])
+        if own_rng is not None:
+            set_rng_state(own_rng)
         print(f"resumed from step {step}", flush=True)
 
     def evaluate_sets() -> dict[str, float]:
@@ -655,14 +681,15 @@ def run(cfg: Config) -> dict:
         return record
 
     tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
-    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
-    bar = progress(total_steps, step, "rm")
+    metrics = runtime.metrics_writer(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
+    training_model, optimizer = runtime.prepare(model, optimizer, forward=raw_last_token_scores)
+    bar = progress(total_steps, step, "rm", disable=not runtime.is_main)
     model.train()
     while step < total_steps:
         batch = [train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
         optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_ranking_gradients(model, batch, micro, pad_id)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        stats = accumulate_ranking_gradients(training_model, runtime.shard(batch), micro, pad_id, runtime)
+        grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
         optimizer.step()
@@ -677,15 +704,15 @@ def run(cfg: Config) -> dict:
         metrics.log(step, **record)
         bar.update(1)
         if step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(
+            runtime.save_checkpoint(
                 out,
                 step,
                 {
                     "config": resume_fingerprint(cfg),
-                    "model": model.state_dict(),
+                    "model": runtime.full_state_dict(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
+                    "rng": runtime.rank_states(rng_state()),
                 },
             )
     bar.close()
@@ -707,8 +734,9 @@ def run(cfg: Config) -> dict:
             distribution_scores = scores + normalization["bias"]
     if distribution_scores is None:
         distribution_scores = score_sequences(model, demo_sequences, pad_id, cfg.eval_batch_size)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if runtime.is_main:  # one writer; every rank holds the same weights and bias
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     results.update(
         {
             "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,
@@ -729,7 +757,9 @@ def run(cfg: Config) -> dict:
     agreement_path = out / SANDBOX_AGREEMENT
     if cfg.comparisons is None and agreement_path.exists():
         results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
-    atomic_write_json(out / "results.json", results)
+    if runtime.is_main:
+        atomic_write_json(out / "results.json", results)
+    runtime.barrier()
     valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
     heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
     print(
