@@ -51,9 +51,9 @@ from instructrl.config import (
 from instructrl.errors import UserFacingError
 from instructrl.stages.common import progress, set_threads
 from instructrl.stages.ppo_session import PPOSession, build_session, train_iteration
-from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.utils.checkpoint import load_latest_checkpoint
+from instructrl.utils.distributed import get_runtime
 from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
-from instructrl.utils.seed import seed_everything
 
 
 @dataclass
@@ -251,12 +251,17 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
 
     ``score_fn`` replaces the reward model's score (``score_fn(query, query_mask, response, response_mask)
     -> (B,)``, e.g. a programmatic reward); ``backend`` replaces the HF ``generate`` sampler.
+
+    Under ``accelerate launch`` / ``torchrun`` with N processes each rank rolls out and trains on its share of
+    every batch (see ``collect_rollout`` and ``minibatch_step``); rank 0 alone writes files.
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "instructrl_ppo.yaml")
+    runtime = get_runtime(cfg.device)
+    if runtime.is_main:
+        save_config(cfg, out / "instructrl_ppo.yaml")
     set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    runtime.seed(cfg.seed)
     t0 = time.time()
 
     session = build_session(cfg, score_fn=score_fn, backend=backend)
@@ -270,9 +275,11 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
     print(_describe(session), flush=True)
 
     resume_step = start if resumed is not None else None
-    metrics = MetricsWriter(out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None, resume_step)
-    samples = MetricsWriter(out / "samples.jsonl", resume_step=resume_step)
-    bar = progress(cfg.iterations, start, "ppo")
+    metrics = runtime.metrics_writer(
+        out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None, resume_step
+    )
+    samples = runtime.metrics_writer(out / "samples.jsonl", resume_step=resume_step)
+    bar = progress(cfg.iterations, start, "ppo", disable=not runtime.is_main)
     try:
         while session.iteration < cfg.iterations:
             record, rollout, prompt_index = train_iteration(session)
@@ -280,22 +287,25 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
             metrics.log(done, **record)
             bar.set_postfix(score=f"{record['objective/score']:.3f}", kl=f"{record['objective/kl']:.3f}")
             bar.update(1)
-            if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1):
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1) and runtime.is_main:
                 _log_samples(session, samples, done, rollout, prompt_index)
             if cfg.save_policy_every and done % cfg.save_policy_every == 0:
                 session.save_policy(out / f"policy-iter-{done:04d}")
             if done % cfg.save_every == 0 and done < cfg.iterations:
-                save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **session.state_dict()})
+                runtime.save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **session.state_dict()})
     finally:
         bar.close()
         metrics.close()
         samples.close()
 
     session.save_policy(out / "policy")
-    session.value_model.save_pretrained(out / "value")
-    session.tokenizer.save_pretrained(out / "value")
+    if runtime.is_main:
+        session.value_model.save_pretrained(out / "value")
+        session.tokenizer.save_pretrained(out / "value")
+    runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
     results = _results(cfg, session, out, time.time() - t0)
-    atomic_write_json(out / "results.json", results)
+    if runtime.is_main:
+        atomic_write_json(out / "results.json", results)
     print(
         f"ppo: score {results['score_first_iteration']:.3f} -> {results['score_last_iteration']:.3f}, "
         f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}",

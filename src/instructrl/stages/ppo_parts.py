@@ -37,6 +37,7 @@ from instructrl.rl import (
     value_loss,
 )
 from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
+from instructrl.utils.distributed import Runtime, call_model_function
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(query, query_mask, response, response_mask) -> (B,)`` scores r(x, y) of finished rollouts."""
@@ -148,6 +149,31 @@ class Rollout:
 
 def _rows(t: torch.Tensor | None, index: torch.Tensor | slice) -> torch.Tensor | None:
     return None if t is None else t[index]
+
+
+def gather_rollout(rollout: Rollout, runtime: Runtime, pad_token_id: int) -> Rollout:
+    """Every rank's episodes, in rank order: the global batch (each rank rolled out its share of the prompts).
+
+    Queries are left-padded and responses right-padded to the widest rank's; the added columns are masked
+    (PAD ids, 0 elsewhere), as in a rollout made in one piece. Every rank then computes the same advantages,
+    whitening statistics, metrics and minibatches. Identity in one process.
+    """
+    if not runtime.distributed:
+        return rollout
+
+    def gather(t: torch.Tensor | None, pad_value: int = 0, pad_first: bool = False) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.dtype == torch.bool:  # padding adds numbers: gather masks as integers
+            return runtime.gather_rows(t.long(), pad_value, pad_first).bool()
+        return runtime.gather_rows(t, pad_value, pad_first)
+
+    special = {
+        "query": gather(rollout.query, pad_token_id, pad_first=True),
+        "query_mask": gather(rollout.query_mask, 0, pad_first=True),
+        "response": gather(rollout.response, pad_token_id),
+    }
+    return Rollout(**{f.name: special.get(f.name, gather(getattr(rollout, f.name))) for f in fields(rollout)})
 
 
 def apply_missing_eos_score(scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_score: float | None):
@@ -321,7 +347,14 @@ class LossSettings:
 
 
 def accumulate_ppo_gradients(
-    policy, value_model, batch: Rollout, micro_batch_size: int, settings: LossSettings
+    policy,
+    value_model,
+    batch: Rollout,
+    micro_batch_size: int,
+    settings: LossSettings,
+    runtime: Runtime | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    policy_steps_after: bool = False,
 ) -> dict[str, float]:
     """Add ∇(policy loss + vf_coef · value loss) of one minibatch to ``.grad``, micro-batch by micro-batch.
 
@@ -329,26 +362,36 @@ def accumulate_ppo_gradients(
     gradients add up to exactly the gradient of the minibatch token means: 1 × N and N × 1 micro-batches
     give the same update. The caller zeroes gradients before and steps the optimizers after.
 
-    Returns minibatch statistics: the losses, and token-weighted means of approx-KL and clip fractions.
+    Under N processes ``batch`` is this rank's share of the minibatch and ``normalizer`` is the minibatch's
+    token count / N (DDP averages gradients over ranks); ``policy_steps_after`` says that more policy
+    gradients (ptx) follow, so the policy's gradient all-reduce waits for them.
+
+    Returns minibatch statistics, reduced over ranks: the losses, and token-weighted means of approx-KL and
+    clip fractions.
     """
-    n_tokens = batch.response_mask.sum().float()  # normalizer of the minibatch token mean
+    runtime = runtime or Runtime(batch.query.device)
+    n_tokens = batch.response_mask.sum().float() if normalizer is None else normalizer  # of the token mean
     stats = WeightedMeans()
     totals = {"loss/policy": 0.0, "loss/value": 0.0}
     ratio_max = 0.0
-    for rows in _chunks(batch.size, micro_batch_size):
-        micro = batch.select(rows)
-        input_ids, attention_mask = micro.inputs()
-        width = micro.response.shape[1]
-        logits = response_logits(policy, input_ids, attention_mask, width)
-        logprobs = logprobs_from_logits(logits, micro.response, settings.temperature)  # (b, R)
-        values = response_values(value_model, input_ids, attention_mask, width)  # (b, R)
-        pg_loss, pg_stats = policy_loss(
-            logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
-        )
-        vf_loss, vf_stats = value_loss(
-            values, micro.values, micro.returns, micro.response_mask, settings.value_clip_range, n_tokens
-        )
-        (pg_loss + settings.vf_coef * vf_loss).backward()
+    chunks = list(_chunks(batch.size, micro_batch_size))
+    for index, rows in enumerate(chunks):
+        last = index == len(chunks) - 1
+        unsynced = [policy] if policy_steps_after else []
+        with runtime.no_sync(unsynced if last else [policy, value_model]):
+            micro = batch.select(rows)
+            input_ids, attention_mask = micro.inputs()
+            width = micro.response.shape[1]
+            logits = response_logits(policy, input_ids, attention_mask, width)
+            logprobs = logprobs_from_logits(logits, micro.response, settings.temperature)  # (b, R)
+            values = call_model_function(value_model, response_values, input_ids, attention_mask, width)  # (b, R)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
+            )
+            vf_loss, vf_stats = value_loss(
+                values, micro.values, micro.returns, micro.response_mask, settings.value_clip_range, n_tokens
+            )
+            runtime.backward(pg_loss + settings.vf_coef * vf_loss)
         totals["loss/policy"] += pg_loss.item()
         totals["loss/value"] += vf_loss.item()
         ratio_max = max(ratio_max, pg_stats["policy/ratio_max"].item())
@@ -361,7 +404,13 @@ def accumulate_ppo_gradients(
                 "value/clipfrac": vf_stats["val/clipfrac"],
             },
         )
-    return {**totals, **stats.means(), "policy/ratio_max": ratio_max}
+    losses = _mean_over_ranks(totals, runtime)
+    return {**losses, **stats.reduced(runtime), "policy/ratio_max": runtime.max(ratio_max)}
+
+
+def _mean_over_ranks(losses: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """Each rank's loss is its sum over (global count / N): the global loss is the mean over ranks."""
+    return {k: v / runtime.world_size for k, v in runtime.sums(losses).items()}
 
 
 def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
@@ -370,21 +419,29 @@ def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
     return logprobs_from_logits(logits, windows[:, 1:], 1.0)
 
 
-def accumulate_ptx_gradients(policy, windows: torch.Tensor, micro_batch_size: int, ptx_coef: float) -> float:
+def accumulate_ptx_gradients(
+    policy, windows: torch.Tensor, micro_batch_size: int, ptx_coef: float, runtime: Runtime | None = None
+) -> float:
     """Add γ · ∇(−mean log π(x)) over pretraining ``windows`` (B, L) to ``.grad``; returns the ptx loss.
 
     This is the γ·E_{x~D_pretrain}[log π(x)] term of InstructGPT Eq. 2 as a loss, accumulated into the same
     gradient as the PPO minibatch before the optimizer step (App. C.4). Token mean over the whole ptx batch.
+    Under N processes ``windows`` is the global ptx batch; this rank trains on its share of the rows.
     """
-    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    runtime = runtime or Runtime(windows.device)
+    n_tokens = windows.shape[0] * (windows.shape[1] - 1) / runtime.world_size
+    start, stop = runtime.shard_bounds(windows.shape[0])
+    local = windows[start:stop]
+    chunks = list(_chunks(local.shape[0], micro_batch_size))
     total = 0.0
-    for rows in _chunks(windows.shape[0], micro_batch_size):
-        logprobs = ptx_logprobs(policy, windows[rows])
-        mask = torch.ones_like(logprobs, dtype=torch.bool)
-        loss, _ = ptx_loss(logprobs, mask, normalizer=n_tokens)
-        (ptx_coef * loss).backward()
+    for index, rows in enumerate(chunks):
+        with runtime.no_sync([policy] if index < len(chunks) - 1 else []):  # one all-reduce, at the last
+            logprobs = ptx_logprobs(policy, local[rows])
+            mask = torch.ones_like(logprobs, dtype=torch.bool)
+            loss, _ = ptx_loss(logprobs, mask, normalizer=n_tokens)
+            runtime.backward(ptx_coef * loss)
         total += loss.item()
-    return total
+    return _mean_over_ranks({"loss/ptx": total}, runtime)["loss/ptx"]
 
 
 class WeightedMeans:
@@ -401,6 +458,14 @@ class WeightedMeans:
 
     def means(self) -> dict[str, float]:
         return {k: v / self.weight if self.weight else 0.0 for k, v in self.sums.items()}
+
+    def reduced(self, runtime: Runtime) -> dict[str, float]:
+        """The means over every rank's values (weights and weighted sums added up across ranks)."""
+        if not runtime.distributed:
+            return self.means()
+        totals = runtime.sums({**self.sums, "__weight__": self.weight})
+        weight = totals.pop("__weight__")
+        return {k: v / weight if weight else 0.0 for k, v in totals.items()}
 
 
 # --------------------------------------------------------------------------- samplers and EMA

@@ -35,12 +35,14 @@ from instructrl.stages.ppo_parts import (
     accumulate_ppo_gradients,
     accumulate_ptx_gradients,
     compute_advantages,
+    gather_rollout,
     left_pad,
     make_rollout,
+    response_values,
     reward_model_scorer,
     rollout_metrics,
 )
-from instructrl.utils.device import resolve_device
+from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.seed import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -164,6 +166,20 @@ class PPOSession:
     sampling_generator: torch.Generator
     shuffle_generator: torch.Generator
     iteration: int = 0
+    runtime: Runtime | None = None
+    """This process's view of the job (one process, or rank r of N); None = single process."""
+    training_policy: torch.nn.Module | None = None
+    """The policy as called in training steps (DDP/FSDP/DeepSpeed-wrapped under N processes); None = ``policy``."""
+    training_value: torch.nn.Module | None = None
+    """The value model as called in training steps; None = ``value_model``."""
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime(self.device)
+        if self.training_policy is None:
+            self.training_policy = self.policy
+        if self.training_value is None:
+            self.training_value = self.value_model
 
     @property
     def micro_batch_size(self) -> int:
@@ -191,19 +207,23 @@ class PPOSession:
         return LossSettings(cfg.generation.temperature, cfg.clip_range, cfg.value_clip_range, cfg.vf_coef)
 
     def save_policy(self, path: str | Path) -> None:
-        """The released policy (EMA weights when enabled) as a Hugging Face causal-LM directory."""
+        """The released policy (EMA weights when enabled) as a Hugging Face causal-LM directory (rank 0 writes)."""
+        if not self.runtime.is_main:
+            self.runtime.barrier()
+            return
         if self.ema is not None:
             with self.ema.swapped_into(self.policy):
                 self.policy.save_pretrained(path)
         else:
             self.policy.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        self.runtime.barrier()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
-            "policy": self.policy.state_dict(),
-            "value_model": self.value_model.state_dict(),
+            "policy": self.runtime.full_state_dict(self.policy),
+            "value_model": self.runtime.full_state_dict(self.value_model),
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "value_optimizer": self.value_optimizer.state_dict(),
             "policy_scheduler": self.policy_scheduler.state_dict(),
@@ -211,9 +231,9 @@ class PPOSession:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "prompt_sampler": self.prompt_sampler.state_dict(),
             "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler is not None else None,
-            "sampling_generator": self.sampling_generator.get_state(),
-            "shuffle_generator": self.shuffle_generator.get_state(),
-            "rng": rng_state(),
+            "sampling_generator": self.runtime.rank_states(self.sampling_generator.get_state()),  # per rank
+            "shuffle_generator": self.shuffle_generator.get_state(),  # shared: every rank draws the same minibatches
+            "rng": self.runtime.rank_states(rng_state()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -232,9 +252,13 @@ class PPOSession:
             raise UserFacingError(f"cannot resume: {e} (the prompt file changed?)") from None
         if self.ptx_sampler is not None:
             self.ptx_sampler.load_state_dict(state["ptx_sampler"])
-        self.sampling_generator.set_state(state["sampling_generator"])
+        sampling_state = self.runtime.own_rank_state(state["sampling_generator"])
+        if sampling_state is not None:
+            self.sampling_generator.set_state(sampling_state)
         self.shuffle_generator.set_state(state["shuffle_generator"])
-        set_rng_state(state["rng"])
+        own_rng = self.runtime.own_rank_state(state["rng"])
+        if own_rng is not None:
+            set_rng_state(own_rng)
         self.backend.sync_weights(self.policy)
 
 
@@ -244,7 +268,10 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         path = getattr(cfg, key)
         if path is not None and not Path(path).exists():
             raise UserFacingError(f"{key}: {path} does not exist (run the earlier stage first, or set {key}=...)")
-    device = resolve_device(cfg.device)
+    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
+    runtime.require_divisible(cfg.batch_size, "batch_size")  # each rank rolls out batch_size / N prompts
+    runtime.require_divisible(cfg.minibatch_size, "minibatch_size")  # and trains on minibatch_size / N of each step
+    device = runtime.device
     tokenizer = load_tokenizer(cfg.policy)
     policy = _prepare(load_causal_lm(cfg.policy, tokenizer), device, trainable=True)
     ref_policy = _prepare(load_causal_lm(cfg.ref_policy or cfg.policy, tokenizer), device, trainable=False)
@@ -264,7 +291,9 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         kl_controller = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     else:
         kl_controller = FixedKLController(cfg.kl.coef)
-    sampling_generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.seed + 2))  # per rank
+    training_policy, policy_optimizer = runtime.prepare(policy, policy_optimizer)
+    training_value, value_optimizer = runtime.prepare(value_model, value_optimizer, forward=response_values)
     return PPOSession(
         cfg=cfg,
         device=device,
@@ -286,6 +315,9 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         ema=PolicyEMA(policy, cfg.ema_decay) if cfg.ema_decay is not None else None,
         sampling_generator=sampling_generator,
         shuffle_generator=torch.Generator().manual_seed(cfg.seed + 1),
+        runtime=runtime,
+        training_policy=training_policy,
+        training_value=training_value,
     )
 
 
@@ -293,9 +325,14 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
 
 
 def collect_rollout(session: PPOSession) -> tuple[Rollout, list[int]]:
-    """Draw the next ``batch_size`` prompts and roll them out; returns the rollout and the prompt indices."""
+    """Draw the next ``batch_size`` prompts and roll them out; returns the rollout and the prompt indices.
+
+    Under N processes every rank draws the same global prompts, rolls out its contiguous share with its own
+    sampling seed, and the shares are gathered: the returned rollout is the global batch on every rank.
+    """
     index = session.prompt_sampler.next(session.cfg.batch_size)
-    query, query_mask = left_pad([session.prompt_ids[i] for i in index], session.tokenizer.pad_token_id)
+    local_index = session.runtime.shard(index)
+    query, query_mask = left_pad([session.prompt_ids[i] for i in local_index], session.tokenizer.pad_token_id)
     rollout = make_rollout(
         session.policy,
         session.ref_policy,
@@ -307,30 +344,43 @@ def collect_rollout(session: PPOSession) -> tuple[Rollout, list[int]]:
         session.rollout_settings(),
         session.sampling_generator,
     )
-    return rollout, index
+    return gather_rollout(rollout, session.runtime, session.tokenizer.pad_token_id), index
 
 
 def minibatch_step(session: PPOSession, minibatch: Rollout) -> dict[str, float | None]:
-    """One optimizer step: PPO gradients, then (PPO-ptx) γ × pretraining gradients, accumulated; clip; step."""
+    """One optimizer step: PPO gradients, then (PPO-ptx) γ × pretraining gradients, accumulated; clip; step.
+
+    ``minibatch`` is the global minibatch; under N processes each rank trains on its contiguous share of it and
+    of the ptx windows, with losses normalized by the global token counts.
+    """
     cfg = session.cfg
+    runtime = session.runtime
     session.policy_optimizer.zero_grad(set_to_none=True)
     session.value_optimizer.zero_grad(set_to_none=True)
+    start, stop = runtime.shard_bounds(minibatch.size)
     stats: dict[str, float | None] = dict(
         accumulate_ppo_gradients(
-            session.policy, session.value_model, minibatch, session.micro_batch_size, session.loss_settings()
+            session.training_policy,
+            session.training_value,
+            minibatch.select(slice(start, stop)),
+            session.micro_batch_size,
+            session.loss_settings(),
+            runtime,
+            normalizer=minibatch.response_mask.sum().float() / runtime.world_size,
+            policy_steps_after=session.ptx_sampler is not None,
         )
     )
     stats["loss/ptx"] = None
     if session.ptx_sampler is not None:
-        windows = session.ptx_sampler.sample(session.ptx_batch_size).to(session.device)
+        windows = session.ptx_sampler.sample(session.ptx_batch_size).to(session.device)  # same on every rank
         micro = cfg.ptx.micro_batch_size or session.micro_batch_size
-        stats["loss/ptx"] = accumulate_ptx_gradients(session.policy, windows, micro, cfg.ptx.coef)
+        stats["loss/ptx"] = accumulate_ptx_gradients(session.training_policy, windows, micro, cfg.ptx.coef, runtime)
     losses = [v for k, v in stats.items() if k.startswith("loss/") and v is not None]
     if not all(math.isfinite(v) for v in losses):
         raise UserFacingError(f"non-finite loss at iteration {session.iteration + 1} ({stats}); lower lr / value_lr")
     clip = cfg.grad_clip or float("inf")
-    stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(session.policy.parameters(), clip))
-    stats["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(session.value_model.parameters(), clip))
+    stats["policy/grad_norm"] = float(runtime.clip_grad_norm_(session.policy, clip))
+    stats["value/grad_norm"] = float(runtime.clip_grad_norm_(session.value_model, clip))
     session.policy_optimizer.step()
     session.value_optimizer.step()
     if session.ema is not None:

@@ -339,7 +339,7 @@ def accumulate_ranking_gradients(
     loss_sum, correct, margin_sum, num_pairs = 0.0, 0.0, 0.0, 0
     all_rewards = []
     for start in starts:
-        with runtime.sync_context([model], sync=start == starts[-1]):
+        with runtime.no_sync([model] if start != starts[-1] else []):  # all-reduce at the last micro-batch
             inputs = collate_comparisons(batch[start : start + micro], pad_id).to(device)
             rewards = call_model_function(model, raw_last_token_scores, inputs.input_ids, inputs.attention_mask)
             loss, stats = ranking_loss(

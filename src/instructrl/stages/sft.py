@@ -405,7 +405,7 @@ def run(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for index, mb in enumerate(micro_batches):
-            with runtime.sync_context([training_model], sync=index == len(micro_batches) - 1):
+            with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
                 nll, _ = response_nll_sum(training_model, mb)
                 runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
             loss_sum += nll.item()

@@ -152,8 +152,20 @@ class Runtime:
         return state
 
     def own_rank_state(self, saved: Any) -> Any | None:
-        """This rank's entry of :meth:`rank_states`' output; None (with a warning) when the process count changed."""
-        return saved
+        """This rank's entry of what :meth:`rank_states` stored; None (with a warning) when the checkpoint was
+        written by a different number of processes: the rank then keeps its freshly seeded state."""
+        per_rank = saved.get("per_rank") if isinstance(saved, dict) else None
+        if per_rank is None and self.world_size == 1:
+            return saved  # written by one process
+        if per_rank is None or len(per_rank) != self.world_size:
+            written_by = 1 if per_rank is None else len(per_rank)
+            warnings.warn(
+                f"the checkpoint was written by {written_by} process(es), this run has {self.world_size}: rank "
+                f"{self.rank} keeps its fresh random state, so sampling differs from an uninterrupted run",
+                stacklevel=2,
+            )
+            return None
+        return per_rank[self.rank]
 
     # ---- models and optimization
     def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
@@ -163,9 +175,10 @@ class Runtime:
         training_model = ModelFunction(model, forward) if forward is not None else model
         return training_model, optimizer
 
-    def sync_context(self, models: Sequence[torch.nn.Module], sync: bool) -> contextlib.AbstractContextManager:
-        """Wrap each micro-batch's forward *and* backward; ``sync=False`` skips the gradient all-reduce of every
-        micro-batch but the last of an optimizer step (so ranks may differ in their number of micro-batches)."""
+    def no_sync(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager:
+        """Wrap a micro-batch's forward *and* backward: ``models`` skip their gradient all-reduce. Used for every
+        micro-batch of an optimizer step but a model's last, which all-reduces the accumulated gradient once
+        (so ranks may even differ in their number of micro-batches)."""
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -236,17 +249,6 @@ class AcceleratedRuntime(Runtime):
     def rank_states(self, state: Any) -> Any:
         return {"per_rank": self.gather_objects(state)}
 
-    def own_rank_state(self, saved: Any) -> Any | None:
-        per_rank = saved.get("per_rank") if isinstance(saved, dict) else None
-        if per_rank is None or len(per_rank) != self.world_size:
-            warnings.warn(
-                "the checkpoint was written with a different number of processes: this rank keeps its fresh "
-                "per-rank random state, so sampling differs from an uninterrupted run",
-                stacklevel=2,
-            )
-            return None
-        return per_rank[self.rank]
-
     def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
         training_model = ModelFunction(model, forward) if forward is not None else model
         if optimizer is None:
@@ -256,9 +258,7 @@ class AcceleratedRuntime(Runtime):
         self._prepared[id(model)] = (training_model, forward is not None)
         return training_model, optimizer
 
-    def sync_context(self, models: Sequence[torch.nn.Module], sync: bool) -> contextlib.AbstractContextManager:
-        if sync:
-            return contextlib.nullcontext()
+    def no_sync(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         for model in models:
             stack.enter_context(self.accelerator.no_sync(model))
