@@ -1,0 +1,290 @@
+"""Data parallelism: 2 processes (CPU, gloo, launched with ``accelerate launch``) against 1 process on the same
+global batch, for SFT, the reward model and PPO; a 2-process PPO checkpoint that loads.
+
+The 2-process runs go through the real CLI under ``accelerate launch --multi_gpu --num_processes 2``; on a
+machine without GPUs accelerate runs them as CPU processes over gloo. Dropout is off everywhere so the only
+differences left are float summation orders (≈1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instructrl.cli import main
+from instructrl.rollout import HFGenerateBackend
+from instructrl.utils.checkpoint import list_checkpoints, load_latest_checkpoint
+from instructrl.utils.distributed import Runtime
+from instructrl.utils.io import read_jsonl_lenient
+from instructrl.utils.seed import RANK_SEED_STRIDE
+
+TOLERANCE = 1e-5
+"""Largest absolute difference allowed between the 1- and 2-process numbers (measured: below 1e-6)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(*cli_args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 -m instructrl ARGS``, as a user would type it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), "-m", "instructrl", *cli_args]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"2-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _sets(**settings) -> list[str]:
+    args = []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return read_jsonl_lenient(run_dir / "metrics.jsonl")
+
+
+def max_metric_difference(a: list[dict], b: list[dict], keys: list[str]) -> float:
+    assert len(a) == len(b) and a, (len(a), len(b))
+    return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in keys if x.get(k) is not None)
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+# --------------------------------------------------------------------------- the runtime itself
+
+
+class FakeRank(Runtime):
+    def __init__(self, rank: int, world_size: int):
+        super().__init__(torch.device("cpu"))
+        self.rank, self.world_size = rank, world_size
+
+
+@pytest.mark.parametrize("n, world", [(8, 2), (7, 2), (5, 3), (2, 4)])
+def test_shards_are_contiguous_disjoint_and_cover_the_batch(n, world):
+    shards = [FakeRank(r, world).shard(list(range(n))) for r in range(world)]
+    assert sum(shards, []) == list(range(n))  # in rank order: gathering restores the global order
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_gradient_normalizer_turns_rank_averaged_gradients_into_the_global_mean():
+    # DDP averages: (1/N) Σ_r sum_r / (n/N) = Σ_r sum_r / n. With one process the divisor is n itself.
+    assert Runtime(torch.device("cpu")).gradient_normalizer(12) == 12.0
+
+
+def test_per_rank_state_round_trips_and_a_different_process_count_is_detected():
+    rank1 = FakeRank(1, 2)
+    saved = {"per_rank": ["state of rank 0", "state of rank 1"]}
+    assert rank1.own_rank_state(saved) == "state of rank 1"
+    assert Runtime(torch.device("cpu")).own_rank_state("plain") == "plain"  # single-process format unchanged
+    with pytest.warns(UserWarning, match="2 process"):
+        assert Runtime(torch.device("cpu")).own_rank_state(saved) is None
+    with pytest.warns(UserWarning, match="1 process"):
+        assert rank1.own_rank_state({"python": 1}) is None
+
+
+# --------------------------------------------------------------------------- SFT and RM: 2 processes == 1
+
+
+def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_dir):
+    # answers of 1 to 3 numbers: ranks hold different token counts, so the loss normalizer matters
+    rows = [
+        {"prompt": f"Instruction: count {i % 5} ?\nResponse:", "response": f" {i % 9}" * (1 + i % 3)}
+        for i in range(24)
+    ]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = _sets(
+        model=tiny_lm_dir, data=data, batch_size=4, micro_batch_size=1, epochs=2, ptx_fraction=0, lr=0.01,
+        residual_dropout=0, device="cpu", threads=1, save_every=1000,
+    )  # fmt: skip
+    assert main(["sft", *common, "--set", f"output_dir={tmp_path / 'one'}"]) == 0
+    launch_two_processes("sft", *common, "--set", f"output_dir={tmp_path / 'two'}")
+
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["tokens"] for m in one] == [m["tokens"] for m in two]  # each rank trained on half, not all
+    assert max_metric_difference(one, two, ["loss", "grad_norm", "valid_loss"]) < TOLERANCE
+    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    assert one[-1]["loss"] < one[0]["loss"] - 0.1  # it trained: the comparison is not between two no-ops
+
+
+def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_dir):
+    from test_rm import toy_files
+
+    comparisons, demos = toy_files(tmp_path, 40)
+    common = _sets(
+        model=tiny_lm_dir, comparisons=comparisons, demonstrations=demos, batch_size=7, micro_batch_size=2,
+        epochs=2, lr=0.003, device="cpu", threads=1, eval_every=3, save_every=1000,
+    )  # fmt: skip
+    assert main(["rm", *common, "--set", f"output_dir={tmp_path / 'one'}"]) == 0
+    launch_two_processes("rm", *common, "--set", f"output_dir={tmp_path / 'two'}")
+
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for key in ("prompts", "pairs", "completions"):  # global counts: every prompt seen once per step
+        assert [m[key] for m in one] == [m[key] for m in two]
+    assert one[0]["prompts"] == 7  # odd: the ranks' shares (4 and 3 prompts) differ, so the normalizer matters
+    keys = ["loss", "accuracy", "margin_mean", "score_mean", "score_std", "grad_norm", "valid_loss"]
+    assert max_metric_difference(one, two, keys) < TOLERANCE
+    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
+    bias = [json.loads((tmp_path / d / "config.json").read_text())["instructrl_reward_bias"] for d in ("one", "two")]
+    assert abs(bias[0] - bias[1]) < TOLERANCE
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+class PerRankSampling:
+    """Samples a global batch the way N ranks do: rank r's contiguous share, its own left padding, its own
+    generator seeded with ``seed + 2 + r · RANK_SEED_STRIDE``. One process with this backend rolls out exactly
+    the responses of an N-process run, so every later statistic must match."""
+
+    def __init__(self, policy_dir: Path, world_size: int, seed: int):
+        from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(policy_dir)
+        self.inner = HFGenerateBackend(
+            load_causal_lm(policy_dir, tokenizer).eval(), tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        self.generators = [torch.Generator().manual_seed(seed + 2 + r * RANK_SEED_STRIDE) for r in range(world_size)]
+
+    def sync_weights(self, model):
+        self.inner.sync_weights(model)
+
+    def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None):
+        world = len(self.generators)
+        out = []
+        for rank, rank_generator in enumerate(self.generators):
+            start, stop = FakeRank(rank, world).shard_bounds(prompt_ids.shape[0])
+            ids, mask = prompt_ids[start:stop], attention_mask[start:stop]
+            first_real = int((mask.sum(dim=0) > 0).nonzero()[0])  # drop columns that are padding in all rows
+            out.append(
+                self.inner.generate(
+                    ids[:, first_real:], mask[:, first_real:], max_new_tokens, temperature, rank_generator
+                )
+            )
+        return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def ppo_env(tmp_path_factory, tiny_lm_dir, tiny_tokenizer):
+    """A policy that stops at various lengths, a reward model, a far-away reference policy, prompts and texts."""
+    from instructrl.config import load_config
+    from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+    from instructrl.models.reward import reward_model_from_causal_lm
+    from instructrl.stages import sft
+    from test_ppo import TEXTS
+    from test_rm import toy_files
+
+    root = tmp_path_factory.mktemp("ppo_dist")
+    _, demos = toy_files(root, 20)  # four-word answers: the SFT policy learns to emit EOS after a few tokens
+    settings = _sets(
+        model=tiny_lm_dir, data=demos, output_dir=root / "policy", batch_size=4, epochs=6, ptx_fraction=0, lr=0.01,
+        residual_dropout=0, valid_fraction=0.1, device="cpu",
+    )  # fmt: skip
+    sft.run(load_config(sft.Config, overrides=settings[1::2]))
+    torch.manual_seed(0)
+    reward_model_from_causal_lm(tiny_lm_dir, tiny_tokenizer.pad_token_id).save_pretrained(root / "rm")
+    tiny_tokenizer.save_pretrained(root / "rm")
+    torch.manual_seed(1)  # a reference policy far from the policy, so that the KL terms are far from 0
+    reference = build_causal_lm(ModelSpec(d_model=32, n_layers=2, n_heads=2, max_seq_len=128), tiny_tokenizer)
+    with torch.no_grad():
+        reference.get_output_embeddings().weight.mul_(30.0)
+    reference.save_pretrained(root / "reference")
+    tiny_tokenizer.save_pretrained(root / "reference")
+    prompts = [f"Q: {i} say {word} words\nA:" for i, word in enumerate(["cat", "red", "mat", "sang"] * 3)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (root / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return root
+
+
+def _ppo_sets(ppo_env: Path, tiny_lm_dir: Path, out: Path, **extra) -> list[str]:
+    return _sets(
+        output_dir=out, policy=ppo_env / "policy", ref_policy=ppo_env / "reference", reward_model=ppo_env / "rm",
+        prompts=ppo_env / "prompts.jsonl", missing_eos_score="null",
+        **{"ptx.data": ppo_env / "texts.jsonl", "ptx.seq_len": 16, "ptx.batch_ratio": 1.5, "ptx.coef": 1.0,
+           "generation.max_new_tokens": 6, "kl.adaptive": "true", "kl.target": 0.5},
+        iterations=3, batch_size=8, minibatch_size=4, micro_batch_size=1, sample_every=0, save_every=2,
+        ema_decay=0.9, device="cpu", threads=1, seed=3, **extra,
+    )  # fmt: skip
+
+
+PPO_STATISTICS = [
+    "objective/reward", "objective/score", "objective/kl", "objective/kl_k3", "objective/non_score_reward",
+    "policy/entropy", "response/length", "response/eos_rate", "value/explained_variance",
+    "loss/policy", "loss/value", "loss/ptx", "policy/approx_kl", "policy/clipfrac", "value/clipfrac",
+    "policy/grad_norm", "value/grad_norm", "policy/ratio_max",
+]  # fmt: skip
+
+
+def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, ppo_env, tiny_lm_dir):
+    from instructrl.config import load_config
+    from instructrl.stages import ppo, ppo_session
+
+    launch_two_processes("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"))
+    two = _metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(tmp_path / "two")] == ["step-00000002"]  # one writer, one checkpoint
+
+    # One process, same global batch, the ranks' sampling reproduced; capture the advantages it whitened.
+    whitened = []
+    real_compute = ppo_session.compute_advantages
+
+    def recording(rollout, *args, **kwargs):
+        out = real_compute(rollout, *args, **kwargs)
+        whitened.append(out.advantages[out.response_mask])
+        return out
+
+    overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "one") if s != "--set"]
+    cfg = load_config(ppo.Config, overrides=[*overrides, "iterations=1"])
+    ppo_session.compute_advantages = recording
+    try:
+        ppo.run(cfg, backend=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))
+    finally:
+        ppo_session.compute_advantages = real_compute
+    one = _metrics(tmp_path / "one")
+    assert abs(whitened[0].mean().item()) < 1e-5 and abs(whitened[0].std().item() - 1) < 1e-4  # whitened globally
+    assert max_metric_difference(one, two[:1], PPO_STATISTICS) < TOLERANCE
+    assert one[0]["objective/kl"] > 1 and one[0]["loss/ptx"] > 1  # the statistics compared are not trivially 0
+    assert one[0]["objective/score"] != 0 and one[0]["policy/grad_norm"] > 0
+    assert 0 < one[0]["response/eos_rate"] < 1  # ranks hold different token counts: the normalizers matter
+
+    # β after iteration 1 comes from the global KL: iteration 2 of the 2-process run starts from it.
+    beta_from_global_kl = ppo_session.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+    beta_from_global_kl.update(one[0]["objective/kl"], cfg.batch_size)
+    assert abs(two[1]["objective/beta"] - beta_from_global_kl.value) < 1e-8
+
+    # The 2-process checkpoint loads: a 1-process run resumes from it (with a warning about the per-rank RNGs).
+    step, state = load_latest_checkpoint(tmp_path / "two")
+    assert step == 2 and len(state["sampling_generator"]["per_rank"]) == 2
+    two_overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two") if s != "--set"]
+    resumed_cfg = load_config(ppo.Config, overrides=two_overrides)
+    (tmp_path / "two" / "results.json").unlink()
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        results = ppo.run(resumed_cfg)
+    assert results["iterations"] == 3 and [m["step"] for m in _metrics(tmp_path / "two")] == [1, 2, 3]
