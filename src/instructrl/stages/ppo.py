@@ -87,10 +87,17 @@ class GenerationSettings:
     """Longer prompts are dropped and counted (the paper dropped prompts over 1k tokens)."""
     batch_size: int = 0
     """Prompts per ``generate`` call; 0 = the whole rollout batch at once."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf': transformers' ``generate`` on the live policy; 'vllm': a vLLM engine per GPU, weights synced after
+    every update (GPU only, ``pip install 'instructrl[vllm]'``; see ``instructrl.rollout.vllm_backend``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of each GPU's memory the vLLM engine may take (the rest is for training)."""
 
     def validate(self) -> None:
         require_positive(self, "max_new_tokens", "temperature", "max_prompt_tokens")
         require_non_negative(self, "batch_size")
+        require(self.backend in ("hf", "vllm"), "generation.backend", f"must be 'hf' or 'vllm', got {self.backend!r}")
+        require_fraction(self, "vllm_gpu_memory_utilization")
 
 
 @dataclass

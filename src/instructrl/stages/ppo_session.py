@@ -262,6 +262,25 @@ class PPOSession:
         self.backend.sync_weights(self.policy)
 
 
+def make_generation_backend(cfg: Config, policy, tokenizer, runtime: Runtime) -> GenerationBackend:
+    """The rollout sampler ``generation.backend`` names: HF ``generate`` (default) or a vLLM engine."""
+    if cfg.generation.backend == "vllm":
+        from instructrl.rollout.vllm_backend import VLLMBackend
+
+        try:
+            return VLLMBackend(
+                cfg.policy,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
+                seed=runtime.rank_seed(cfg.seed + 2),
+                under_launcher=runtime.distributed,
+            )
+        except RuntimeError as e:
+            raise UserFacingError(str(e)) from None
+    return HFGenerateBackend(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
 def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: GenerationBackend | None = None):
     """Load the four models, the prompts and (for PPO-ptx only) the pretraining data; build the optimizers."""
     for key in ("policy", "ref_policy", "reward_model", "value_model"):
@@ -302,7 +321,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         ref_policy=ref_policy,
         reward_model=reward_model,
         value_model=value_model,
-        backend=backend or HFGenerateBackend(policy, tokenizer.eos_token_id, tokenizer.pad_token_id),
+        backend=backend or make_generation_backend(cfg, policy, tokenizer, runtime),
         score_fn=score_fn or reward_model_scorer(reward_model),
         prompt_texts=prompt_texts,
         prompt_ids=prompt_ids,
