@@ -39,12 +39,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(*cli_args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes 2 -m instructrl ARGS``, as a user would type it."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), "-m", "instructrl", *cli_args]
-    src = str(Path(__file__).resolve().parents[1] / "src")
+def run_launcher(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    src = str(Path(__file__).resolve().parents[1] / "src")  # the processes import this checkout's package
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -53,6 +49,26 @@ def launch_two_processes(*cli_args: str, timeout: float = 240) -> subprocess.Com
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"2-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
+
+
+def launch_two_processes(*cli_args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 -m instructrl ARGS``, as a user would type it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return run_launcher(command + ["--main_process_port", str(_free_port()), "-m", "instructrl", *cli_args])
+
+
+def run_cli_launcher_flag(args: list[str], monkeypatch) -> None:
+    """``instructrl CMD --num-processes 2 ...``: check the command the CLI launches, then run it on a free port."""
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    assert main(args) == 0
+    monkeypatch.undo()
+    (command,) = launched
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--num-processes" not in command
+    assert command[command.index("--num_processes") + 1] == "2" and command[-len(args) + 3 :] == args[3:]
+    at = command.index("-m", 3)  # the launcher's own options end here
+    run_launcher(command[:at] + ["--main_process_port", str(_free_port())] + command[at:])
 
 
 def _sets(**settings) -> list[str]:
@@ -112,7 +128,7 @@ def test_per_rank_state_round_trips_and_a_different_process_count_is_detected():
 # --------------------------------------------------------------------------- SFT and RM: 2 processes == 1
 
 
-def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_dir):
+def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_dir, monkeypatch):
     # answers of 1 to 3 numbers: ranks hold different token counts, so the loss normalizer matters
     rows = [
         {"prompt": f"Instruction: count {i % 5} ?\nResponse:", "response": f" {i % 9}" * (1 + i % 3)}
@@ -125,7 +141,8 @@ def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_
         residual_dropout=0, device="cpu", threads=1, save_every=1000,
     )  # fmt: skip
     assert main(["sft", *common, "--set", f"output_dir={tmp_path / 'one'}"]) == 0
-    launch_two_processes("sft", *common, "--set", f"output_dir={tmp_path / 'two'}")
+    two_args = ["sft", "--num-processes", "2", *common, "--set", f"output_dir={tmp_path / 'two'}"]
+    run_cli_launcher_flag(two_args, monkeypatch)
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]  # each rank trained on half, not all

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,42 @@ COMMANDS: dict[str, Command] = {
         "instructrl.label.stats", "Labeling progress, skip reasons and inter-labeler agreement.", _DB_FLAG
     ),
 }
+
+
+DATA_PARALLEL_COMMANDS = ("sft", "rm", "ppo")
+"""Commands that run data-parallel under ``accelerate launch`` / ``torchrun`` (``--num-processes``)."""
+
+
+def launcher_command(
+    name: str, rest: list[str], num_processes: int | None, accelerate_config: str | None
+) -> list[str]:
+    """The ``accelerate launch`` command line that reruns ``instructrl NAME REST`` in several processes.
+
+    With only ``num_processes``: one machine, ``--multi_gpu`` (one process per GPU; on a machine without GPUs
+    accelerate runs CPU processes over gloo). With ``accelerate_config`` (e.g. ``configs/accelerate/*.yaml``)
+    that file decides, and ``num_processes`` (if given) overrides its process count.
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        command += ["--config_file", accelerate_config]
+    else:
+        command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+    return command + ["-m", "instructrl", *name.split(), *rest]
+
+
+def _strip_launch_flags(rest: list[str]) -> list[str]:
+    """``rest`` without ``--num-processes N`` / ``--accelerate-config FILE`` (both ``--flag V`` and ``--flag=V``)."""
+    out, skip = [], False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg in ("--num-processes", "--accelerate-config"):
+            skip = True
+        elif not arg.startswith(("--num-processes=", "--accelerate-config=")):
+            out.append(arg)
+    return out
 
 
 def _available() -> dict[str, Command]:
@@ -139,6 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one option"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if name in DATA_PARALLEL_COMMANDS:
+        parser.add_argument(
+            "--num-processes",
+            type=int,
+            metavar="N",
+            help="run data-parallel in N processes through 'accelerate launch' (one per GPU; CPU processes without)",
+        )
+        parser.add_argument(
+            "--accelerate-config",
+            metavar="FILE",
+            help="launch through 'accelerate launch --config_file FILE' (see configs/accelerate/)",
+        )
     for flag, override in cmd.flags.items():
         if "{}" in override:  # a flag with a value, e.g. --db FILE
             parser.add_argument(
@@ -159,7 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"instructrl {name}: config error: {e}", file=sys.stderr)
         return 2
-    print(f"# instructrl {name}: resolved config\n{dump_config(cfg)}", flush=True)
+    wants_launch = (getattr(args, "num_processes", None) or 1) > 1 or getattr(args, "accelerate_config", None)
+    if wants_launch and not args.print_config:
+        from instructrl.utils.distributed import launched_world_size
+
+        if launched_world_size() == 1:  # not yet under a launcher: start one that reruns this command
+            import subprocess
+
+            command = launcher_command(name, _strip_launch_flags(rest), args.num_processes, args.accelerate_config)
+            print("# " + " ".join(command), flush=True)
+            return subprocess.call(command)
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 speaks for all
+        print(f"# instructrl {name}: resolved config\n{dump_config(cfg)}", flush=True)
     if args.print_config:
         return 0
     from instructrl.errors import UserFacingError
