@@ -305,3 +305,38 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
     with pytest.warns(UserWarning, match="written by 2 process"):
         results = ppo.run(resumed_cfg)
     assert results["iterations"] == 3 and [m["step"] for m in _metrics(tmp_path / "two")] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- configs and the CLI's launcher
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def test_accelerate_configs_load_and_only_ddp_ones_are_accepted_by_the_loops():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from instructrl.errors import UserFacingError
+    from instructrl.utils.distributed import AcceleratedRuntime
+
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert names == ["deepspeed_zero2", "deepspeed_zero3", "fsdp", "multi_gpu_ddp", "multi_node", "single_gpu"]
+    for name in names:
+        config = ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml")  # accelerate's own loader validates keys
+        fake = type("FakeAccelerator", (), {"distributed_type": config.distributed_type, "process_index": 0})
+        fake.num_processes, fake.device = config.num_processes, torch.device("cpu")
+        if name in ("multi_gpu_ddp", "multi_node"):
+            assert AcceleratedRuntime(fake()).world_size == config.num_processes
+        elif name != "single_gpu":
+            with pytest.raises(UserFacingError, match="DDP only"):
+                AcceleratedRuntime(fake())
+
+
+def test_launcher_command_with_a_config_file_and_flag_stripping():
+    from instructrl.cli import _strip_launch_flags, launcher_command
+
+    rest = ["--num-processes", "4", "--set", "x=1", "--accelerate-config=f.yaml"]
+    assert _strip_launch_flags(rest) == ["--set", "x=1"]
+    command = launcher_command("ppo", ["--set", "x=1"], 4, "f.yaml")
+    assert command[1:] == ["-m", "accelerate.commands.launch", "--config_file", "f.yaml", "--num_processes", "4",
+                           "-m", "instructrl", "ppo", "--set", "x=1"]  # fmt: skip

@@ -206,10 +206,24 @@ class Runtime:
         self.barrier()
 
 
+SUPPORTED_ENGINES = ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU")
+"""accelerate distributed types the stage loops are verified with: DDP over NCCL (GPUs) or gloo (CPUs)."""
+
+UNSUPPORTED_ENGINE_HELP = (
+    "the sft/rm/ppo loops run data-parallel with DDP only (configs/accelerate/multi_gpu_ddp.yaml or "
+    "multi_node.yaml). {engine} is not wired in yet: the loops accumulate micro-batches themselves (DeepSpeed "
+    "steps its engine inside every backward), read and save the plain module's weights (FSDP and ZeRO-3 shard "
+    "them) and sample with HF generate on the unwrapped policy. See README 'Scaling up'."
+)
+
+
 class AcceleratedRuntime(Runtime):
-    """N processes through an :class:`accelerate.Accelerator` (DDP, FSDP or DeepSpeed per the launch config)."""
+    """N processes through an :class:`accelerate.Accelerator`; DDP is the engine the loops support."""
 
     def __init__(self, accelerator):
+        engine = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+        if engine not in SUPPORTED_ENGINES:
+            raise UserFacingError(UNSUPPORTED_ENGINE_HELP.format(engine=engine))
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.world_size = accelerator.num_processes
