@@ -218,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = launcher_command(name, _strip_launch_flags(rest), args.num_processes, args.accelerate_config)
             print("# " + " ".join(command), flush=True)
             return subprocess.call(command)
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 speaks for all
-        print(f"# instructrl {name}: resolved config\n{dump_config(cfg)}", flush=True)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
+    print(f"# instructrl {name}: resolved config\n{dump_config(cfg)}", flush=True)
     if args.print_config:
         return 0
     from instructrl.errors import UserFacingError
