@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -267,6 +268,17 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
     two = _metrics(tmp_path / "two")
     assert [m["step"] for m in two] == [1, 2, 3]
     assert [p.name for p in list_checkpoints(tmp_path / "two")] == ["step-00000002"]  # one writer, one checkpoint
+
+    # Resumed with 2 processes from the checkpoint of iteration 2, iteration 3 is redone exactly (per-rank RNGs).
+    shutil.copytree(tmp_path / "two", tmp_path / "again")
+    resumed_run = launch_two_processes("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "again"))
+    assert "resumed from iteration 2" in resumed_run.stdout
+    again = _metrics(tmp_path / "again")
+    assert [m["step"] for m in again] == [1, 2, 3]
+    assert {k: v for k, v in again[2].items() if not k.startswith("time/")} == {
+        k: v for k, v in two[2].items() if not k.startswith("time/")
+    }
+    assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "again" / "policy") == 0.0
 
     # One process, same global batch, the ranks' sampling reproduced; capture the advantages it whitened.
     whitened = []
