@@ -169,7 +169,7 @@ class PPOSession:
     runtime: Runtime | None = None
     """This process's view of the job (one process, or rank r of N); None = single process."""
     training_policy: torch.nn.Module | None = None
-    """The policy as called in training steps (DDP/FSDP/DeepSpeed-wrapped under N processes); None = ``policy``."""
+    """The policy as called in training steps (DDP-wrapped under N processes); None = ``policy``."""
     training_value: torch.nn.Module | None = None
     """The value model as called in training steps; None = ``value_model``."""
 
@@ -222,8 +222,8 @@ class PPOSession:
     def state_dict(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
-            "policy": self.runtime.full_state_dict(self.policy),
-            "value_model": self.runtime.full_state_dict(self.value_model),
+            "policy": self.policy.state_dict(),
+            "value_model": self.value_model.state_dict(),
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "value_optimizer": self.value_optimizer.state_dict(),
             "policy_scheduler": self.policy_scheduler.state_dict(),

@@ -436,7 +436,7 @@ def run(cfg: Config) -> dict:
                 step,
                 {
                     "config": resume_fingerprint(cfg),
-                    "model": runtime.full_state_dict(model),
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": runtime.rank_states(rng_state()),

@@ -4,8 +4,9 @@ A stage asks :func:`get_runtime` for its :class:`Runtime`. Without a launcher (`
 that is a single-process runtime that never touches ``accelerate`` or ``torch.distributed``: every helper
 is the identity, so single-process numerics and exact resume are unchanged. Under ``accelerate launch``
 or ``torchrun`` with N processes it wraps an :class:`accelerate.Accelerator`, which sets up
-``torch.distributed`` (NCCL on GPUs, gloo on CPUs) and applies the DDP / FSDP / DeepSpeed plugin of the
-accelerate config the run was launched with.
+``torch.distributed`` (NCCL on GPUs, gloo on CPUs); the trained models are wrapped in DDP. DeepSpeed and FSDP
+launch configs are refused with an explanation (:data:`UNSUPPORTED_ENGINE_HELP`): the loops are not wired for
+them yet.
 
 The conventions every stage follows under N processes (rank r of N):
 
@@ -43,7 +44,7 @@ def launched_world_size() -> int:
 class ModelFunction(torch.nn.Module):
     """Runs ``fn(model, *args)`` as this module's ``forward``.
 
-    DDP and FSDP only synchronize gradients of computations that go through the wrapped module's
+    DDP only synchronizes gradients of computations that go through the wrapped module's
     ``forward``. Scalar-head models are read through helpers (``last_token_scores``, ``response_values``) that
     call the backbone and the head directly; wrapping such a helper makes it a forward DDP can see, with the
     same numerics as calling the helper.
@@ -170,7 +171,7 @@ class Runtime:
     # ---- models and optimization
     def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
         """``(training_model, optimizer)``: the model to call in training steps (``ModelFunction`` when
-        ``forward`` is given, DDP/FSDP/DeepSpeed-wrapped under N processes) and the optimizer to step.
+        ``forward`` is given, DDP-wrapped under N processes) and the optimizer to step.
         ``model`` itself stays the plain module whose weights are read and saved."""
         training_model = ModelFunction(model, forward) if forward is not None else model
         return training_model, optimizer
@@ -186,10 +187,6 @@ class Runtime:
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The complete weights of the plain module ``model`` (gathered from shards under FSDP / ZeRO-3)."""
-        return model.state_dict()
 
     # ---- writing
     def metrics_writer(self, *args: Any, **kwargs: Any):
@@ -227,7 +224,6 @@ class AcceleratedRuntime(Runtime):
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.world_size = accelerator.num_processes
-        self._prepared: dict[int, tuple[torch.nn.Module, bool]] = {}
         super().__init__(accelerator.device)
 
     def _reduce(self, values: list[float], op) -> list[float]:
@@ -266,11 +262,8 @@ class AcceleratedRuntime(Runtime):
     def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
         training_model = ModelFunction(model, forward) if forward is not None else model
         if optimizer is None:
-            training_model = self.accelerator.prepare_model(training_model)
-        else:  # together: FSDP and DeepSpeed re-point the optimizer at the wrapped (flattened, sharded) parameters
-            training_model, optimizer = self.accelerator.prepare(training_model, optimizer)
-        self._prepared[id(model)] = (training_model, forward is not None)
-        return training_model, optimizer
+            return self.accelerator.prepare_model(training_model), None
+        return self.accelerator.prepare(training_model, optimizer)
 
     def no_sync(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
@@ -279,21 +272,10 @@ class AcceleratedRuntime(Runtime):
         return stack
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)  # loss scaling (fp16) and DeepSpeed's engine.backward live here
+        self.accelerator.backward(loss)  # applies the launch config's loss scaling (fp16 mixed precision)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Collective under FSDP / ZeRO-3 (every rank must call it): the weights gathered from their shards."""
-        prepared = self._prepared.get(id(model))
-        if prepared is None:
-            return model.state_dict()
-        training_model, is_function = prepared
-        state = self.accelerator.get_state_dict(training_model)
-        if is_function:  # ModelFunction keeps the real model under .model
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-        return state
 
 
 _RUNTIME: Runtime | None = None
