@@ -40,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_launcher(command: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
     src = str(Path(__file__).resolve().parents[1] / "src")  # the processes import this checkout's package
     env = {
         **os.environ,
@@ -86,6 +86,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 def max_metric_difference(a: list[dict], b: list[dict], keys: list[str]) -> float:
     assert len(a) == len(b) and a, (len(a), len(b))
     return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in keys if x.get(k) is not None)
+
+
+def report(stage: str, loss_difference: float, weight_difference: float | None) -> None:
+    """The measured 1- vs 2-process differences, for the log (pytest -s)."""
+    weights = f", weights {weight_difference:.1e}" if weight_difference is not None else ""
+    print(f"{stage}: 1 vs 2 processes, max |difference| of losses/statistics {loss_difference:.1e}{weights}")
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -147,6 +153,7 @@ def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two]  # each rank trained on half, not all
+    report("sft", max_metric_difference(one, two, ["loss"]), max_weight_difference(tmp_path / "one", tmp_path / "two"))
     assert max_metric_difference(one, two, ["loss", "grad_norm", "valid_loss"]) < TOLERANCE
     assert max_weight_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     assert one[-1]["loss"] < one[0]["loss"] - 0.1  # it trained: the comparison is not between two no-ops
@@ -168,6 +175,7 @@ def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_d
         assert [m[key] for m in one] == [m[key] for m in two]
     assert one[0]["prompts"] == 7  # odd: the ranks' shares (4 and 3 prompts) differ, so the normalizer matters
     keys = ["loss", "accuracy", "margin_mean", "score_mean", "score_std", "grad_norm", "valid_loss"]
+    report("rm", max_metric_difference(one, two, ["loss"]), max_weight_difference(tmp_path / "one", tmp_path / "two"))
     assert max_metric_difference(one, two, keys) < TOLERANCE
     assert max_weight_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     bias = [json.loads((tmp_path / d / "config.json").read_text())["instructrl_reward_bias"] for d in ("one", "two")]
@@ -298,6 +306,7 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
         ppo_session.compute_advantages = real_compute
     one = _metrics(tmp_path / "one")
     assert abs(whitened[0].mean().item()) < 1e-5 and abs(whitened[0].std().item() - 1) < 1e-4  # whitened globally
+    report("ppo first iteration", max_metric_difference(one, two[:1], PPO_STATISTICS), None)
     assert max_metric_difference(one, two[:1], PPO_STATISTICS) < TOLERANCE
     assert one[0]["objective/kl"] > 1 and one[0]["loss/ptx"] > 1  # the statistics compared are not trivially 0
     assert one[0]["objective/score"] != 0 and one[0]["policy/grad_norm"] > 0
