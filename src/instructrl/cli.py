@@ -9,6 +9,7 @@ type, default and documentation, generated from the config dataclass itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -32,6 +33,12 @@ class Command:
 
 _DB_FLAG = {"--db": "db={}"}
 """``--db FILE.sqlite`` for the labeling commands (same as ``--set db=FILE.sqlite``)."""
+
+RESUME_FLAGS = {
+    "--resume": ("resume=true", "continue from the newest checkpoint in output_dir (the default)"),
+    "--force-resume": ("force_resume=true", "resume even though the config changed in a way that alters results"),
+}
+"""Flags every command whose config has the field gets (``resume`` / ``force_resume``)."""
 
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("instructrl.stages.pretrain", "Train the tokenizer and the base causal LM on a text corpus."),
@@ -202,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.add_argument(
                 flag, action="append_const", const=override, dest="overrides", help=f"same as --set {override}"
             )
+    config_fields = {f.name for f in dataclasses.fields(config_cls)}
+    for flag, (override, help_text) in RESUME_FLAGS.items():
+        if override.split("=")[0] in config_fields and flag not in cmd.flags:
+            parser.add_argument(flag, action="append_const", const=override, dest="overrides", help=help_text)
     args = parser.parse_args(rest)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
@@ -224,11 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return 0
     from instructrl.errors import UserFacingError
+    from instructrl.utils.guards import is_disk_full
 
     try:
         module.run(cfg)
     except UserFacingError as e:
         print(f"instructrl {name}: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        print(
+            f"instructrl {name}: error: no space left on the device ({e}); files already written are intact. "
+            "Free some space and run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"\ninstructrl {name}: interrupted; run the same command again to resume.", file=sys.stderr)

@@ -334,7 +334,7 @@ def require_path_exists(cfg: Any, *names: str) -> None:
         require(Path(value).exists(), name, f"path does not exist: {value}")
 
 
-RESULT_NEUTRAL_KEYS = frozenset({"resume", "threads", "output_dir", "force_resume", "progress"})
+RESULT_NEUTRAL_KEYS = frozenset({"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps"})
 """Top-level keys that never change a run's results, so changing them does not block a resume."""
 
 
@@ -343,14 +343,35 @@ def resume_fingerprint(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESULT_NEUTRAL_KEYS}
 
 
-def check_resume_compatible(saved: dict[str, Any], cfg: Any, where: str) -> None:
-    """Raise a clear error naming the changed keys when ``cfg`` would alter a resumed run's results."""
+def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
+    """Top-level keys whose value in ``cfg`` differs from the saved fingerprint."""
     current = resume_fingerprint(cfg)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        from instructrl.errors import UserFacingError
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
-        raise UserFacingError(
-            f"{where} holds a checkpoint made with a different config (changed: {', '.join(changed)}); "
-            "resuming would not reproduce the run. Use another output_dir, or --set resume=false to start over."
+
+def check_resume_compatible(saved: dict[str, Any], cfg: Any, where: str) -> None:
+    """Raise a clear error naming the changed keys when ``cfg`` would alter a resumed run's results.
+
+    With ``cfg.force_resume`` set the resume goes ahead with a warning instead (e.g. a smaller micro-batch
+    after running out of memory: the user accepts that the run is no longer bit-for-bit reproducible).
+    """
+    changed = changed_keys(saved, cfg)
+    if not changed:
+        return
+    if getattr(cfg, "force_resume", False):
+        import sys
+
+        print(
+            f"warning: {where}: resuming despite a changed config (changed: {', '.join(changed)}) because "
+            "force_resume is set; the result will differ from an uninterrupted run",
+            file=sys.stderr,
+            flush=True,
         )
+        return
+    from instructrl.errors import UserFacingError
+
+    raise UserFacingError(
+        f"{where} holds a checkpoint made with a different config (changed: {', '.join(changed)}); "
+        "resuming would not reproduce the run. Use another output_dir, --set resume=false to start over, "
+        "or --force-resume to continue with the new settings anyway."
+    )

@@ -2,20 +2,35 @@
 
 Stages run in order, each into its own folder under ``output_dir``; a stage whose ``results.json`` exists
 is skipped, so re-running after an interruption continues where it stopped (and stages resume from their
-own checkpoints). The sandbox data (corpus, prompts, demonstrations, labeled comparisons, labeler
+own checkpoints). Re-running with a config that would change the results is refused unless ``force_resume``
+is set. The sandbox data (corpus, prompts, demonstrations, labeled comparisons, labeler
 agreement) is written first, and the sandbox prompts go through the same ``data prepare`` pipeline a user's
 API prompts would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructrl.config import load_config, require, require_non_negative, require_positive, save_config
+from instructrl.config import (
+    ConfigError,
+    check_resume_compatible,
+    load_config,
+    require,
+    require_non_negative,
+    require_positive,
+    resume_fingerprint,
+    save_config,
+)
+from instructrl.errors import UserFacingError
+from instructrl.utils.io import atomic_write_json
+
+CONFIG_FILE = "instructrl_demo.yaml"
 
 
 @dataclass
@@ -55,6 +70,10 @@ class Config:
     1.3B-175B) instead of the small one; it still ranks the small policy's samples. Measured on a GPU with a
     10.2M-parameter RM: validation accuracy 72.0% vs 61.3%, but held-out labelers 62.4% vs 64.9% and no better
     PPO, while PPO's value model (initialized from the RM) becomes 11× costlier."""
+    resume: bool = True
+    """Skip finished stages and resume interrupted ones from their checkpoints; false reruns every stage."""
+    force_resume: bool = False
+    """Resume even when the config (or a stage's) changed in a way that alters results."""
 
     def validate(self) -> None:
         require_non_negative(self, "threads", "kl_coef")
@@ -183,17 +202,40 @@ def _done(output_dir: Path) -> bool:
     return (output_dir / "results.json").exists() or (output_dir / "report.json").exists()
 
 
+def check_previous_run(run_dir: Path, cfg: Config) -> None:
+    """Refuse to continue a run directory made with a config that gives different results (unless forced).
+
+    Without this check a finished stage would be skipped and its old outputs silently reused.
+    """
+    previous = run_dir / CONFIG_FILE
+    if not (cfg.resume and previous.is_file()):
+        return
+    try:
+        saved = resume_fingerprint(load_config(Config, previous))
+    except ConfigError as e:
+        raise UserFacingError(f"{previous} is not a readable demo config ({e}); use another output_dir") from None
+    check_resume_compatible(saved, cfg, str(run_dir))
+
+
+def resume_overrides(stage_config: type, cfg: Config) -> list[str]:
+    """The demo's resume settings, for the stages whose config has them."""
+    names = {f.name for f in dataclasses.fields(stage_config)}
+    wanted = {"resume": cfg.resume, "force_resume": cfg.force_resume}
+    return [f"{key}={str(value).lower()}" for key, value in wanted.items() if key in names]
+
+
 def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "instructrl_demo.yaml")
+    check_previous_run(run_dir, cfg)
+    save_config(cfg, run_dir / CONFIG_FILE)
     t0 = time.time()
     timings = {}
     for step in plan(cfg):
         module = importlib.import_module(step.module)
-        stage_cfg = load_config(module.Config, None, list(step.overrides))
+        stage_cfg = load_config(module.Config, None, [*step.overrides, *resume_overrides(module.Config, cfg)])
         out = Path(stage_cfg.output_dir)
-        if _done(out):
+        if cfg.resume and _done(out):
             print(f"[demo] {step.name}: already done ({out}), skipping", flush=True)
             continue
         print(f"\n[demo] {step.name} -> {out}", flush=True)
@@ -202,7 +244,7 @@ def run(cfg: Config) -> dict:
         timings[step.name] = round(time.time() - started, 1)
 
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    (run_dir / "summary.json").write_text(json.dumps({"seconds": timings, **results}, indent=2, default=str) + "\n")
+    atomic_write_json(run_dir / "summary.json", json.loads(json.dumps({"seconds": timings, **results}, default=str)))
     print(f"\n[demo] finished in {time.time() - t0:.0f}s; outputs in {run_dir}/", flush=True)
     print(f"[demo] report: {run_dir / 'eval' / 'report.html'}", flush=True)
     return results

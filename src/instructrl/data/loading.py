@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -362,12 +363,49 @@ def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRecor
                 except json.JSONDecodeError as e:
                     yield line_number, _BadRecord("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
                     continue
+                except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; nesting too deep
+                    yield line_number, _BadRecord("invalid_json", f"unreadable JSON: {str(e)[:200]}")
+                    continue
                 if not isinstance(obj, dict):
                     yield line_number, _BadRecord("not_object", f"expected a JSON object, got {_type_name(obj)}")
+                    continue
+                if _SURROGATE_ESCAPE.search(text) and (where := _field_with_lone_surrogate(obj)) is not None:
+                    yield (
+                        line_number,
+                        _BadRecord(
+                            "invalid_unicode",
+                            "holds an unpaired UTF-16 surrogate escape (not valid Unicode text)",
+                            where,
+                        ),
+                    )
                     continue
                 yield line_number, obj
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"corrupt or truncated gzip stream ({e})", path=str(path), line=line_number + 1) from e
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate: the only way a line that decoded as UTF-8 can yield a lone surrogate."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _field_with_lone_surrogate(obj: dict[str, Any]) -> str | None:
+    """The path of the first key or string value holding a lone surrogate (which no UTF-8 writer accepts)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return where or "record"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{where}.{key}" if where else key
+                if _LONE_SURROGATE.search(key):
+                    return child.encode("utf-8", "backslashreplace").decode("ascii")
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | _BadRecord]]:

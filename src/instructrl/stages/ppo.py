@@ -53,6 +53,7 @@ from instructrl.stages.common import progress, set_threads
 from instructrl.stages.ppo_session import PPOSession, build_session, train_iteration
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.distributed import get_runtime
+from instructrl.utils.guards import require_finite_weights
 from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
 
 
@@ -220,10 +221,16 @@ class Config:
     """CPU threads for torch (0 = torch default)."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one."""
+    force_resume: bool = False
+    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
+    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
 
     def validate(self) -> None:
         require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
         require_positive(self, "save_every")
+        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "forward_batch_size", "warmup_iterations", "grad_clip")
         require_non_negative(self, "clip_range", "value_clip_range", "vf_coef", "sample_every", "num_samples")
         require_non_negative(self, "save_policy_every")
@@ -306,6 +313,7 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
         samples.close()
 
     session.save_policy(out / "policy")
+    require_finite_weights(session.value_model, "the value model")  # on every rank: identical weights
     if runtime.is_main:
         session.value_model.save_pretrained(out / "value")
         session.tokenizer.save_pretrained(out / "value")

@@ -2,14 +2,14 @@
 
 Everything that a resumed run needs lives in :class:`PPOSession` and round-trips through
 ``state_dict`` / ``load_state_dict``: policy and value weights, both optimizers, the LR schedule, β, the EMA,
-the prompt order and position, the pretraining-window sampler, the sampling and shuffling generators and
-the global RNGs. Each source of randomness has its own generator so that resuming reproduces the run
-bit for bit on the same device.
+the prompt order and position, the pretraining-window sampler, the sampling and shuffling generators, the
+non-finite-step counters and the global RNGs. Each source of randomness has its own generator so that
+resuming reproduces the run bit for bit on the same device.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from instructrl.stages.ppo_parts import (
     rollout_metrics,
 )
 from instructrl.utils.distributed import Runtime, get_runtime
+from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
 from instructrl.utils.seed import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class PPOSession:
     ema: PolicyEMA | None
     sampling_generator: torch.Generator
     shuffle_generator: torch.Generator
+    nonfinite: NonFiniteGuard
     iteration: int = 0
     runtime: Runtime | None = None
     """This process's view of the job (one process, or rank r of N); None = single process."""
@@ -208,15 +210,12 @@ class PPOSession:
 
     def save_policy(self, path: str | Path) -> None:
         """The released policy (EMA weights when enabled) as a Hugging Face causal-LM directory (rank 0 writes)."""
-        if not self.runtime.is_main:
-            self.runtime.barrier()
-            return
-        if self.ema is not None:
-            with self.ema.swapped_into(self.policy):
+        released = self.ema.swapped_into(self.policy) if self.ema is not None else contextlib.nullcontext()
+        with released:
+            require_finite_weights(self.policy, f"the policy ({path})")  # every rank: same weights, same verdict
+            if self.runtime.is_main:
                 self.policy.save_pretrained(path)
-        else:
-            self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+                self.tokenizer.save_pretrained(path)
         self.runtime.barrier()
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +232,7 @@ class PPOSession:
             "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler is not None else None,
             "sampling_generator": self.runtime.rank_states(self.sampling_generator.get_state()),  # per rank
             "shuffle_generator": self.shuffle_generator.get_state(),  # shared: every rank draws the same minibatches
+            "nonfinite": self.nonfinite.state_dict(),
             "rng": self.runtime.rank_states(rng_state()),
         }
 
@@ -259,6 +259,7 @@ class PPOSession:
         own_rng = self.runtime.own_rank_state(state["rng"])
         if own_rng is not None:
             set_rng_state(own_rng)
+        self.nonfinite.load_state_dict(state.get("nonfinite"))
         self.backend.sync_weights(self.policy)
 
 
@@ -337,6 +338,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         runtime=runtime,
         training_policy=training_policy,
         training_value=training_value,
+        nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps),
     )
 
 
@@ -394,12 +396,13 @@ def minibatch_step(session: PPOSession, minibatch: Rollout) -> dict[str, float |
         windows = session.ptx_sampler.sample(session.ptx_batch_size).to(session.device)  # same on every rank
         micro = cfg.ptx.micro_batch_size or session.micro_batch_size
         stats["loss/ptx"] = accumulate_ptx_gradients(session.training_policy, windows, micro, cfg.ptx.coef, runtime)
-    losses = [v for k, v in stats.items() if k.startswith("loss/") and v is not None]
-    if not all(math.isfinite(v) for v in losses):
-        raise UserFacingError(f"non-finite loss at iteration {session.iteration + 1} ({stats}); lower lr / value_lr")
     clip = cfg.grad_clip or float("inf")
     stats["policy/grad_norm"] = float(runtime.clip_grad_norm_(session.policy, clip))
     stats["value/grad_norm"] = float(runtime.clip_grad_norm_(session.value_model, clip))
+    # Gradient norms are all-reduced, so a non-finite value on any rank gives every rank the same verdict.
+    checked = {k: v for k, v in stats.items() if k.startswith(("loss/", "policy/grad_norm", "value/grad_norm"))}
+    if not session.nonfinite.step_is_finite(session.iteration + 1, **checked):
+        return stats  # skipped: no optimizer step and no EMA update; the next zero_grad discards the gradients
     session.policy_optimizer.step()
     session.value_optimizer.step()
     if session.ema is not None:
@@ -432,13 +435,17 @@ def train_iteration(session: PPOSession) -> tuple[dict[str, Any], Rollout, list[
     """Rollout, rewards and advantages, PPO update, β and LR schedule steps. Returns (metrics, rollout, prompts)."""
     cfg = session.cfg
     t0 = time.time()
-    rollout, prompt_index = collect_rollout(session)
+    with out_of_memory_advice(
+        "rollout generation", "batch_size", "generation.batch_size", "forward_batch_size", "generation.max_new_tokens"
+    ):
+        rollout, prompt_index = collect_rollout(session)
     beta = session.kl_controller.value
     rollout = compute_advantages(rollout, beta, cfg.gamma, cfg.lam, cfg.whiten_rewards, cfg.whiten_advantages)
     metrics: dict[str, Any] = rollout_metrics(rollout, beta)
     t1 = time.time()
 
-    per_minibatch = ppo_update(session, rollout)
+    with out_of_memory_advice("the PPO update", "micro_batch_size", "ptx.micro_batch_size", "ptx.seq_len"):
+        per_minibatch = ppo_update(session, rollout)
     metrics.update(mean_stats(per_minibatch))
     metrics["policy/lr"] = session.policy_optimizer.param_groups[0]["lr"]
     metrics["value/lr"] = session.value_optimizer.param_groups[0]["lr"]
@@ -450,5 +457,6 @@ def train_iteration(session: PPOSession) -> tuple[dict[str, Any], Rollout, list[
     t2 = time.time()
     metrics["episodes"] = session.iteration * cfg.batch_size
     metrics["prompt_passes"] = session.prompt_sampler.passes
+    metrics.update(session.nonfinite.metrics())
     metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0})
     return metrics, rollout, prompt_index

@@ -34,6 +34,7 @@ from instructrl.models.tokenizer import train_bpe_tokenizer
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
+from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import MetricsWriter, atomic_write_json
 from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -94,9 +95,15 @@ class Config:
     """Continue from the newest checkpoint in output_dir if there is one."""
     tensorboard: bool = False
     """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
+    force_resume: bool = False
+    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
+    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
 
     def validate(self) -> None:
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
+        require_positive(self, "max_nonfinite_steps")
         require_fraction(self, "min_lr_ratio")
         require_path_exists(self, "corpus", "heldout", "tokenizer")
         require(
@@ -192,6 +199,7 @@ def run(cfg: Config) -> dict:
         optimizer, lambda s: cosine_lr_factor(s, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
     )
     data_gen = torch.Generator().manual_seed(cfg.seed)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
 
     start_step = 0
     resumed = load_latest_checkpoint(out) if cfg.resume else None
@@ -203,6 +211,7 @@ def run(cfg: Config) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
+        guard.load_state_dict(state.get("guard"))
         print(f"resumed from step {start_step}", flush=True)
 
     tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
@@ -212,17 +221,18 @@ def run(cfg: Config) -> dict:
     for step in range(start_step, cfg.max_steps):
         starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
         window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
-        logits = model(input_ids=window[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
-        if not torch.isfinite(loss):
-            raise UserFacingError(f"non-finite loss at step {step}; lower lr (now {cfg.lr})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with out_of_memory_advice("training", "batch_size", "seq_len"):
+            logits = model(input_ids=window[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
+        if guard.step_is_finite(step + 1, loss=loss, grad_norm=grad_norm):
+            optimizer.step()
         scheduler.step()
         done = step + 1
         record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        record.update(guard.metrics())
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             record["heldout_ppl"] = stream_perplexity(model, held_stream, cfg.seq_len, cfg.eval_windows)
             model.train()
@@ -240,6 +250,7 @@ def run(cfg: Config) -> dict:
                     "scheduler": scheduler.state_dict(),
                     "data_rng": data_gen.get_state(),
                     "rng": rng_state(),
+                    "guard": guard.state_dict(),
                 },
             )
     bar.close()
@@ -247,6 +258,7 @@ def run(cfg: Config) -> dict:
 
     model.eval()
     heldout_ppl = stream_perplexity(model, held_stream, cfg.seq_len)
+    require_finite_weights(model, "the pretrained model")
     model.cpu().save_pretrained(out)
     tokenizer.save_pretrained(out)
     results = {

@@ -59,6 +59,7 @@ from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function, get_runtime
+from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
 from instructrl.utils.seed import rng_state, set_rng_state
 
@@ -131,6 +132,11 @@ class Config:
     """Continue from the newest checkpoint in output_dir if there is one."""
     tensorboard: bool = False
     """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
+    force_resume: bool = False
+    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
+    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
     sandbox_seed: int = 0
     """Seed of the sandbox world used when ``comparisons`` is unset."""
     sandbox_prompts: int = 1500
@@ -157,6 +163,7 @@ class Config:
             self, "max_k", "max_prompt_tokens", "max_response_tokens", "epochs", "batch_size", "lr", "eval_every"
         )
         require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
+        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
         require_non_negative(self, "sandbox_demonstrations", "sandbox_agreement_prompts")
         require_path_exists(self, "sandbox_sample_policy")
@@ -543,15 +550,16 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
 
     policy = load_causal_lm(cfg.sandbox_sample_policy or cfg.model, tokenizer).to(resolve_device(cfg.device))
     repeated = [p for p, k in zip(prompts, ks) for _ in range(k)]
-    generated = generate_responses(
-        policy,
-        tokenizer,
-        repeated,
-        max_new_tokens=cfg.max_response_tokens - 1,  # room for the EOS appended to a sample that never stopped
-        temperature=1.0,
-        batch_size=cfg.generation_batch_size,
-        seed=cfg.seed,
-    )
+    with out_of_memory_advice("sandbox sampling", "generation_batch_size", "max_response_tokens"):
+        generated = generate_responses(
+            policy,
+            tokenizer,
+            repeated,
+            max_new_tokens=cfg.max_response_tokens - 1,  # room for the EOS appended to a sample that never stopped
+            temperature=1.0,
+            batch_size=cfg.generation_batch_size,
+            seed=cfg.seed,
+        )
     limit = cfg.max_response_tokens - 1
     texts = []
     for g in generated:
@@ -660,6 +668,7 @@ def run(cfg: Config) -> dict:
     )
 
     step = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     if resumed is not None:
         step, state = resumed
         model.load_state_dict(state["model"])
@@ -668,13 +677,15 @@ def run(cfg: Config) -> dict:
         own_rng = runtime.own_rank_state(state["rng"])
         if own_rng is not None:
             set_rng_state(own_rng)
+        guard.load_state_dict(state.get("guard"))
         print(f"resumed from step {step}", flush=True)
 
     def evaluate_sets() -> dict[str, float]:
         record = {}
         for name, encoded in (("valid", valid), ("heldout", heldout)):
             if encoded:
-                result, scores = evaluate(model, encoded, pad_id, cfg.eval_batch_size)
+                with out_of_memory_advice("evaluation", "eval_batch_size"):
+                    result, scores = evaluate(model, encoded, pad_id, cfg.eval_batch_size)
                 record[f"{name}_accuracy"], record[f"{name}_loss"] = result["accuracy"], result["loss"]
                 distribution = score_distribution(scores)
                 record.update({f"{name}_score_{k}": distribution[k] for k in ("mean", "std", "p05", "p50", "p95")})
@@ -688,14 +699,14 @@ def run(cfg: Config) -> dict:
     while step < total_steps:
         batch = [train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
         optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_ranking_gradients(training_model, runtime.shard(batch), micro, pad_id, runtime)
+        with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
+            stats = accumulate_ranking_gradients(training_model, runtime.shard(batch), micro, pad_id, runtime)
         grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
-        optimizer.step()
+        if guard.step_is_finite(step + 1, loss=stats["loss"], grad_norm=grad_norm):  # same verdict on every rank
+            optimizer.step()
         scheduler.step()
         step += 1
-        record = {**stats, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+        record = {**stats, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), **guard.metrics()}
         if step % cfg.eval_every == 0 or step == total_steps:
             record.update(evaluate_sets())
             model.train()
@@ -713,6 +724,7 @@ def run(cfg: Config) -> dict:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": runtime.rank_states(rng_state()),
+                    "guard": guard.state_dict(),
                 },
             )
     bar.close()
@@ -734,6 +746,7 @@ def run(cfg: Config) -> dict:
             distribution_scores = scores + normalization["bias"]
     if distribution_scores is None:
         distribution_scores = score_sequences(model, demo_sequences, pad_id, cfg.eval_batch_size)
+    require_finite_weights(model, "the reward model")
     if runtime.is_main:  # one writer; every rank holds the same weights and bias
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

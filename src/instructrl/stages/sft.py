@@ -42,6 +42,7 @@ from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import DEVICE_HELP, valid_device_name
 from instructrl.utils.distributed import get_runtime
+from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import atomic_write_json
 from instructrl.utils.seed import rng_state, set_rng_state
 
@@ -139,9 +140,15 @@ class Config:
     """Continue from the newest checkpoint in output_dir if there is one."""
     tensorboard: bool = False
     """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
+    force_resume: bool = False
+    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
+    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr", "batch_size", "max_prompt_tokens", "max_response_tokens", "save_every")
+        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "warmup_steps", "grad_clip", "weight_decay")
         require_fraction(self, "min_lr_ratio", "residual_dropout")
         require_fraction(self, "ptx_fraction", inclusive_high=False)
@@ -290,7 +297,8 @@ def _select_score(cfg: Config, model, tokenizer, valid_examples, valid_demos, pa
         from instructrl.eval.generate import generate_responses
 
         prompts = [d.prompt for d in valid_demos[: cfg.select_prompts]]
-        responses = generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_response_tokens)
+        with out_of_memory_advice("generation for selection by reward", "select_prompts", "max_response_tokens"):
+            responses = generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_response_tokens)
         out["valid_rm_score"] = float(scorer.score(prompts, [r.text for r in responses]).mean())
     return out
 
@@ -372,6 +380,7 @@ def run(cfg: Config) -> dict:
     scorer = _make_scorer(cfg, tokenizer)
 
     step, best, history = 0, None, []
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     resumed = load_latest_checkpoint(out) if cfg.resume else None
     if resumed is not None:
         step, state = resumed
@@ -383,6 +392,7 @@ def run(cfg: Config) -> dict:
         if own_rng is not None:
             set_rng_state(own_rng)
         best, history = state["best"], state["history"]
+        guard.load_state_dict(state.get("guard"))
         print(f"resumed from step {step}", flush=True)
 
     tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
@@ -404,20 +414,21 @@ def run(cfg: Config) -> dict:
         n_tokens = runtime.gradient_normalizer(local_tokens)  # global token count / processes
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for index, mb in enumerate(micro_batches):
-            with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
-                nll, _ = response_nll_sum(training_model, mb)
-                runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
-            loss_sum += nll.item()
+        with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
+            for index, mb in enumerate(micro_batches):
+                with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
+                    nll, _ = response_nll_sum(training_model, mb)
+                    runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
+                loss_sum += nll.item()
         loss_sum = runtime.sum(loss_sum) / runtime.world_size  # so that loss_sum / n_tokens is the global mean
         grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise UserFacingError(f"non-finite gradient at step {step}; lower lr (now {cfg.lr})")
-        optimizer.step()
+        if guard.step_is_finite(step + 1, loss=loss_sum, grad_norm=grad_norm):  # same verdict on every rank
+            optimizer.step()
         scheduler.step()
         step += 1
         record = {"loss": loss_sum / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
         record["tokens"] = round(n_tokens * runtime.world_size)  # response tokens of the global batch
+        record.update(guard.metrics())
         if step % steps_per_epoch == 0:  # end of an epoch: evaluate for checkpoint selection
             scores = _select_score(cfg, model, tokenizer, valid_examples, valid_demos, pad_id, scorer)
             record.update(scores, epoch=step // steps_per_epoch)
@@ -442,6 +453,7 @@ def run(cfg: Config) -> dict:
                     "rng": runtime.rank_states(rng_state()),
                     "best": best,
                     "history": history,
+                    "guard": guard.state_dict(),
                 },
             )
     bar.close()
@@ -452,6 +464,7 @@ def run(cfg: Config) -> dict:
     model.eval()
     if cfg.lora.enabled:
         model = model.merge_and_unload()
+    require_finite_weights(model, "the fine-tuned model")
     if runtime.is_main:  # one writer; every rank holds the same weights
         model.cpu().save_pretrained(out)
         tokenizer.save_pretrained(out)

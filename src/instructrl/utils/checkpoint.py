@@ -8,7 +8,9 @@ Layout of a run directory::
 A checkpoint is first written to a hidden temporary folder and renamed into place only after every file
 is fsynced and the manifest (with SHA-256 of each file) is written, so a crash or a full disk never
 leaves a half-written checkpoint under a real name. On load, checksums are verified; a corrupted or
-truncated checkpoint is skipped with a warning and the previous good one is used.
+truncated checkpoint is skipped with a warning and the previous good one is used. A state holding NaN/inf
+tensors is never written (:func:`~instructrl.utils.guards.require_finite_weights`), and a full disk raises a
+:class:`~instructrl.errors.UserFacingError` that says the previous checkpoint is intact.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from typing import Any
 
 import torch
 
+from instructrl.errors import UserFacingError
+from instructrl.utils.guards import is_disk_full, require_finite_weights
 from instructrl.utils.io import _fsync_dir, atomic_write_json
+from instructrl.utils.kill_hook import kill_point
 
 MANIFEST = "manifest.json"
 STATE = "state.pt"
@@ -43,30 +48,47 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` (any torch-serializable dict) as checkpoint ``step``; returns its folder."""
+    require_finite_weights(state, f"checkpoint {step}")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         state_path = tmp / STATE
-        with open(state_path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_state(state_path, state)
+        kill_point("checkpoint-write", step, run_dir)
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": {STATE: _sha256(state_path)}})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise UserFacingError(
+                f"no space left on the device while writing checkpoint {step} in {root} ({e}); the previous "
+                "checkpoint is intact. Free some space and run the same command again to resume from it."
+            ) from e
         raise
+    kill_point("checkpoint-done", step, run_dir)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove half-written checkpoints left by a killed process (one writer per run directory)."""
+    for leftover in root.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -81,7 +103,7 @@ def verify_checkpoint(path: Path) -> bool:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         return all(_sha256(path / name) == digest for name, digest in manifest["files"].items())
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable or malformed manifest
         return False
 
 

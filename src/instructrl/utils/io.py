@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from instructrl.utils.kill_hook import kill_point
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -30,6 +32,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             yield f
             f.flush()
             os.fsync(f.fileno())
+        kill_point("write", None, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -110,6 +113,7 @@ class MetricsWriter:
         record = {"step": step, **metrics}
         self._f.write(json.dumps(record, default=_json_default) + "\n")
         self._f.flush()
+        kill_point("log", step, self.path)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
