@@ -51,3 +51,20 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved tiny GPT-2-style causal LM + tokenizer directory (random weights)."""
     return _save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer, arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def quick_demo_run(tmp_path_factory) -> Path:
+    """``instructrl demo --quick`` run once per session, on one thread so that kill tests can compare bit for bit."""
+    from instructrl.cli import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("demo") / "run"
+    try:
+        assert (
+            main(["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1", "--set", "large_model=true"])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)  # the demo set one thread; the other tests keep the session's setting
+    return out

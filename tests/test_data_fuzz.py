@@ -45,7 +45,9 @@ texts = st.text(
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | texts
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES) | texts, inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES) | texts, inner, max_size=4)
+    ),
     max_leaves=8,
 )
 messages = st.lists(

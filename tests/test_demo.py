@@ -10,10 +10,8 @@ from instructrl.cli import main
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--set", f"output_dir={out}", "--set", "large_model=true"]) == 0
-    return out
+def quick_demo(quick_demo_run):
+    return quick_demo_run  # shared with the demo's kill test (tests/test_kill_resume.py)
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):

@@ -264,3 +264,73 @@ def test_kill_points_are_distinct_ordered_and_seeded(tmp_path):
     assert len(set(a)) == 4
     steps = [int(spec.split(":")[1]) if spec.split(":")[1] != "*" else 9 for spec in a]
     assert steps == sorted(steps)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def demo_kill_candidates(out: Path) -> list[str]:
+    """Kill points across the quick demo, in pipeline order: inside stages and before their completion markers."""
+    return [
+        f"write:*:{out / 'data' / 'results.json'}",
+        f"checkpoint-write:30:{out / 'base'}",
+        f"log:45:{out / 'base' / 'metrics.jsonl'}",
+        f"write:*:{out / 'base' / 'results.json'}",
+        f"log:3:{out / 'sft' / 'metrics.jsonl'}",
+        f"log:2:{out / 'rm' / 'metrics.jsonl'}",
+        f"log:2:{out / 'ppo' / 'metrics.jsonl'}",
+        f"write:*:{out / 'ppo_ptx' / 'results.json'}",
+        f"write:*:{out / 'eval' / 'results.json'}",
+    ]
+
+
+def demo_kill_points(seed: int, count: int, out: Path) -> list[str]:
+    candidates = demo_kill_candidates(out)
+    return [candidates[i] for i in sorted(random.Random(seed).sample(range(len(candidates)), count))]
+
+
+def json_without_run_dir(path: Path, run_dir: Path, drop: tuple[str, ...] = ("seconds",)) -> dict:
+    data = json.loads(path.read_text().replace(str(run_dir), "<out>"))
+    return {k: v for k, v in data.items() if k not in drop}
+
+
+def assert_same_demo(reference: Path, resumed: Path) -> None:
+    models = (
+        "base",
+        "sft",
+        "base_large",
+        "sft_large",
+        "rm",
+        "ppo/policy",
+        "ppo/value",
+        "ppo_ptx/policy",
+        "ppo_ptx/value",
+    )
+    for model_dir in models:
+        assert_same_weights(reference / model_dir, resumed / model_dir)
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
+        assert metric_rows(resumed / stage / "metrics.jsonl") == metric_rows(reference / stage / "metrics.jsonl")
+        reference_results = json_without_run_dir(reference / stage / "results.json", reference)
+        assert json_without_run_dir(resumed / stage / "results.json", resumed) == reference_results, stage
+    reference_eval = json_without_run_dir(reference / "eval" / "metrics.json", reference, drop=("info",))
+    assert json_without_run_dir(resumed / "eval" / "metrics.json", resumed, drop=("info",)) == reference_eval
+
+
+def check_demo_survives_kills(reference: Path, out: Path, seed: int, count: int) -> list[str]:
+    argv = ["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1", "--set", "large_model=true"]
+    specs = demo_kill_points(seed, count, out)
+    for i, spec in enumerate(specs):
+        run_until_killed(argv, spec, out.parent / f"demo-kill{i}.log")
+    assert main(argv) == 0
+    assert_same_demo(reference, out)
+    return specs
+
+
+def test_demo_killed_three_times_resumes_to_the_uninterrupted_result(quick_demo_run, tmp_path):
+    check_demo_survives_kills(quick_demo_run, tmp_path / "demo", seed=0, count=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", (1, 2))
+def test_demo_killed_at_more_points_resumes_to_the_uninterrupted_result(quick_demo_run, tmp_path, seed):
+    check_demo_survives_kills(quick_demo_run, tmp_path / "demo", seed=seed, count=3)
