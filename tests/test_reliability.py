@@ -296,6 +296,33 @@ def test_disk_full_is_recognised_even_when_torch_wraps_it():
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
+def test_any_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    from instructrl.data import prepare
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"prompt {i}", "user_id": i}) + "\n" for i in range(5)))
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare, "atomic_write_text", disk_full)
+    assert main(["data", "prepare", "--set", f"input={source}", "--set", f"output_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert "instructrl data prepare: error: no space left on the device" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_generate_out_of_memory_names_what_to_lower(tmp_path, tiny_lm_dir, monkeypatch, capsys):
+    from instructrl.stages import generate
+
+    monkeypatch.setattr(generate, "generate_responses", raise_out_of_memory)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Q: hi\nA:"}) + "\n")
+    settings = [f"model={tiny_lm_dir}", f"input={prompts}", f"output={tmp_path / 'samples.jsonl'}", "device=cpu"]
+    assert main(["generate", *(a for s in settings for a in ("--set", s))]) == 1
+    assert "out of memory during generation" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- corrupted checkpoints
 
 

@@ -16,6 +16,7 @@ from instructrl.eval.generate import generate_responses
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
 from instructrl.stages.common import set_threads
 from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
+from instructrl.utils.guards import out_of_memory_advice
 from instructrl.utils.io import atomic_write_jsonl
 
 
@@ -61,9 +62,10 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
     prompts = [r.prompt for r in records for _ in range(cfg.samples_per_prompt)]
-    generated = generate_responses(
-        model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, seed=cfg.seed
-    )
+    with out_of_memory_advice("generation", "batch_size", "max_new_tokens"):
+        generated = generate_responses(
+            model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, seed=cfg.seed
+        )
     rows = []
     for i, g in enumerate(generated):
         record = records[i // cfg.samples_per_prompt]
