@@ -191,7 +191,7 @@ def ppo_inputs(tmp_path, tiny_lm_dir, tiny_tokenizer) -> list[str]:
     return ["ppo", *(a for s in settings for a in ("--set", s))]
 
 
-def test_ppo_skips_a_nan_minibatch_without_stepping_or_updating_the_ema(tmp_path, ppo_inputs, monkeypatch):
+def test_ppo_skips_a_nan_minibatch_and_reports_its_iteration(tmp_path, ppo_inputs, monkeypatch, capsys):
     real, calls = ppo_session.accumulate_ppo_gradients, []
 
     def nan_loss_on_first_minibatch(*args, **kwargs):
@@ -200,8 +200,13 @@ def test_ppo_skips_a_nan_minibatch_without_stepping_or_updating_the_ema(tmp_path
         return {**stats, "loss/policy": float("nan")} if len(calls) == 1 else stats
 
     monkeypatch.setattr(ppo_session, "accumulate_ppo_gradients", nan_loss_on_first_minibatch)
-    assert main(ppo_inputs) == 0
+    assert main([*ppo_inputs, "--set", "save_every=1"]) == 0
+    assert "iteration 1: non-finite loss/policy; update skipped" in capsys.readouterr().err
     assert [r.get("nonfinite_skipped", 0) for r in metrics(tmp_path / "ppo")] == [1, 1]
+    step, state = load_latest_checkpoint(tmp_path / "ppo")
+    assert step == 1 and state["nonfinite"] == {"skipped": 1, "in_a_row": 0}
+    for optimizer in ("policy_optimizer", "value_optimizer"):  # two minibatches, the first skipped: one step
+        assert {int(s["step"]) for s in state[optimizer]["state"].values()} == {1}
 
 
 # --------------------------------------------------------------------------- out of memory

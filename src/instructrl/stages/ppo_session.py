@@ -338,7 +338,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         runtime=runtime,
         training_policy=training_policy,
         training_value=training_value,
-        nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps),
+        nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
     )
 
 

@@ -50,6 +50,8 @@ class NonFiniteGuard:
     """Stop when this many optimizer steps in a row were non-finite."""
     field: str = "max_nonfinite_steps"
     """The config field holding ``max_in_a_row`` (named in the error message)."""
+    unit: str = "step"
+    """What the ``step`` numbers passed in count, for messages (PPO: "iteration", several steps each)."""
     skipped: int = 0
     """Steps skipped so far in this run."""
     in_a_row: int = 0
@@ -67,14 +69,14 @@ class NonFiniteGuard:
         self.skipped += 1
         self.in_a_row += 1
         print(
-            f"warning: step {step}: non-finite {', '.join(bad)}; update skipped "
+            f"warning: {self.unit} {step}: non-finite {', '.join(bad)}; update skipped "
             f"({self.skipped} skipped so far, {self.in_a_row} in a row)",
             file=sys.stderr,
             flush=True,
         )
         if self.in_a_row >= self.max_in_a_row:
             raise UserFacingError(
-                f"{self.in_a_row} steps in a row had a non-finite {' / '.join(bad)} (last at step {step}; "
+                f"{self.in_a_row} steps in a row had a non-finite {' / '.join(bad)} (last at {self.unit} {step}; "
                 f"{self.field}={self.max_in_a_row}); the run is diverging. Lower the learning rate, check the "
                 "data, or resume from the last checkpoint with a smaller lr."
             )
