@@ -226,11 +226,14 @@ def stages(inputs: dict[str, Path]) -> dict[str, Stage]:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, stage_inputs) -> dict[str, Path]:
     """One uninterrupted run per stage (in-process), made once for every kill test."""
-    root = tmp_path_factory.mktemp("kill_references")
+    root, threads = tmp_path_factory.mktemp("kill_references"), torch.get_num_threads()
     out = {}
-    for name, stage in stages(stage_inputs).items():
-        out[name] = root / name
-        assert main(stage.argv(out[name])) == 0
+    try:
+        for name, stage in stages(stage_inputs).items():
+            out[name] = root / name
+            assert main(stage.argv(out[name])) == 0
+    finally:
+        torch.set_num_threads(threads)  # set before the function-scoped fixture below records the session's value
     return out
 
 
