@@ -185,6 +185,13 @@ def _find_win(rows: Sequence[WinRateRow], policy: str, baseline: str, judge: str
     return None
 
 
+def _stderr_interval(mean: float | None, stderr: float | None) -> tuple[float, float] | None:
+    """mean ± 1.96 standard errors, or None when either is unknown."""
+    if mean is None or stderr is None:
+        return None
+    return mean - 1.96 * stderr, mean + 1.96 * stderr
+
+
 def _rate_interval(rate: float, n: int) -> tuple[float, float] | None:
     if n <= 0 or math.isnan(rate):
         return None
@@ -320,29 +327,23 @@ def build_headline(
     )
     agreement = rm.labeler_agreement if has_rm else None
     stderr = rm.labeler_agreement_stderr if has_rm else None
-    agreement_interval = (
-        (agreement - 1.96 * stderr, agreement + 1.96 * stderr)
-        if agreement is not None and stderr is not None
-        else None
-    )
     rows.append(
         _row(
             "4c",
             "inter-labeler agreement",
             agreement,
-            agreement_interval,
+            _stderr_interval(agreement, stderr),
             PAPER_AGREEMENT,
             note="mean ± 1.96 s.e. over labeler pairs" if agreement is not None else "not measured",
         )
     )
     if has_rm and rm.sample_agreement is not None:
-        spread = 1.96 * (rm.sample_agreement_stderr or 0.0)
         rows.append(
             _row(
                 "4d",
                 "inter-labeler agreement on the RM's comparisons (policy samples)",
                 rm.sample_agreement,
-                (rm.sample_agreement - spread, rm.sample_agreement + spread),
+                _stderr_interval(rm.sample_agreement, rm.sample_agreement_stderr or 0.0),
                 PAPER_AGREEMENT,
                 note="mean ± 1.96 s.e.; the distribution the RM accuracy is measured on",
             )
