@@ -356,6 +356,19 @@ def test_measure_tax_on_a_tiny_model(tiny_lm_dir, world):
 # --------------------------------------------------------------------------- best-of-n
 
 
+def test_reference_ceiling_answers_ideally_and_never_loses_to_a_policy(world, tasks):
+    from instructrl.eval.sandbox_eval import compare, policy_eval_from_responses, reference_policy_eval
+
+    ideal = reference_policy_eval(world, tasks)
+    assert ideal.responses == [world.reference_response(t) for t in tasks] and all(ideal.stopped)
+    harmless = [f for t, f in zip(tasks, ideal.flags) if t.category != "harmful"]
+    assert harmless and all(f["correct"] for f in harmless)
+    padded = policy_eval_from_responses("padded", world, tasks, [r + " i hope this helps ." for r in ideal.responses],
+                                        [True] * len(tasks))  # fmt: skip
+    outcome = compare(ideal, padded)
+    assert outcome.losses == 0 and outcome.wins == len(tasks)
+
+
 def test_best_of_n_kl_formula():
     assert best_of_n.bon_kl(1) == 0.0
     assert best_of_n.bon_kl(2) == pytest.approx(math.log(2) - 0.5)
@@ -526,6 +539,7 @@ def _report_data() -> report.ReportData:
         report.WinRateRow.of("ppo_ptx", "sft", "gold", "all", WinRate(0.634, 0.55, 0.71, 150, 90, 10, 50)),
         report.WinRateRow.of("ppo_ptx", "sft", "labelers", "all", WinRate(0.6, 0.52, 0.68, 150, 85, 10, 55)),
         report.WinRateRow.of("ppo_ptx", "sft_large", "gold", "all", WinRate(0.55, 0.47, 0.63, 150, 80, 5, 65)),
+        report.WinRateRow.of("reference", "sft", "gold", "all", WinRate(0.682, 0.6, 0.75, 150, 55, 95, 0)),
     ]
     breakdowns = [report.WinRateRow.of("ppo_ptx", "sft", "gold", "type=plain", WinRate(0.7, 0.6, 0.8, 100, 68, 4, 28))]
     behaviour = [
@@ -590,6 +604,7 @@ def _report_data() -> report.ReportData:
 def test_headline_rows_are_the_runs_numbers_rounded():
     rows = {r.id: r for r in _report_data().headline}
     assert (rows["1"].value, rows["1"].low, rows["1"].high) == (63.4, 55.0, 71.0)
+    assert rows["1"].note == "n=150; ceiling (ideal responses vs SFT) 68.2%"
     assert rows["1b"].value == 60.0 and rows["2"].value == 55.0 and "10.0×" in rows["2"].note
     assert (rows["3a"].value, rows["3b"].value, rows["3c"].value, rows["3d"].value) == (3.1, 3.3, 4.2, 3.4)
     assert rows["3g"].value == 40.0 and rows["3g"].low == round(100 * wilson_interval(40, 100)[0], 1)
@@ -698,7 +713,10 @@ def test_cli_eval_on_two_tiny_policies(tmp_path, two_policies, tiny_rm_dir, worl
     assert headline["1"]["value"] is not None and headline["2"]["value"] is None  # no large SFT evaluated
     assert headline["4a"]["value"] == 71.0 and headline["4b"]["value"] == 68.0 and headline["4c"]["value"] == 73.1
     judged = {(r["policy"], r["baseline"], r["judge"]) for r in metrics["win_rates"]}
-    assert judged == {(p, "sft", j) for p in ("ppo_ptx", "best-of-2") for j in ("gold", "labelers", "rm")}
+    assert judged == {(p, "sft", j) for p in ("ppo_ptx", "reference", "best-of-2") for j in ("gold", "labelers", "rm")}
+    ceiling = next(r for r in metrics["win_rates"] if (r["policy"], r["judge"]) == ("reference", "gold"))
+    assert ceiling["losses"] == 0  # nothing beats the ideal response by the gold judgement
+    assert f"ceiling (ideal responses vs SFT) {100 * ceiling['rate']:.1f}%" in headline["1"]["note"]
     assert all(r["n"] == 6 for r in metrics["win_rates"])
     groups = {r["group"].split("=")[0] for r in metrics["breakdowns"]}
     assert groups == {"type", "category"}

@@ -143,6 +143,8 @@ class Roles:
     base: str = "base"
     judge: str = "gold"
     """Judge of the headline win rates."""
+    reference: str = "reference"
+    """The pseudo-policy of ideal responses whose win rate over SFT is quoted as row 1's ceiling."""
     labeler_judge: str = "labelers"
     """Judge of the held-out-labeler win rate (row 1b)."""
 
@@ -238,6 +240,10 @@ def build_headline(
         return (r.rate, (r.low, r.high), f"n={r.n}") if r else (None, None, "not evaluated")
 
     value, interval, note = win(roles.ppo_ptx, roles.sft, roles.judge)
+    ceiling = _find_win(win_rates, roles.reference, roles.sft, roles.judge)
+    if ceiling is not None:
+        # What the ideal responses win against the same SFT samples: the most any policy could reach here.
+        note += f"; ceiling (ideal responses vs SFT) {100 * ceiling.rate:.1f}%"
     rows.append(
         _row("1", f"PPO-ptx vs SFT win rate ({roles.judge} judge)", value, interval, PAPER_WIN_VS_SFT, note=note)
     )

@@ -49,7 +49,13 @@ from instructrl.eval.report import (
     headline_metrics,
     write_report,
 )
-from instructrl.eval.sandbox_eval import PolicyEval, behaviour_row, eval_tasks, evaluate_policy
+from instructrl.eval.sandbox_eval import (
+    PolicyEval,
+    behaviour_row,
+    eval_tasks,
+    evaluate_policy,
+    reference_policy_eval,
+)
 from instructrl.eval.tax import TaxRow, measure_tax
 from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
 from instructrl.sandbox.world import SandboxWorld, Task
@@ -58,6 +64,8 @@ from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
 from instructrl.utils.seed import seed_everything
 
 JUDGES = ("gold", "labelers", "rm", "custom")
+REFERENCE = "reference"
+"""Name of the pseudo-policy that answers with the world's ideal responses (``reference_ceiling``)."""
 
 
 @dataclass
@@ -101,6 +109,10 @@ class Config:
     temperature: float = 1.0
     """Sampling temperature of the win-rate responses (0 = greedy). Best-of-n samples at 1.0 and the
     over-optimization curve at each PPO run's rollout temperature, so that its KL is the one PPO measured."""
+    reference_ceiling: bool = True
+    """Also judge the sandbox's ideal responses (the bare correct answer, a short refusal) as a policy named
+    'reference': its win rate against the baseline is the most any policy can reach on these prompts with this
+    judge (the headline's first row quotes it), so a win rate can be read against what was possible."""
     best_of_n: int = 16
     """n of the best-of-n baseline (argmax of the reward model over n samples); 0 = off. Needs reward_model."""
     bon_policy: str | None = None
@@ -183,7 +195,7 @@ def comparison_pairs(cfg: Config, evaluated: list[str], roles: Roles) -> list[tu
         pairs = [tuple(p.split(":")) for p in cfg.comparisons]
     else:
         pairs = [(name, cfg.baseline) for name in evaluated if name != cfg.baseline]
-    for extra in ((roles.ppo_ptx, roles.sft), (roles.ppo_ptx, roles.large_sft)):
+    for extra in ((roles.ppo_ptx, roles.sft), (roles.ppo_ptx, roles.large_sft), (roles.reference, roles.sft)):
         if all(name in evaluated for name in extra) and extra not in pairs:
             pairs.append(extra)
     missing = sorted({name for pair in pairs for name in pair} - set(evaluated))
@@ -362,6 +374,10 @@ def collect(cfg: Config) -> ReportData:
         evals[name] = evaluate_policy(
             name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.seed, device=device
         )
+    if cfg.reference_ceiling:
+        if REFERENCE in evals:
+            raise UserFacingError(f"policies: the name {REFERENCE!r} is reserved for the reference ceiling")
+        evals[REFERENCE] = reference_policy_eval(world, tasks)
     rm_results = _rm_results(cfg)
     scorer = RewardScorer(cfg.reward_model, device=device) if cfg.reward_model else None
 

@@ -84,6 +84,12 @@ def policy_eval_from_responses(
     return PolicyEval(name, tasks, list(responses), list(stopped), gold, flags)
 
 
+def reference_policy_eval(world: SandboxWorld, tasks: list[Task], name: str = "reference") -> PolicyEval:
+    """The world's ideal responses (``world.reference_response``) as a policy: the ceiling of any win rate."""
+    responses = [world.reference_response(t) for t in tasks]
+    return policy_eval_from_responses(name, world, tasks, responses, [True] * len(tasks))
+
+
 def compare(a: PolicyEval, b: PolicyEval) -> WinRate:
     """Win rate of policy ``a`` over ``b`` by the gold judgement on the same tasks (ties count ½)."""
     if [t.id for t in a.tasks] != [t.id for t in b.tasks]:
