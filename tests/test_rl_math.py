@@ -18,6 +18,8 @@ from instructrl.rl import (
     kl_k1,
     kl_k2,
     kl_k3,
+    lm_head_logprobs,
+    lm_head_logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -146,6 +148,51 @@ def test_entropy_matches_python_loop(seed, temperature):
 def test_entropy_of_uniform_is_log_vocab():
     got = entropy_from_logits(torch.zeros(2, 3, 17, dtype=DT))
     torch.testing.assert_close(got, torch.full((2, 3), math.log(17), dtype=DT))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 11, 1 << 20])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
+    seed, temperature, chunk_elements, with_bias
+):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 5, 6, generator=g, dtype=DT, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, dtype=DT, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=DT, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, 11, (4, 5), generator=g)
+    upstream = torch.randn(4, 5, generator=g, dtype=DT)  # an arbitrary loss Σ upstream · log π
+
+    def naive_logprobs():
+        logits = hidden @ weight.T + (bias if bias is not None else 0)  # (B, T, V)
+        return torch.log_softmax(logits / temperature, dim=-1).gather(-1, labels[..., None])[..., 0]
+
+    def gradients(fn):
+        inputs = [t for t in (hidden, weight, bias) if t is not None]
+        value = fn()
+        return value.detach(), torch.autograd.grad((value * upstream).sum(), inputs)
+
+    fused = lambda: lm_head_logprobs(hidden, weight, labels, temperature, bias, chunk_elements)  # noqa: E731
+    got, got_grads = gradients(fused)
+    expected, expected_grads = gradients(naive_logprobs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        logprobs, entropy = lm_head_logprobs_and_entropy(hidden, weight, labels, temperature, bias, chunk_elements)
+        logits = hidden @ weight.T + (bias if bias is not None else 0)
+        torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(entropy, entropy_from_logits(logits, temperature), rtol=0, atol=1e-12)
+
+
+def test_fused_lm_head_keeps_nothing_without_autograd():
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(7, 4, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 3))
+    with torch.no_grad():
+        out = lm_head_logprobs(hidden, weight, labels)
+    assert out.grad_fn is None and out.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- masked statistics

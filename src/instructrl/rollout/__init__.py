@@ -1,5 +1,21 @@
-"""Rollout generation for PPO: the sampling backend interface and the Hugging Face ``generate`` backend."""
+"""Rollout generation for PPO: the sampling backend interface, our KV-cache sampler and the ``generate`` backend."""
 
-from instructrl.rollout.sampler import GenerationBackend, HFGenerateBackend, run_with_generator, truncate_after_eos
+from instructrl.rollout.sampler import (
+    CachedSampler,
+    GenerationBackend,
+    HFGenerateBackend,
+    run_with_generator,
+    sample_inverse_cdf,
+    sample_multinomial,
+    truncate_after_eos,
+)
 
-__all__ = ["GenerationBackend", "HFGenerateBackend", "run_with_generator", "truncate_after_eos"]
+__all__ = [
+    "CachedSampler",
+    "GenerationBackend",
+    "HFGenerateBackend",
+    "run_with_generator",
+    "sample_inverse_cdf",
+    "sample_multinomial",
+    "truncate_after_eos",
+]

@@ -115,6 +115,107 @@ class HFGenerateBackend:
         return responses  # (B, max_new_tokens)
 
 
+def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row, ``torch.multinomial(probs, 1)``: what ``generate`` draws. (B, V) -> (B,).
+
+    On CPU this draws V exponential variates per row (an exponential race), ≈ 20 ms for 32 × 32k."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inversion: the first v with F(v) > u · F(V), F the cumulative sum of ``probs``.
+
+    An exact draw from ``probs`` (token v is chosen iff u·F(V) ∈ [F(v − 1), F(v)), an interval of length
+    p_v / F(V)) with one uniform per row instead of :func:`sample_multinomial`'s V exponentials; the sum runs
+    in float64 so that rounding cannot shift the interval bounds measurably. Zero-probability tokens have
+    empty intervals and are never drawn. (B, V) -> (B,)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)  # (B, 1)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)  # (B,)
+    return index.clamp_(max=probs.shape[1] - 1)  # u·F(V) rounding up to F(V) itself (p ≈ 2^-53)
+
+
+class CachedSampler:
+    """Pure sampling with a KV cache in a plain loop: the distribution of :class:`HFGenerateBackend`, faster.
+
+    Each step draws one token per row from ``softmax(float32 logits / T)``, writes PAD into rows that have
+    already emitted EOS, and the loop stops once every row has. With ``draw=sample_multinomial`` it returns
+    exactly what ``model.generate`` returns for the same generator state (tested); the default
+    :func:`sample_inverse_cdf` draws from the same distribution with one uniform per row (also tested), which
+    on CPU is most of the saving at a 32k vocabulary. What the loop leaves out is ``generate``'s per-step
+    machinery (generation-config resolution, logits-processor and stopping-criteria lists, input
+    re-preparation from the whole sequence so far); the random draws come from ``generator`` directly
+    instead of a forked global RNG.
+
+    Position ids skip the left padding (N detail 3): prompt positions are ``cumsum(mask) − 1`` and every new
+    token takes the next position of its row.
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None):
+        if eos_token_id == pad_token_id:
+            raise ValueError("EOS and PAD must be different tokens (N detail 2): masking PAD would mask EOS too")
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.draw = draw or sample_inverse_cdf
+        """``draw(probs (B, V), generator) -> (B,)`` token ids: :func:`sample_inverse_cdf` (default) or
+        :func:`sample_multinomial` (``generate``'s draw: then the tokens equal ``generate``'s exactly)."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """The sampler runs the training model object itself, so there is nothing to copy."""
+        self.model = model
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        with torch.inference_mode():
+            return self._sample(prompt_ids, attention_mask.long(), max_new_tokens, temperature, generator)
+
+    def _sample(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        batch = prompt_ids.shape[0]
+        responses = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=prompt_ids.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Q)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)
+        out = self.model(
+            input_ids=prompt_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # (B, V), as generate: float32 before the temperature
+            if temperature != 1.0:
+                logits = logits / temperature
+            tokens = self.draw(torch.softmax(logits, dim=-1), generator)  # (B,)
+            tokens = torch.where(unfinished, tokens, self.pad_token_id)
+            responses[:, step] = tokens
+            unfinished &= tokens != self.eos_token_id
+            if step == max_new_tokens - 1 or not bool(unfinished.any()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
+            out = self.model(
+                input_ids=tokens.unsqueeze(1),
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+        return responses  # (B, max_new_tokens)
+
+
 def run_with_generator(fn, generator: torch.Generator | None):
     """Run ``fn`` with the global RNG of ``generator``'s device temporarily replaced by ``generator``'s state.
 

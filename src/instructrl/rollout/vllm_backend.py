@@ -85,7 +85,7 @@ class VLLMBackend:
         if eos_token_id == pad_token_id:
             raise ValueError("EOS and PAD must be different tokens (N detail 2)")
         if not torch.cuda.is_available():
-            raise RuntimeError("generation.backend=vllm needs a CUDA GPU; use generation.backend=hf")
+            raise RuntimeError("generation.backend=vllm needs a CUDA GPU; use generation.backend=cached or hf")
         # keep the engine in this process, so sync_weights can reach its model directly
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:

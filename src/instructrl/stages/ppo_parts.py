@@ -28,6 +28,8 @@ from instructrl.rl import (
     explained_variance,
     gae,
     kl_k3,
+    lm_head_logprobs,
+    lm_head_logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -73,6 +75,61 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return out.logits[:, :-1]  # (B, R, V)
 
 
+FUSED_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+"""Architectures whose logits are exactly ``lm_head(hidden_states[-1])`` (no soft-capping or logit scaling), so
+:func:`response_logprobs` may apply the head itself. Others take the straightforward path."""
+
+
+def fused_lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of the LM head when :func:`response_logprobs` can apply it itself, else None."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module in .module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if getattr(inner.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or not isinstance(
+        head, torch.nn.Linear
+    ):
+        return None
+    return head.weight, head.bias
+
+
+def response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+):
+    """log π(y_t | x, y_<t) at temperature τ for the last R = ``response.shape[1]`` tokens: (B, Q + R) -> (B, R);
+    with ``with_entropy`` (no gradients) also the entropy of π_t, ``(logprobs, entropy)``.
+
+    Same numbers as ``logprobs_from_logits(response_logits(...), response, τ)`` (tested), faster: the model
+    is asked for its final hidden states and for logits at one position only, and the LM head + log-softmax
+    gather runs fused and chunked over the R response positions (:func:`instructrl.rl.lm_head_logprobs`), so
+    no (B, R, V) float32 logits tensor, its log-softmax or its gradient is ever formed. The call still goes
+    through ``model``'s own forward (DDP sees it). Architectures not in :data:`FUSED_HEAD_MODEL_TYPES` take
+    the straightforward path.
+    """
+    width = response.shape[1]
+    head = fused_lm_head(model)
+    if head is None:
+        logits = response_logits(model, input_ids, attention_mask, width)  # (B, R, V)
+        logprobs = logprobs_from_logits(logits, response, temperature)
+        return (logprobs, entropy_from_logits(logits, temperature)) if with_entropy else logprobs
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=1,  # the logits themselves are not used: the head is applied below
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    hidden = out.hidden_states[-1][:, -width - 1 : -1]  # (B, R, d): positions Q − 1 … Q + R − 2
+    weight, bias = head
+    if with_entropy:
+        return lm_head_logprobs_and_entropy(hidden, weight, response, temperature, bias)
+    return lm_head_logprobs(hidden, weight, response, temperature, bias)
+
+
 def response_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
     """V(x, y_<t) for every response token t: (B, Q + R) -> (B, R).
 
@@ -80,7 +137,7 @@ def response_values(value_model, input_ids: torch.Tensor, attention_mask: torch.
     that a value model initialized from the RM starts out predicting the RM's normalized score.
     """
     values = token_values(value_model, input_ids, attention_mask)  # (B, Q + R)
-    return values[:, -response_len - 1 : -1] + reward_bias(value_model)
+    return values[:, -response_len - 1 : -1].float() + reward_bias(value_model)  # float32 even under autocast
 
 
 def reward_model_scorer(reward_model) -> ScoreFn:
@@ -206,6 +263,19 @@ class RolloutSettings:
     forward_batch_size: int = 0
     """Episodes per scoring forward pass; 0 = all."""
     missing_eos_score: float | None = None
+    autocast_dtype: torch.dtype | None = None
+    """Mixed-precision dtype of every forward (``Config.precision``); None = the weights' dtype."""
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (bf16 mixed precision), or nothing when ``dtype`` is None.
+
+    Matmuls run in ``dtype``; norms, softmaxes, log-sum-exps, losses, optimizer states and the weights
+    themselves stay float32 (``torch.autocast``'s lists, plus the float32 log-prob and value reads below).
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_rollout(
@@ -226,7 +296,7 @@ def make_rollout(
     the first PPO ratio is 1. Tensors are copied out of inference mode at the end so the update can use them.
     """
     models = (policy, ref_policy, value_model)
-    with torch.inference_mode():
+    with torch.inference_mode(), mixed_precision(query.device, settings.autocast_dtype):
         raw = _sample_and_score(*models, backend, score_fn, query, query_mask, settings, generator)
     return Rollout(**{k: v.clone() for k, v in raw.items()})  # clones outside inference mode: usable by autograd
 
@@ -249,11 +319,10 @@ def _sample_and_score(
         q, qm, r, rm = query[rows], query_mask[rows], response[rows], response_mask[rows]
         input_ids = torch.cat([q, r], dim=1)
         attention_mask = torch.cat([qm, rm.long()], dim=1)
-        logits = response_logits(policy, input_ids, attention_mask, width)  # (b, R, V)
-        parts["logprobs"].append(logprobs_from_logits(logits, r, settings.temperature))
-        parts["entropy"].append(entropy_from_logits(logits, settings.temperature))
-        ref_logits = response_logits(ref_policy, input_ids, attention_mask, width)
-        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, r, settings.temperature))
+        logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, r, settings.temperature, True)
+        parts["logprobs"].append(logprobs)  # (b, R)
+        parts["entropy"].append(entropy)
+        parts["ref_logprobs"].append(response_logprobs(ref_policy, input_ids, attention_mask, r, settings.temperature))
         parts["values"].append(response_values(value_model, input_ids, attention_mask, width))
         parts["scores"].append(score_fn(q, qm, r, rm).float())
     out = {k: torch.cat(v, dim=0) for k, v in parts.items()}
@@ -344,6 +413,8 @@ class LossSettings:
     clip_range: float = 0.2
     value_clip_range: float = 0.2
     vf_coef: float = 0.1
+    autocast_dtype: torch.dtype | None = None
+    """Mixed-precision dtype of the training forwards (``Config.precision``); None = the weights' dtype."""
 
 
 def accumulate_ppo_gradients(
@@ -382,9 +453,9 @@ def accumulate_ppo_gradients(
             micro = batch.select(rows)
             input_ids, attention_mask = micro.inputs()
             width = micro.response.shape[1]
-            logits = response_logits(policy, input_ids, attention_mask, width)
-            logprobs = logprobs_from_logits(logits, micro.response, settings.temperature)  # (b, R)
-            values = call_model_function(value_model, response_values, input_ids, attention_mask, width)  # (b, R)
+            with mixed_precision(input_ids.device, settings.autocast_dtype):  # forwards only; backward follows
+                logprobs = response_logprobs(policy, input_ids, attention_mask, micro.response, settings.temperature)
+                values = call_model_function(value_model, response_values, input_ids, attention_mask, width)
             pg_loss, pg_stats = policy_loss(
                 logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
             )
@@ -420,7 +491,12 @@ def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_ptx_gradients(
-    policy, windows: torch.Tensor, micro_batch_size: int, ptx_coef: float, runtime: Runtime | None = None
+    policy,
+    windows: torch.Tensor,
+    micro_batch_size: int,
+    ptx_coef: float,
+    runtime: Runtime | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """Add γ · ∇(−mean log π(x)) over pretraining ``windows`` (B, L) to ``.grad``; returns the ptx loss.
 
@@ -436,7 +512,8 @@ def accumulate_ptx_gradients(
     total = 0.0
     for index, rows in enumerate(chunks):
         with runtime.no_sync([policy] if index < len(chunks) - 1 else []):  # one all-reduce, at the last
-            logprobs = ptx_logprobs(policy, local[rows])
+            with mixed_precision(windows.device, autocast_dtype):
+                logprobs = ptx_logprobs(policy, local[rows])
             mask = torch.ones_like(logprobs, dtype=torch.bool)
             loss, _ = ptx_loss(logprobs, mask, normalizer=n_tokens)
             runtime.backward(ptx_coef * loss)
