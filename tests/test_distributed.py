@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from instructrl.cli import main
-from instructrl.rollout import HFGenerateBackend
+from instructrl.rollout import CachedSampler
 from instructrl.utils.checkpoint import list_checkpoints, load_latest_checkpoint
 from instructrl.utils.distributed import Runtime
 from instructrl.utils.io import read_jsonl_lenient
@@ -194,7 +194,7 @@ class PerRankSampling:
         from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(policy_dir)
-        self.inner = HFGenerateBackend(
+        self.inner = CachedSampler(  # the default generation.backend, as the ranks use
             load_causal_lm(policy_dir, tokenizer).eval(), tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         self.generators = [torch.Generator().manual_seed(seed + 2 + r * RANK_SEED_STRIDE) for r in range(world_size)]
