@@ -377,36 +377,41 @@ def test_config_rejects_minibatch_that_does_not_divide_batch(env, tmp_path):
 
 
 def test_bandit_ppo_raises_probability_of_rewarded_token(env, tmp_path):
-    """Reward 1 when the response contains token X: five PPO iterations raise P(X ∈ y) at least ten-fold."""
+    """Reward 1 when the response contains token X (one the initial policy writes in ~10% of responses): five PPO
+    iterations raise P(X ∈ y) several-fold. X is picked from the policy's own samples so that each batch holds a
+    few rewarded episodes; with a token seen in ~2% of responses the outcome hung on a handful of lucky draws."""
     tok = load_tokenizer(env["policy"])
-    x_token = tok(" cat", add_special_tokens=False)["input_ids"][0]
-
-    def contains_x(query, query_mask, response, response_mask):
-        return ((response == x_token) & response_mask).any(dim=1).float()
-
     cfg = make_cfg(
         env, tmp_path, "batch_size=32", "minibatch_size=8", "micro_batch_size=8", "ppo_epochs=4", "lr=0.01",
         "value_lr=0.01", "warmup_iterations=0", "kl.coef=0", "missing_eos_score=null", "ptx.coef=0",
         "ema_decay=null", "value_head_init=zero", "generation.max_new_tokens=8",
-        # With X in ~2% of responses the outcome hangs on a handful of rewarded draws, so it depends on the sample
-        # stream: the thresholds were set on generate's stream (0.023 -> 0.71 with loop AdamW, 0.29 with fused
-        # AdamW); the default cached sampler's inverse-CDF stream gave 0.012 -> 0.11 in 5 iterations (issue 6).
-        "generation.backend=hf",
     )  # fmt: skip
-    session = build_session(cfg, score_fn=contains_x)
+    x_token = torch.tensor(-1)
 
-    def p_x() -> float:
-        query, mask = left_pad([session.prompt_ids[i % 4] for i in range(256)], tok.pad_token_id)
+    def contains_x(query, query_mask, response, response_mask):
+        return ((response == x_token) & response_mask).any(dim=1).float()
+
+    session = build_session(cfg, score_fn=contains_x)
+    query, mask = left_pad([session.prompt_ids[i % 4] for i in range(512)], tok.pad_token_id)
+
+    def responses() -> tuple[torch.Tensor, torch.Tensor]:
         response = session.backend.generate(query, mask, 8, 1.0, torch.Generator().manual_seed(123))
         response, response_mask, _ = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-        return contains_x(query, mask, response, response_mask).mean().item()
+        return response, response_mask
 
-    before = p_x()
+    response, response_mask = responses()
+    present = torch.zeros(len(tok), dtype=torch.long)
+    for row, row_mask in zip(response, response_mask):
+        present[row[row_mask].unique()] += 1
+    present[[tok.eos_token_id, tok.pad_token_id]] = 0
+    rates = present.float() / len(response)
+    x_token.fill_(int((rates - 0.1).abs().argmin()))
+    before = rates[x_token].item()
     for _ in range(5):
         train_iteration(session)
-    after = p_x()
-    print(f"bandit: P(X in response) {before:.3f} -> {after:.3f}")
-    assert before < 0.05 and after > 0.25  # measured 0.023 -> 0.29 here (fused AdamW), 0.50-0.71 with loop AdamW
+    after = contains_x(query, mask, *responses()).mean().item()
+    print(f"bandit: token {tok.decode([int(x_token)])!r}, P(X in response) {before:.3f} -> {after:.3f}")
+    assert 0.02 < before < 0.2 and after > 3 * before
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
