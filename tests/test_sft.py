@@ -70,6 +70,23 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_lm_dir, tiny_tokenizer):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_response_nll_tracks_fp32(tiny_lm_dir, tiny_tokenizer):
+    """The SFT loss and its gradient under bf16 autocast stay close to fp32 (same weights, same batch)."""
+    demos = [Demonstration(f"Instruction: what is {i} plus 2 ?\nResponse:", f" {i + 2}") for i in range(6)]
+    batch = collate([encode_demonstration(d, tiny_tokenizer, 100, 100) for d in demos], tiny_tokenizer.pad_token_id)
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        model = load_causal_lm(tiny_lm_dir, tiny_tokenizer)
+        nll, n_tokens = response_nll_sum(model, batch, dtype)
+        (nll / n_tokens).backward()
+        assert nll.dtype == torch.float32
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[dtype] = (nll.item() / n_tokens, grad)
+    (loss32, grad32), (loss16, grad16) = results[None], results[torch.bfloat16]
+    assert loss16 != loss32 and abs(loss16 - loss32) <= 0.01 * loss32
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
 def _run_sft(tmp_path, tiny_lm_dir, out_name, *extra):
     data = _write_demos(tmp_path / "demos.jsonl")
     args = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Iterable
@@ -62,3 +63,18 @@ def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False
         mininterval=0.2 if interactive else 15.0,
         disable=disable,
     )
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (bf16 mixed precision), or nothing when ``dtype`` is None.
+
+    Matmuls run in ``dtype``; norms, softmaxes, log-sum-exps, losses, optimizer states and the weights
+    themselves stay float32 (``torch.autocast``'s lists, plus the float32 log-prob and value reads below).
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+"""``precision`` config values of the training stages -> autocast dtype (None = the weights' own dtype)."""

@@ -39,6 +39,7 @@ from instructrl.rl import (
     value_loss,
 )
 from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
+from instructrl.stages.common import mixed_precision
 from instructrl.utils.distributed import Runtime, call_model_function
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -265,17 +266,6 @@ class RolloutSettings:
     missing_eos_score: float | None = None
     autocast_dtype: torch.dtype | None = None
     """Mixed-precision dtype of every forward (``Config.precision``); None = the weights' dtype."""
-
-
-def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` on ``device`` (bf16 mixed precision), or nothing when ``dtype`` is None.
-
-    Matmuls run in ``dtype``; norms, softmaxes, log-sum-exps, losses, optimizer states and the weights
-    themselves stay float32 (``torch.autocast``'s lists, plus the float32 log-prob and value reads below).
-    """
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_rollout(

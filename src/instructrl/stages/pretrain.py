@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,7 +32,7 @@ from instructrl.data.loading import load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
-from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
 from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
@@ -89,6 +90,11 @@ class Config:
     """Seed for initialization and data order."""
     threads: int = 0
     """CPU threads for torch (0 = torch default)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """'bf16': bf16 mixed precision (autocast) for the forward passes; weights, gradients, Adam states and the loss
+    stay float32. Faster where matmuls have a bf16 path (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX): measured
+    on a 2-core AVX512-BF16 CPU, a pretraining step of the 3.4M-parameter sandbox model took 0.70x the fp32 time;
+    the 0.94M one gained nothing (too small for matmuls to dominate)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
@@ -112,6 +118,9 @@ class Config:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
+        require(
+            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
+        )
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
@@ -223,8 +232,9 @@ def run(cfg: Config) -> dict:
         window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
         optimizer.zero_grad(set_to_none=True)
         with out_of_memory_advice("training", "batch_size", "seq_len"):
-            logits = model(input_ids=window[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            with mixed_precision(device, PRECISIONS[cfg.precision]):
+                logits = model(input_ids=window[:, :-1]).logits  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if guard.step_is_finite(step + 1, loss=loss, grad_norm=grad_norm):

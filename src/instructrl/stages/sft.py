@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -38,7 +39,7 @@ from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
-from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import DEVICE_HELP, valid_device_name
 from instructrl.utils.distributed import get_runtime
@@ -134,6 +135,11 @@ class Config:
     """Seed for data order, dropout and held-out split."""
     threads: int = 0
     """CPU threads for torch (0 = torch default)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """'bf16': bf16 mixed precision (autocast) for the forward passes; weights, gradients, Adam states and the loss
+    stay float32. Faster where matmuls have a bf16 path (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX): measured
+    on a 2-core AVX512-BF16 CPU, a pretraining step of the 3.4M-parameter sandbox model took 0.70x the fp32 time;
+    the 0.94M one gained nothing (too small for matmuls to dominate)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     resume: bool = True
@@ -164,6 +170,9 @@ class Config:
         require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
         require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
         require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
+        require(
+            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -236,11 +245,15 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def response_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over labelled positions, and how many there were."""
+def response_nll_sum(
+    model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over labelled positions, and how many there were (forward autocast to
+    ``autocast_dtype`` when set; the NLL itself is computed in float32)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    with mixed_precision(device, autocast_dtype):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
@@ -417,7 +430,7 @@ def run(cfg: Config) -> dict:
         with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
             for index, mb in enumerate(micro_batches):
                 with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
-                    nll, _ = response_nll_sum(training_model, mb)
+                    nll, _ = response_nll_sum(training_model, mb, PRECISIONS[cfg.precision])
                     runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
                 loss_sum += nll.item()
         loss_sum = runtime.sum(loss_sum) / runtime.world_size  # so that loss_sum / n_tokens is the global mean
