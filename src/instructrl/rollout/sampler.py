@@ -181,6 +181,7 @@ class CachedSampler:
     def _sample(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
         from transformers import DynamicCache
 
+        cache_name = kv_cache_argument()
         batch = prompt_ids.shape[0]
         responses = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=prompt_ids.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Q)
@@ -190,9 +191,9 @@ class CachedSampler:
             input_ids=prompt_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=DynamicCache(config=self.model.config),
             use_cache=True,
             logits_to_keep=1,
+            **{cache_name: DynamicCache(config=self.model.config)},
         )
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # (B, V), as generate: float32 before the temperature
@@ -209,11 +210,19 @@ class CachedSampler:
                 input_ids=tokens.unsqueeze(1),
                 attention_mask=attention_mask,
                 position_ids=next_position,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{cache_name: getattr(out, cache_name)},
             )
             next_position = next_position + 1
         return responses  # (B, max_new_tokens)
+
+
+def kv_cache_argument() -> str:
+    """The name of the KV-cache argument and output field of ``transformers`` models: ``cache`` from 5.x (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def run_with_generator(fn, generator: torch.Generator | None):
