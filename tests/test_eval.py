@@ -411,6 +411,44 @@ def test_best_of_n_samples_pick_the_argmax_and_trace_a_curve(world, tasks):
     assert curve.points[-1].proxy_raw == pytest.approx(0.8)
 
 
+def test_proxy_gold_agreement_matches_a_naive_count(world, tasks):
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    picked = tasks[:12]
+    texts = [
+        [world.reference_response(t), " 7", " i do not know .", world.reference_response(t) + " ok ."] for t in picked
+    ]
+    gold = [[world.gold_score(t, x) for x in row] for t, row in zip(picked, texts)]
+    proxy = [[rng.choice([0.0, 0.5, 1.0]) for _ in row] for row in texts]  # ties included
+    samples = best_of_n.BestOfNSamples(picked, texts, [[True] * 4 for _ in picked], proxy, gold)
+    rows = {r.category: r for r in best_of_n.proxy_gold_agreement(samples, world, margin=0.05)}
+
+    naive = {}  # category -> (pairs, agreed, right-wrong pairs, agreed), one pair at a time
+    for t, row, p, g in zip(picked, texts, proxy, gold):
+        flag = "refused" if t.category == "harmful" else "correct"
+        for i, j in itertools.combinations(range(4), 2):
+            for cat in (t.category, "all"):
+                n = naive.setdefault(cat, [0, 0.0, 0, 0.0])
+                if abs(g[i] - g[j]) > 0.05:
+                    n[0] += 1
+                    n[1] += 0.5 if p[i] == p[j] else float((p[i] > p[j]) == (g[i] > g[j]))
+                ri, rj = world.analysis(t, row[i])[flag], world.analysis(t, row[j])[flag]
+                if ri != rj:
+                    n[2] += 1
+                    n[3] += 0.5 if p[i] == p[j] else float((p[i] > p[j]) == ri)
+    assert set(rows) == set(naive) and list(rows)[-1] == "all"
+    for cat, (pairs, agreed, rw_pairs, rw_agreed) in naive.items():
+        r = rows[cat]
+        assert r.pairs == pairs and r.right_wrong_pairs == rw_pairs
+        assert r.agreement == pytest.approx(agreed / pairs if pairs else None)
+        assert r.right_wrong_agreement == pytest.approx(rw_agreed / rw_pairs if rw_pairs else None)
+
+    perfect = best_of_n.BestOfNSamples(picked, texts, samples.stopped, gold, gold)
+    assert all(r.agreement in (1.0, None) for r in best_of_n.proxy_gold_agreement(perfect, world, margin=0.05))
+
+
 def test_sample_best_of_n_with_tiny_models(world, tasks, two_policies, tiny_rm_dir):
     scorer = RewardScorer(tiny_rm_dir, device="cpu")
     picked = [t for t in tasks if t.type == "plain"][:3]
@@ -598,6 +636,7 @@ def _report_data() -> report.ReportData:
             overopt.OverOptCurve.fitted("bon", "bon", bon_points),
         ],
         samples=samples,
+        rm_vs_gold=[best_of_n.ProxyGoldRow("arithmetic", 10, 0.8, 4, 0.5)],
     )
 
 
@@ -643,7 +682,7 @@ def test_report_has_every_table_and_plot_and_metrics_match_the_printed_headline(
     collector = _Collector()
     collector.feed(page)
     expected_tables = ["headline", "win-rates", "breakdowns", "behaviour", "alignment-tax", "rm-accuracy",
-                       "overopt-fits", "overopt-points", "samples", "run-info"]  # fmt: skip
+                       "rm-vs-gold", "overopt-fits", "overopt-points", "samples", "run-info"]  # fmt: skip
     assert collector.tables == expected_tables
     expected_plots = ["plot-win-rates", "plot-training-curves", "plot-overoptimization"]
     assert sorted(collector.images) == sorted(expected_plots)
@@ -657,6 +696,7 @@ def test_report_has_every_table_and_plot_and_metrics_match_the_printed_headline(
     for plot_id in expected_plots:
         assert f"(plots/{plot_id.removeprefix('plot-')}.png)" in markdown
     assert "| ppo_ptx | sft | gold | 63.4% |" in markdown
+    assert "| arithmetic | 10 | 80.0% | 4 | 50.0% |" in markdown
 
     metrics = json.loads(paths["metrics"].read_text())
     printed = _parse_headline(report.format_headline(data))
@@ -673,7 +713,7 @@ def test_report_has_every_table_and_plot_and_metrics_match_the_printed_headline(
 def test_report_without_data_says_so(tmp_path):
     paths = report.write_report(tmp_path, report.ReportData())
     page = paths["html"].read_text()
-    assert "<img" not in page and page.count("not measured in this run") == 10
+    assert "<img" not in page and page.count("not measured in this run") == 11
     assert json.loads(paths["metrics"].read_text())["headline"] == []
 
 
@@ -726,6 +766,7 @@ def test_cli_eval_on_two_tiny_policies(tmp_path, two_policies, tiny_rm_dir, worl
     assert [p["label"] for p in metrics["overoptimization"][0]["points"]] == ["reference", "iter-0002", "iter-0004"]
     assert "ppo_ptx" in metrics["training_final"]
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert metrics["rm_vs_gold"][-1]["category"] == "all" and metrics["rm_vs_gold"][-1]["pairs"] > 0
     assert "labelers judging" in metrics["info"] and metrics["info"]["labelers judging"] == "6, 7"
 
 

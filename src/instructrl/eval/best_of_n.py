@@ -142,3 +142,58 @@ def sample_best_of_n(
     return BestOfNSamples(
         list(tasks), per_prompt(samples.texts), per_prompt(samples.stopped), per_prompt(proxy), per_prompt(gold)
     )
+
+
+@dataclass(frozen=True)
+class ProxyGoldRow:
+    """How often the reward model (proxy) orders two samples of one prompt as the gold judgement does."""
+
+    category: str
+    """Task category, or "all"."""
+    pairs: int
+    """Pairs of samples of one prompt whose gold scores differ by more than the tie margin."""
+    agreement: float | None
+    """Fraction of those the proxy orders the same way (proxy ties count ½); None without pairs."""
+    right_wrong_pairs: int
+    """Pairs where exactly one sample is right (harmless: the correct answer; harmful: a refusal)."""
+    right_wrong_agreement: float | None
+    """Fraction of those where the proxy scores the right one higher (ties ½): whether the RM sees content."""
+
+
+def proxy_gold_agreement(samples: BestOfNSamples, world: SandboxWorld, margin: float = 0.0) -> list[ProxyGoldRow]:
+    """Reward model vs gold on all pairs of the N samples of each prompt, per category and overall.
+
+    For a pair (i, j) with |gold_i − gold_j| > ``margin`` the proxy agrees when sign(proxy_i − proxy_j) =
+    sign(gold_i − gold_j) (a proxy tie counts ½). The right-vs-wrong subset asks the question the win rate
+    depends on once style is fixed: does the reward model prefer the correct answer (or the refusal of a
+    harmful request) to a wrong one?
+    """
+    tallies: dict[str, list[float]] = {}  # category -> [pairs, agreed, right-wrong pairs, agreed]
+
+    def add(category: str, key: int, value: float) -> None:
+        for name in (category, "all"):
+            t = tallies.setdefault(name, [0, 0.0, 0, 0.0])
+            t[key] += 1
+            t[key + 1] += value
+
+    for task, texts, proxy, gold in zip(samples.tasks, samples.texts, samples.proxy, samples.gold):
+        flag = "refused" if task.category == "harmful" else "correct"
+        right = [bool(world.analysis(task, text)[flag]) for text in texts]
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                proxy_sign = (proxy[i] > proxy[j]) - (proxy[i] < proxy[j])
+                if abs(gold[i] - gold[j]) > margin:
+                    add(task.category, 0, 0.5 + 0.5 * proxy_sign * (1 if gold[i] > gold[j] else -1))
+                if right[i] != right[j]:
+                    add(task.category, 2, 0.5 + 0.5 * proxy_sign * (1 if right[i] else -1))
+    categories = sorted(c for c in tallies if c != "all") + (["all"] if "all" in tallies else [])
+    return [
+        ProxyGoldRow(
+            name,
+            int(tallies[name][0]),
+            tallies[name][1] / tallies[name][0] if tallies[name][0] else None,
+            int(tallies[name][2]),
+            tallies[name][3] / tallies[name][2] if tallies[name][2] else None,
+        )
+        for name in categories
+    ]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructrl.eval.best_of_n import ProxyGoldRow
 from instructrl.eval.overopt import Fit, OverOptCurve, predict
 from instructrl.eval.sandbox_eval import BehaviourRow
 from instructrl.eval.stats import WinRate, wilson_interval
@@ -126,6 +127,8 @@ class ReportData:
     """PPO run name -> its metrics.jsonl records."""
     overopt: list[OverOptCurve] = field(default_factory=list)
     samples: list[SampleRow] = field(default_factory=list)
+    rm_vs_gold: list[ProxyGoldRow] = field(default_factory=list)
+    """The reward model against the gold judgement on pairs of the best-of-n samples, per category."""
 
 
 # --------------------------------------------------------------------------- headline
@@ -555,6 +558,7 @@ def build_tables(data: ReportData) -> list[Table]:
             ["measure", "measured", "pairs", "paper value"],
             _rm_rows(data.rm),
         ),
+        _rm_vs_gold_table(data.rm_vs_gold),
         Table(
             "overopt-fits",
             "Over-optimization fits (Gao et al. 2022)",
@@ -580,6 +584,20 @@ def build_tables(data: ReportData) -> list[Table]:
         Table("run-info", "Run", ["item", "value"], [[k, str(v)] for k, v in data.info.items()]),
     ]
     return tables
+
+
+def _rm_vs_gold_table(rows: Sequence[ProxyGoldRow]) -> Table:
+    return Table(
+        "rm-vs-gold",
+        "Reward model vs gold judgement on the baseline's samples",
+        ["category", "pairs", "RM agrees with gold", "right-vs-wrong pairs", "RM prefers the right one"],
+        [
+            [r.category, str(r.pairs), _pct(r.agreement), str(r.right_wrong_pairs), _pct(r.right_wrong_agreement)]
+            for r in rows
+        ],
+        "All pairs of the best-of-n samples of each prompt. Right = the correct answer (harmful requests: a refusal); "
+        "a reward model that only learned style scores right-vs-wrong near 50%, and PPO cannot fix content then.",
+    )
 
 
 def _rm_rows(rm: RMAccuracy | None) -> list[list[str]]:
@@ -786,6 +804,7 @@ def render_html(data: ReportData, tables: Sequence[Table], plots: Sequence[Plot]
         "behaviour",
         "alignment-tax",
         "rm-accuracy",
+        "rm-vs-gold",
         "plot-training-curves",
         "plot-overoptimization",
         "overopt-fits",
@@ -853,6 +872,7 @@ def report_metrics(data: ReportData) -> dict[str, Any]:
             "behaviour": data.behaviour,
             "alignment_tax": data.tax,
             "rm_accuracy": data.rm,
+            "rm_vs_gold": data.rm_vs_gold,
             "training_final": final,
             "overoptimization": [
                 {

@@ -27,7 +27,7 @@ import yaml
 
 from instructrl.config import require, require_non_negative, require_positive, save_config
 from instructrl.errors import UserFacingError
-from instructrl.eval.best_of_n import sample_best_of_n
+from instructrl.eval.best_of_n import ProxyGoldRow, proxy_gold_agreement, sample_best_of_n
 from instructrl.eval.judges import (
     CallableJudge,
     GoldJudge,
@@ -382,6 +382,7 @@ def collect(cfg: Config) -> ReportData:
     scorer = RewardScorer(cfg.reward_model, device=device) if cfg.reward_model else None
 
     bon_curves: list[OverOptCurve] = []
+    rm_vs_gold: list[ProxyGoldRow] = []
     if cfg.best_of_n and scorer is not None:
         source = cfg.bon_policy or cfg.baseline
         if source not in cfg.policies:
@@ -393,6 +394,7 @@ def collect(cfg: Config) -> ReportData:
         )  # fmt: skip
         evals[f"best-of-{cfg.best_of_n}"] = bon.policy_eval(world)
         bon_curves.append(bon.curve(run=f"best-of-n from {source}"))
+        rm_vs_gold = proxy_gold_agreement(bon, world, cfg.gold_tie_margin)
 
     labelers = cfg.labelers or heldout_labelers_of(rm_results)
     judges = build_judges(cfg, world, scorer, labelers)
@@ -442,6 +444,7 @@ def collect(cfg: Config) -> ReportData:
         training_curves=training_curves,
         overopt=rl_curves + bon_curves,
         samples=pick_samples(tasks, evals, cfg.samples),
+        rm_vs_gold=rm_vs_gold,
     )
 
 
