@@ -141,9 +141,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_and_the_previous_one_kept(tmp_
 def test_sft_skips_a_nan_loss(tmp_path, tiny_lm_dir, monkeypatch):
     real, calls = sft.response_nll_sum, []
 
-    def nan_on_third_call(model, batch):
+    def nan_on_third_call(model, batch, autocast_dtype=None):
         calls.append(1)
-        nll, n = real(model, batch)
+        nll, n = real(model, batch, autocast_dtype)
         return (nll * float("nan") if len(calls) == 3 else nll), n
 
     monkeypatch.setattr(sft, "response_nll_sum", nan_on_third_call)
