@@ -170,6 +170,18 @@ class _LMHeadLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
 
 
+def _flatten_for_head(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Checked inputs of the chunked LM head: (B·T, d) hidden states, (B·T,) labels, positions per chunk."""
+    _check_temperature(temperature)
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
+    flat_labels = labels.reshape(-1)  # (B·T,)
+    return flat_hidden, flat_labels, _lm_head_rows(flat_labels.shape[0], weight.shape[0], chunk_elements)
+
+
 def _lm_head_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
     return max(1, min(n_rows, chunk_elements // max(1, vocab)))
 
@@ -208,12 +220,7 @@ def lm_head_logprobs(
     Returns:
         (B, T) log-probs in float32 (float64 for float64 weights).
     """
-    _check_temperature(temperature)
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
-    flat_labels = labels.reshape(-1)  # (B·T,)
-    rows = _lm_head_rows(flat_labels.shape[0], weight.shape[0], chunk_elements)
+    flat_hidden, flat_labels, rows = _flatten_for_head(hidden, weight, labels, temperature, chunk_elements)
     dtype = matmul_dtype(hidden.device.type, weight.dtype)
     grads_needed = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     keep = torch.is_grad_enabled() and grads_needed  # else nothing is kept for a backward pass
@@ -235,12 +242,7 @@ def lm_head_logprobs_and_entropy(
     For rollout scoring: as :func:`lm_head_logprobs` plus the entropy H = logsumexp(z/τ) − Σ_v p_v z_v/τ
     (:func:`entropy_from_logits`), while each chunk's logits exist anyway.
     """
-    _check_temperature(temperature)
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
-    flat_labels = labels.reshape(-1)  # (B·T,)
-    rows = _lm_head_rows(flat_labels.shape[0], weight.shape[0], chunk_elements)
+    flat_hidden, flat_labels, rows = _flatten_for_head(hidden, weight, labels, temperature, chunk_elements)
     w = weight.to(matmul_dtype(hidden.device.type, weight.dtype))
     logprobs = torch.empty(flat_labels.shape, dtype=_accumulate_dtype(w.dtype), device=hidden.device)
     entropy = torch.empty_like(logprobs)

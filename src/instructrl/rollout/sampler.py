@@ -97,8 +97,7 @@ class HFGenerateBackend:
         temperature: float,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        require_sampling_temperature(temperature)
         config = self.generation_config(max_new_tokens, temperature)
 
         def sample() -> torch.Tensor:
@@ -113,6 +112,12 @@ class HFGenerateBackend:
         if missing > 0:
             responses = torch.nn.functional.pad(responses, (0, missing), value=self.pad_token_id)
         return responses  # (B, max_new_tokens)
+
+
+def require_sampling_temperature(temperature: float) -> None:
+    """Every backend samples, so a temperature of 0 (greedy) or below is an error, not a mode."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
 
 
 def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -173,8 +178,7 @@ class CachedSampler:
         temperature: float,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        require_sampling_temperature(temperature)
         with torch.inference_mode():
             return self._sample(prompt_ids, attention_mask.long(), max_new_tokens, temperature, generator)
 

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
+from instructrl.rollout.sampler import require_sampling_temperature
+
 IN_PROCESS_MODEL_PATHS = (
     ("llm_engine", "model_executor", "driver_worker", "worker", "model_runner", "model"),
     ("llm_engine", "model_executor", "driver_worker", "model_runner", "model"),
@@ -116,8 +118,7 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        require_sampling_temperature(temperature)
         prompts = unpadded_prompts(prompt_ids, attention_mask)
         params = [
             SamplingParams(
