@@ -280,8 +280,13 @@ def run_ours(shape: Shape, assets: dict, precision: str, iterations: int, warmup
         "resume=false",
         "device=cpu",
     ]
+    precision, _, variant = precision.partition(":")  # "fp32:plain" = fp32 without the kernel swaps
     if precision != "fp32":
         overrides.append(f"precision={precision}")
+    if variant == "plain":
+        overrides.append("fused_kernels=false")
+    elif variant:
+        raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected :plain")
     cfg = load_config(ppo.Config, overrides=overrides)
     session = build_session(cfg)
     backend = TimedBackend(make_generation_backend(cfg, session.policy, session.tokenizer, session.runtime))
@@ -487,7 +492,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of every worker")
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--precisions", default="fp32,bf16", help="our precisions (the peer runs fp32)")
+    parser.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="our precisions (the peer runs fp32); append :plain for a run without fused_kernels",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip TRL (e.g. when it is not installed)")
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring the matmul peak")
@@ -535,7 +544,7 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict) -> None
     print(f"\n{shape.name}: {shape.arch}, {shape.n_layers} layers, width {shape.d_model}, {shape.n_heads} heads, "
           f"vocab {shape.vocab}; batch {shape.batch} × ({shape.prompt_len} prompt + ≤{shape.response_len} response) "
           f"tokens; {shape.epochs} epochs × {shape.minibatches} minibatches")  # fmt: skip
-    header = f"{'side':<10} {'s/iter':>7} {'ratio':>6} {'samples/s':>9}  {'gen / score / train (s)':<24} " \
+    header = f"{'side':<16} {'s/iter':>7} {'ratio':>6} {'samples/s':>9}  {'gen / score / train (s)':<24} " \
              f"{'peak RSS (+work) MiB':>21}  {'train FLOP/s (util fp32)':>24}"  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -550,7 +559,7 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict) -> None
             util = f"{achieved / 1e9:.1f} G ({achieved / peak['fp32']:.0%})"
         else:
             util = f"{sum(flops.values()) / s['total'] / 1e9:.1f} G (whole iter)"
-        print(f"{side:<10} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
+        print(f"{side:<16} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
               f"{util:>24}")  # fmt: skip
     base = generation.get("model.generate")
     for name, g in generation.items():

@@ -226,6 +226,10 @@ class Config:
     weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32. About 2×
     faster where matmuls have a bf16 path (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on); losses track
     fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32': everything in float32."""
+    fused_kernels: bool = True
+    """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
+    ``gelu_new`` as one tanh-GELU kernel, and (one process only) sparse backward rows for the policy's tied
+    input embedding. Results agree with false up to float rounding; false runs the models exactly as loaded."""
     seed: int = 0
     """Seed for sampling, prompt order and minibatch shuffling."""
     threads: int = 0

@@ -20,6 +20,7 @@ import torch
 from instructrl.data.loading import load_prompts, load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
+from instructrl.models.kernels import fuse_activations, sparse_tied_embedding_gradient
 from instructrl.models.reward import init_scalar_head, load_reward_model
 from instructrl.rl import AdaptiveKLController, FixedKLController
 from instructrl.rollout.sampler import CachedSampler, GenerationBackend, HFGenerateBackend
@@ -59,6 +60,15 @@ def _prepare(model: torch.nn.Module, device: torch.device, trainable: bool) -> t
     model.eval()  # train() would only switch dropout on, and it is off: eval keeps rollout == training numerics
     model.requires_grad_(trainable)
     return model.to(device)
+
+
+def use_fused_kernels(policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int) -> None:
+    """``fused_kernels``: one-kernel activations in all four models; sparse embedding rows for the policy's
+    tied embedding in one process only (DDP/ZeRO would take the tied weight for a sparse-gradient parameter)."""
+    for model in (policy, *others):
+        fuse_activations(model)
+    if world_size == 1:
+        sparse_tied_embedding_gradient(policy)
 
 
 def _check_vocabulary(model: torch.nn.Module, tokenizer, path: str) -> None:
@@ -309,6 +319,8 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
     value_model = load_scalar_model(cfg.value_model or cfg.reward_model, tokenizer, device, trainable=True)
     if cfg.value_head_init == "zero":
         init_scalar_head(value_model, zero=True)
+    if cfg.fused_kernels:
+        use_fused_kernels(policy, (ref_policy, reward_model, value_model), runtime.world_size)
     prompt_texts, prompt_ids = load_prompt_ids(cfg, tokenizer)
     _check_positions(cfg, policy, prompt_ids)
     ptx_sampler = build_ptx_sampler(cfg, tokenizer) if cfg.ptx.coef > 0 else None  # γ = 0 never reads the data

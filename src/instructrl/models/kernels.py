@@ -1,0 +1,61 @@
+"""Faster equivalents of two slow spots in Hugging Face decoders, swapped into a loaded model in place.
+
+Both keep the model's math and its saved form (no parameter, buffer or config changes); they only change
+which kernels compute it. Measured on 2 CPU threads, one training step (forward, backward, fused AdamW):
+
+* **GPT-2's activation.** ``gelu_new`` (:class:`transformers.activations.NewGELUActivation`) is the tanh
+  approximation of GELU written as six elementwise Python ops, each a pass over the (tokens × 4·d) MLP
+  activations forward and more backward. ``torch.nn.functional.gelu(approximate="tanh")`` computes the same
+  formula in one kernel each way (float64 difference ≤ 5e-16). A GPT-2 with 4 layers, width 256, 16 × 64
+  tokens: 163 → 146 ms per step (0.85-0.90×). Llama's SiLU is already one kernel.
+* **A tied embedding's gradient.** With tied input/output embeddings, the input embedding's backward
+  builds a dense (vocab × d) gradient (zero fill, then add the looked-up rows) that autograd then adds to
+  the LM head's dense gradient: two extra passes over vocab × d floats per backward. With ``sparse=True``
+  the embedding contributes only the rows it looked up, added into the LM head's dense gradient, and the
+  parameter's ``.grad`` stays dense for AdamW. A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48
+  tokens: 528-549 → 505-521 ms per step (0.95×).
+
+The sparse-gradient embedding is only for one process: DDP and DeepSpeed treat an ``nn.Embedding`` with
+``sparse=True`` as a sparse-gradient parameter, which a tied weight is not.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.activations import GELUTanh, NewGELUActivation
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace every ``gelu_new`` module with the one-kernel tanh GELU; returns how many were replaced."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:  # exactly this class: a subclass may compute something else
+                setattr(module, name, GELUTanh())
+                replaced += 1
+    return replaced
+
+
+def tied_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The input embedding when it shares its weight with the output embedding (the LM head), else None."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_input is None or get_output is None:
+        return None
+    embedding, head = get_input(), get_output()
+    if not isinstance(embedding, torch.nn.Embedding) or head is None:
+        return None
+    return embedding if embedding.weight is getattr(head, "weight", None) else None
+
+
+def sparse_tied_embedding_gradient(model: torch.nn.Module) -> bool:
+    """Let a tied input embedding send only its looked-up rows backward; returns whether it applied.
+
+    The LM head's gradient is dense and covers the same weight, so the accumulated ``.grad`` is dense as
+    before, as long as the LM head is in every backward (it is in PPO's policy loss and the ptx loss).
+    """
+    embedding = tied_embedding(model)
+    if embedding is None or not embedding.weight.requires_grad:
+        return False
+    embedding.sparse = True
+    return True

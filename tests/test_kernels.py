@@ -1,0 +1,123 @@
+"""The kernel swaps of instructrl.models.kernels compute what the models computed before, gradients included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import GELUTanh, NewGELUActivation
+
+from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+from instructrl.models.kernels import fuse_activations, sparse_tied_embedding_gradient, tied_embedding
+from instructrl.stages import ppo_session
+from instructrl.stages.ppo_parts import compute_advantages
+from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step
+from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
+
+
+def tiny(tokenizer, arch: str, tie: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    spec = ModelSpec(arch=arch, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, tie_embeddings=tie)
+    return build_causal_lm(spec, tokenizer).double().eval()
+
+
+def loss_and_grads(model, ids: torch.Tensor, backwards: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LM loss (through embedding and LM head); ``backwards`` > 1 accumulates gradients as micro-batches do."""
+    model.zero_grad(set_to_none=True)
+    for _ in range(backwards):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gelu_new_is_replaced_by_the_one_kernel_tanh_gelu_with_the_same_outputs_and_gradients(tiny_tokenizer):
+    x = torch.linspace(-8, 8, 10001, dtype=torch.float64)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=0, atol=1e-15)
+
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    model = tiny(tiny_tokenizer, "gpt2")
+    expected_loss, expected_grads = loss_and_grads(model, ids)
+    assert fuse_activations(model) == 2  # one per block
+    assert not any(type(m) is NewGELUActivation for m in model.modules())
+    assert fuse_activations(model) == 0  # idempotent
+    loss, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-12)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert fuse_activations(tiny(tiny_tokenizer, "llama")) == 0  # SiLU is one kernel already
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparse_tied_embedding_leaves_the_dense_accumulated_gradient_unchanged(tiny_tokenizer, arch):
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(2))
+    model = tiny(tiny_tokenizer, arch)
+    expected_loss, expected_grads = loss_and_grads(model, ids, backwards=2)
+    assert sparse_tied_embedding_gradient(model)
+    assert model.get_input_embeddings().sparse
+    loss, grads = loss_and_grads(model, ids, backwards=2)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    weight = model.get_input_embeddings().weight
+    assert not weight.grad.is_sparse  # dense, as AdamW (fused or not) requires
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-14, msg=name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    optimizer.step()  # a sparse .grad would raise here
+
+
+def test_untied_or_frozen_embeddings_are_left_alone(tiny_tokenizer):
+    untied = tiny(tiny_tokenizer, "llama", tie=False)
+    assert tied_embedding(untied) is None
+    assert not sparse_tied_embedding_gradient(untied)
+    assert not untied.get_input_embeddings().sparse
+    frozen = tiny(tiny_tokenizer, "llama").requires_grad_(False)
+    assert not sparse_tied_embedding_gradient(frozen)
+    assert not frozen.get_input_embeddings().sparse
+
+
+@pytest.fixture
+def gpt2_policy(tmp_path, tiny_tokenizer):
+    path = tmp_path / "gpt2_policy"
+    model = tiny(tiny_tokenizer, "gpt2").float()
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("policy", ["llama", "gpt2"])
+def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path, gpt2_policy, policy):  # noqa: F811
+    """Rollout tensors, losses and the updated weights agree; the swaps really happened."""
+    overrides = ["ptx.coef=1.0", "generation.temperature=0.8"]
+    if policy == "gpt2":
+        overrides.append(f"policy={gpt2_policy}")
+    results = {}
+    for fused in (True, False):
+        cfg = make_cfg(env, tmp_path / str(fused), *overrides, f"fused_kernels={str(fused).lower()}")
+        torch.manual_seed(0)
+        session = build_session(cfg)
+        activations = [type(m) for m in session.policy.modules() if type(m) in (NewGELUActivation, GELUTanh)]
+        assert all(t is (GELUTanh if fused else NewGELUActivation) for t in activations)
+        assert bool(activations) == (policy == "gpt2")
+        assert session.policy.get_input_embeddings().sparse == fused
+        rollout, _ = collect_rollout(session)
+        rollout = compute_advantages(rollout, session.kl_controller.value)
+        stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))
+        weights = {k: v.detach().clone() for k, v in session.policy.named_parameters()}
+        results[fused] = (rollout, stats, weights)
+    (a, stats_a, weights_a), (b, stats_b, weights_b) = results[True], results[False]
+    torch.testing.assert_close(a.response, b.response, rtol=0, atol=0)
+    for field in ("logprobs", "ref_logprobs", "values", "scores", "advantages"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-5, msg=field)
+    for key in ("loss/policy", "loss/value", "loss/ptx", "policy/grad_norm"):
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-6), key
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_several_processes_keep_the_dense_embedding(tiny_tokenizer):
+    """DDP/ZeRO would take a sparse-flagged tied weight for a sparse-gradient parameter: not under N > 1."""
+    policy, other = tiny(tiny_tokenizer, "gpt2"), tiny(tiny_tokenizer, "gpt2")
+    ppo_session.use_fused_kernels(policy, (other,), world_size=2)
+    assert not policy.get_input_embeddings().sparse
+    assert not any(type(m) is NewGELUActivation for model in (policy, other) for m in model.modules())
+    ppo_session.use_fused_kernels(policy, (other,), world_size=1)
+    assert policy.get_input_embeddings().sparse and not other.get_input_embeddings().sparse
