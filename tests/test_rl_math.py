@@ -187,6 +187,19 @@ def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
         torch.testing.assert_close(entropy, entropy_from_logits(logits, temperature), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 11, 1 << 20])
+def test_fused_lm_head_with_a_frozen_head_gives_only_the_hidden_gradient(chunk_elements):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 5, 6, generator=g, dtype=DT, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, dtype=DT)  # frozen, as under LoRA
+    labels = torch.randint(0, 11, (4, 5), generator=g)
+    (got,) = torch.autograd.grad(lm_head_logprobs(hidden, weight, labels, 0.8, None, chunk_elements).sum(), hidden)
+    naive = torch.log_softmax(hidden @ weight.T / 0.8, dim=-1).gather(-1, labels[..., None]).sum()
+    (expected,) = torch.autograd.grad(naive, hidden)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert weight.grad is None
+
+
 def test_fused_lm_head_keeps_nothing_without_autograd():
     hidden, weight = torch.randn(2, 3, 4), torch.randn(7, 4, requires_grad=True)
     labels = torch.randint(0, 7, (2, 3))

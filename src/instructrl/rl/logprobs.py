@@ -149,8 +149,15 @@ class _LMHeadLogprobs(torch.autograd.Function):
         w = weight.detach().to(ctx.compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = _accumulate_dtype(ctx.compute_dtype)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # accumulated in >= fp32
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+        # ∂/∂W is accumulated over chunks in >= fp32. When the matmuls already run in that dtype, each chunk's
+        # product is written (first chunk) or added (addmm_) straight into it: no zero fill, no temporary.
+        in_place = acc == ctx.compute_dtype
+        want_weight = ctx.needs_input_grad[1]  # False for a frozen head (LoRA)
+        grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        if want_weight and labels.shape[0] == 0:
+            grad_weight.zero_()
+        want_bias = ctx.bias is not None and ctx.needs_input_grad[2]
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_bias else None
         for index, start in enumerate(range(0, labels.shape[0], ctx.chunk_size)):
             rows = slice(start, start + ctx.chunk_size)
             g = grad_out[rows].to(acc)  # (n,)
@@ -160,14 +167,29 @@ class _LMHeadLogprobs(torch.autograd.Function):
             if ctx.temperature != 1.0:
                 grad_z /= ctx.temperature
             ctx.probs[index] = None  # free as we go
-            grad_bias += grad_z.sum(dim=0)
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(dim=0)
             grad_z = grad_z.to(ctx.compute_dtype)
             with torch.autocast(hidden.device.type, enabled=False):
                 if grad_hidden is not None:
                     grad_hidden[rows] = (grad_z @ w).to(hidden.dtype)
-                grad_weight += (grad_z.T @ hidden[rows].to(ctx.compute_dtype)).to(acc)
-        grad_bias = grad_bias.to(ctx.bias.dtype) if ctx.bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
+                if grad_weight is not None:
+                    _add_weight_grad(grad_weight, grad_z, hidden[rows].to(ctx.compute_dtype), index == 0, in_place)
+        grad_bias = grad_bias.to(ctx.bias.dtype) if grad_bias is not None else None
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor, first: bool, in_place: bool):
+    """grad_weight (+)= grad_zᵀ h: (V, d) from (n, V) and (n, d); in place when the dtypes allow it."""
+    if in_place and first:
+        torch.mm(grad_z.T, h, out=grad_weight)
+    elif in_place:
+        grad_weight.addmm_(grad_z.T, h)
+    elif first:
+        grad_weight.copy_(grad_z.T @ h)
+    else:
+        grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
 
 
 def _flatten_for_head(
