@@ -4,6 +4,11 @@ Run (after ``pip install -e '.[bench]'``)::
 
     python benchmarks/ppo_throughput.py                 # both shapes, 2 threads, 3 timed iterations each
     python benchmarks/ppo_throughput.py --shapes S1 --iterations 5 --threads 2
+    python benchmarks/ppo_throughput.py --shapes S1 --rounds 3 --precisions fp32,fp32:plain   # A/B, drift-robust
+
+``--rounds N`` runs every side N times, alternating the order, pools the timed iterations and prints each
+round's ratio: this VM's speed drifts by 10-20% within minutes, more than many single changes are worth.
+A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.models.kernels``).
 
 Both sides get the same randomly initialized models (policy, frozen reference, reward model, value model of
 the same architecture; the value model starts from the reward model), the same 16-token prompts, the same
@@ -482,6 +487,21 @@ def spawn(worker: str, ns: argparse.Namespace, shape: str = "S1", assets: str = 
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result per side from ``--rounds`` runs: every timed iteration pooled (the median is taken over all of
+    them), the highest peak memory, and each round's own median s/iter kept for the ratio's spread."""
+    merged = {}
+    for label in rounds[0]:
+        results = [r[label] for r in rounds]
+        worst = max(results, key=lambda r: r["peak_rss_mib"])
+        merged[label] = {
+            **worst,
+            "iterations": [row for r in results for row in r["iterations"]],
+            "round_totals": [summarize(r["iterations"])["total"] for r in results],
+        }
+    return merged
+
+
 def summarize(rows: list[dict]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
 
@@ -492,6 +512,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of every worker")
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every side this many times, alternating the order; the ratio's "
+        "min-max over rounds is printed (this VM drifts by up to ~20%% between runs)",
+    )
     parser.add_argument(
         "--precisions",
         default="fp32,bf16",
@@ -506,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
+    if ns.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if ns.worker:
         worker_main(ns)
         return {}
@@ -513,8 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     report: dict = {"threads": ns.threads, "torch": torch.__version__, "shapes": {}}
+    rounds = f" in each of {ns.rounds} rounds" if ns.rounds > 1 else ""
     print(f"instructrl PPO vs TRL PPOTrainer: torch {torch.__version__}, {ns.threads} threads, "
-          f"median of {ns.iterations} iterations after {ns.warmup} warm-up", flush=True)  # fmt: skip
+          f"median of {ns.iterations} iterations after {ns.warmup} warm-up{rounds}", flush=True)  # fmt: skip
     peak = spawn("peak", ns)
     report["matmul_peak"] = peak
     print(f"measured matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
@@ -526,11 +556,14 @@ def main(argv: list[str] | None = None) -> dict:
             assets = build_assets(shape, Path(tmp))
             assets_file = Path(tmp) / "assets.json"
             assets_file.write_text(json.dumps(assets))
-            sides = {}
-            if not ns.no_peer:
-                sides["peer fp32"] = spawn("peer", ns, name, str(assets_file))
-            for precision in precisions:
-                sides[f"ours {precision}"] = spawn("ours", ns, name, str(assets_file), precision)
+            runs = ([("peer fp32", "peer", "fp32")] if not ns.no_peer else []) + [
+                (f"ours {precision}", "ours", precision) for precision in precisions
+            ]
+            rounds: list[dict] = []
+            for index in range(ns.rounds):  # the order alternates so that a drift of the machine hits both sides
+                order = runs if index % 2 == 0 else runs[::-1]
+                rounds.append({label: spawn(worker, ns, name, str(assets_file), p) for label, worker, p in order})
+            sides = merge_rounds(rounds)
             generation = spawn("generation", ns, name, str(assets_file))
         report["shapes"][name] = {"shape": asdict(shape), "sides": sides, "generation": generation}
         print_shape(shape, sides, generation, peak)
@@ -561,6 +594,13 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict) -> None
             util = f"{sum(flops.values()) / s['total'] / 1e9:.1f} G (whole iter)"
         print(f"{side:<16} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
               f"{util:>24}")  # fmt: skip
+    if peer and len(sides["peer fp32"].get("round_totals", [])) > 1:
+        peer_rounds = sides["peer fp32"]["round_totals"]
+        for side, result in sides.items():
+            if side != "peer fp32":
+                ratios = [ours / theirs for ours, theirs in zip(result["round_totals"], peer_rounds)]
+                print(f"{side}: ratio per round {' '.join(f'{r:.2f}' for r in ratios)} "
+                      f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     base = generation.get("model.generate")
     for name, g in generation.items():
         ratio = f", {g['seconds'] / base['seconds']:.2f}× model.generate's time" if name != "model.generate" else ""

@@ -14,18 +14,39 @@ HAVE_TRL = importlib.util.find_spec("trl") is not None
 
 
 def test_benchmark_script_runs_at_a_tiny_shape(tmp_path):
-    """Both precisions of ours, and TRL's PPOTrainer when the ``bench`` extra is installed (else --no-peer)."""
+    """Both precisions of ours (bf16 without the kernel swaps), and TRL's PPOTrainer when the ``bench`` extra is
+    installed (else --no-peer), in two alternating rounds."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--shapes", "tiny", "--iterations", "1", "--warmup", "1",
-           "--threads", "1", "--peak-seconds", "0.1", "--json", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(SCRIPT), "--shapes", "tiny", "--iterations", "1", "--warmup", "1", "--rounds", "2",
+           "--precisions", "fp32,bf16:plain", "--threads", "1", "--peak-seconds", "0.1",
+           "--json", str(out)]  # fmt: skip
     if not HAVE_TRL:
         cmd.append("--no-peer")
     src = str(SCRIPT.parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ours fp32" in proc.stdout and "ours bf16" in proc.stdout and "generation ours" in proc.stdout
+    assert "ours fp32" in proc.stdout and "ours bf16:plain" in proc.stdout and "generation ours" in proc.stdout
     report = json.loads(out.read_text())
     sides = report["shapes"]["tiny"]["sides"]
     assert ("peer fp32" in sides) == HAVE_TRL
     assert all(r["total"] > 0 for side in sides.values() for r in side["iterations"])
+    assert all(len(side["iterations"]) == 2 and len(side["round_totals"]) == 2 for side in sides.values())
+    assert ("ratio per round" in proc.stdout) == HAVE_TRL
+
+
+def test_rounds_pool_the_iterations_and_keep_each_rounds_median(monkeypatch):
+    spec = importlib.util.spec_from_file_location("ppo_throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    def result(totals, peak):
+        return {"iterations": [{"total": t} for t in totals], "peak_rss_mib": peak, "rss_before_mib": 1.0}
+
+    rounds = [{"ours": result([3.0, 1.0, 2.0], 10.0)}, {"ours": result([5.0, 4.0, 6.0], 12.0)}]
+    merged = bench.merge_rounds(rounds)["ours"]
+    assert merged["round_totals"] == [2.0, 5.0]
+    assert sorted(r["total"] for r in merged["iterations"]) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert bench.summarize(merged["iterations"])["total"] == 3.5
+    assert merged["peak_rss_mib"] == 12.0
