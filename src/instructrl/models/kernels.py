@@ -13,7 +13,8 @@ which kernels compute it. Measured on 2 CPU threads, one training step (forward,
   the LM head's dense gradient: two extra passes over vocab × d floats per backward. With ``sparse=True``
   the embedding contributes only the rows it looked up, added into the LM head's dense gradient, and the
   parameter's ``.grad`` stays dense for AdamW. A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48
-  tokens: 528-549 → 505-521 ms per step (0.95×).
+  tokens: 528-549 → 505-521 ms per step (0.95×) in one measurement, but 533-535 → 535-543 ms in a later one:
+  within this VM's run-to-run drift. It saves two passes over 16M floats per backward.
 
 The sparse-gradient embedding is only for one process: DDP and DeepSpeed treat an ``nn.Embedding`` with
 ``sparse=True`` as a sparse-gradient parameter, which a tied weight is not.
