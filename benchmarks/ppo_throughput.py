@@ -542,9 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     report: dict = {"threads": ns.threads, "torch": torch.__version__, "shapes": {}}
-    rounds = f" in each of {ns.rounds} rounds" if ns.rounds > 1 else ""
+    per_round = f" in each of {ns.rounds} rounds" if ns.rounds > 1 else ""
     print(f"instructrl PPO vs TRL PPOTrainer: torch {torch.__version__}, {ns.threads} threads, "
-          f"median of {ns.iterations} iterations after {ns.warmup} warm-up{rounds}", flush=True)  # fmt: skip
+          f"median of {ns.iterations} iterations after {ns.warmup} warm-up{per_round}", flush=True)  # fmt: skip
     peak = spawn("peak", ns)
     report["matmul_peak"] = peak
     print(f"measured matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
