@@ -152,10 +152,10 @@ def test_entropy_of_uniform_is_log_vocab():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk_elements", [1, 3 * 11, 1 << 20])
+@pytest.mark.parametrize(("chunk_elements", "vocab_block"), [(1, 1), (3 * 11, 4), (1 << 20, 2048), (7, 11)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
-    seed, temperature, chunk_elements, with_bias
+    seed, temperature, chunk_elements, vocab_block, with_bias
 ):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(4, 5, 6, generator=g, dtype=DT, requires_grad=True)
@@ -173,7 +173,7 @@ def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
         value = fn()
         return value.detach(), torch.autograd.grad((value * upstream).sum(), inputs)
 
-    fused = lambda: lm_head_logprobs(hidden, weight, labels, temperature, bias, chunk_elements)  # noqa: E731
+    fused = lambda: lm_head_logprobs(hidden, weight, labels, temperature, bias, chunk_elements, vocab_block)  # noqa: E731
     got, got_grads = gradients(fused)
     expected, expected_grads = gradients(naive_logprobs)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -181,19 +181,24 @@ def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
     with torch.no_grad():
-        logprobs, entropy = lm_head_logprobs_and_entropy(hidden, weight, labels, temperature, bias, chunk_elements)
+        logprobs, entropy = lm_head_logprobs_and_entropy(
+            hidden, weight, labels, temperature, bias, chunk_elements, vocab_block
+        )
         logits = hidden @ weight.T + (bias if bias is not None else 0)
         torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(entropy, entropy_from_logits(logits, temperature), rtol=0, atol=1e-12)
+        no_grad = lm_head_logprobs(hidden, weight, labels, temperature, bias, chunk_elements, vocab_block)
+        torch.testing.assert_close(no_grad, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 3 * 11, 1 << 20])
-def test_fused_lm_head_with_a_frozen_head_gives_only_the_hidden_gradient(chunk_elements):
+@pytest.mark.parametrize("vocab_block", [1, 4, 2048])
+def test_fused_lm_head_with_a_frozen_head_gives_only_the_hidden_gradient(vocab_block):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(4, 5, 6, generator=g, dtype=DT, requires_grad=True)
     weight = torch.randn(11, 6, generator=g, dtype=DT)  # frozen, as under LoRA
     labels = torch.randint(0, 11, (4, 5), generator=g)
-    (got,) = torch.autograd.grad(lm_head_logprobs(hidden, weight, labels, 0.8, None, chunk_elements).sum(), hidden)
+    logprobs = lm_head_logprobs(hidden, weight, labels, 0.8, None, vocab_block=vocab_block)
+    (got,) = torch.autograd.grad(logprobs.sum(), hidden)
     naive = torch.log_softmax(hidden @ weight.T / 0.8, dim=-1).gather(-1, labels[..., None]).sum()
     (expected,) = torch.autograd.grad(naive, hidden)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -206,6 +211,45 @@ def test_fused_lm_head_keeps_nothing_without_autograd():
     with torch.no_grad():
         out = lm_head_logprobs(hidden, weight, labels)
     assert out.grad_fn is None and out.dtype == torch.float32
+
+
+def test_fused_lm_head_with_no_positions_gives_empty_results_and_zero_weight_gradient():
+    hidden = torch.randn(2, 0, 6, dtype=DT, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=DT, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long)
+    out = lm_head_logprobs(hidden, weight, labels, vocab_block=4)
+    assert out.shape == (2, 0)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    logprobs, entropy = lm_head_logprobs_and_entropy(hidden.detach(), weight, labels, vocab_block=4)
+    assert logprobs.shape == entropy.shape == (2, 0)
+
+
+@pytest.mark.parametrize("vocab_block", [5, 2048])
+def test_fused_lm_head_under_bf16_autocast_tracks_float32(vocab_block):
+    """Under bf16 autocast the matmuls run in bf16 and the softmax and gradient sums in float32: the log-probs
+    stay within bf16's rounding of the logits (|z| ≲ 10 here: 2^-8 · 10 ≈ 0.04) and the gradients close."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(37, 16, generator=g) * 0.5).requires_grad_()
+    labels = torch.randint(0, 37, (3, 7), generator=g)
+    upstream = torch.randn(3, 7, generator=g)
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = lm_head_logprobs(hidden, weight, labels, 0.9, vocab_block=vocab_block)
+        grads = torch.autograd.grad((out * upstream).sum(), (hidden, weight))
+        return out.detach(), grads
+
+    (out32, grads32), (out16, grads16) = run(False), run(True)
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, out32, rtol=0, atol=0.05)
+    for got, expected in zip(grads16, grads32):
+        assert got.dtype == torch.float32
+        assert (got - expected).norm() <= 0.02 * expected.norm()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scored, _ = lm_head_logprobs_and_entropy(hidden, weight, labels, 0.9, vocab_block=vocab_block)
+    torch.testing.assert_close(scored, out32, rtol=0, atol=0.05)
 
 
 # --------------------------------------------------------------------------- masked statistics

@@ -94,6 +94,12 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_si
 
 # --------------------------------------------------------------------------- fused LM head + log-softmax gather
 
+VOCAB_BLOCK = 2048
+"""Rows of the unembedding matrix per matmul in the fused LM head. One block's logits for every position
+((block × positions) floats) stay in cache between the matmul and the reductions that follow it, and a
+(block, d) × (d, positions) product runs near the machine's matmul peak, where one (positions, d) × (d, V)
+product with a large V does not (its output alone is tens of MB)."""
+
 
 def matmul_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype matmuls run in: autocast's dtype when autocast is on for ``device_type``, else ``dtype``."""
@@ -107,105 +113,185 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _head_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    """z / τ for one chunk of rows: (n, d) @ (d, V) in the weight's (compute) dtype, upcast to >= float32."""
-    with torch.autocast(hidden.device.type, enabled=False):  # the caller chose the compute dtype already
-        z = (hidden.to(weight.dtype) @ weight.T).to(_accumulate_dtype(weight.dtype))  # (n, V)
+def _vocab_blocks(vocab: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(vocab, start + block)) for start in range(0, vocab, block)]
+
+
+def _block_logits(w: torch.Tensor, h_t: torch.Tensor, bias, temperature: float, start: int, out: torch.Tensor):
+    """out = (W[start:start+n] hᵀ + b) / τ: the logits of n vocabulary rows at every position, (n, N).
+
+    ``w`` (V, d) and ``h_t`` (d, N) are in the matmul dtype; ``out`` is >= float32 and contiguous."""
+    rows = w[start : start + out.shape[0]]
+    with torch.autocast(h_t.device.type, enabled=False):  # the caller chose the compute dtype already
+        if out.dtype == w.dtype:
+            torch.mm(rows, h_t, out=out)
+        else:
+            out.copy_(rows @ h_t)
     if bias is not None:
-        z += bias.to(z.dtype)
+        out += bias[start : start + out.shape[0], None].to(out.dtype)
     if temperature != 1.0:
-        z /= temperature
-    return z
+        out /= temperature
+    return out
+
+
+def _label_rows(labels: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each position's label inside the block [start, start + rows), clamped; whether it is there)."""
+    offset = labels - start
+    return offset.clamp(0, rows - 1), (offset >= 0) & (offset < rows)
+
+
+def _gather_label_logits(z: torch.Tensor, labels: torch.Tensor, start: int, label_logit: torch.Tensor):
+    """label_logit[t] ← z[y_t − start, t] where y_t falls in this block (no host sync, unlike nonzero())."""
+    row, inside = _label_rows(labels, start, z.shape[0])
+    return torch.where(inside, z.gather(0, row.unsqueeze(0)).squeeze(0), label_logit)
+
+
+def _scratch_block(scratch: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+    """A contiguous (rows, positions) view at the start of a flat scratch buffer."""
+    return scratch[: rows * positions].view(rows, positions)
+
+
+def _exp_block(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place z ← exp(z − m) with m the block's maximum per position; returns (m, Σ exp(z − m)), each (N,)."""
+    block_max = z.amax(dim=0)
+    z.sub_(block_max).exp_()
+    return block_max, z.sum(dim=0)
+
+
+def _combine_blocks(maxima: list[torch.Tensor], sums: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp over all blocks from each block's (m_j, s_j = Σ exp(z − m_j)), and each block's factor
+    c_j = exp(m_j − m) / Σ_k s_k exp(m_k − m), which turns exp(z − m_j) into the softmax. Shapes (N,), (blocks, N)."""
+    block_max = torch.stack(maxima)  # (blocks, N)
+    top = block_max.amax(dim=0)  # (N,)
+    rescale = (block_max - top).exp_()  # (blocks, N)
+    total = (torch.stack(sums) * rescale).sum(dim=0)  # (N,)
+    return top + total.log(), rescale.div_(total)
 
 
 class _LMHeadLogprobs(torch.autograd.Function):
-    """log softmax(h Wᵀ + b)/τ gathered at the labels, computed chunk by chunk; see :func:`lm_head_logprobs`."""
+    """log softmax(h Wᵀ + b)/τ gathered at the labels, one vocabulary block at a time; see :func:`lm_head_logprobs`.
+
+    Forward keeps, for every block j, e_j = exp(z_j − m_j) as a (block, N) slice of one (V, N) buffer in the
+    matmul dtype, plus the factors c_j (N,) with softmax = e_j · c_j. Backward turns that buffer into
+    ∂/∂z = (onehot(y) − p)·g/τ in place, block by block, writing each block's rows of ∂/∂W straight into the
+    gradient, and ends with one (N, V) × (V, d) product for ∂/∂h.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size, compute_dtype, keep):
-        w = weight.detach().to(compute_dtype)
-        out = hidden.new_empty(labels.shape, dtype=_accumulate_dtype(compute_dtype))  # (N,)
-        probs = []
-        for start in range(0, labels.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            z = _head_chunk(hidden[rows], w, bias, temperature)  # (n, V)
-            lse = torch.logsumexp(z, dim=-1)  # (n,)
-            out[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse
-            if keep:  # softmax, kept for the backward pass (it becomes the gradient of the logits in place)
-                probs.append(z.sub_(lse.unsqueeze(-1)).exp_().to(compute_dtype))
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.probs, ctx.bias, ctx.temperature, ctx.chunk_size, ctx.compute_dtype = (
-            probs,
-            bias,
-            temperature,
-            chunk_size,
-            compute_dtype,
-        )
-        return out
+    def forward(ctx, hidden, weight, bias, labels, temperature, vocab_block, compute_dtype):
+        acc = _accumulate_dtype(compute_dtype)
+        w = weight.detach().to(compute_dtype)  # (V, d)
+        h = hidden.detach().to(compute_dtype)  # (N, d)
+        positions, blocks = labels.shape[0], _vocab_blocks(w.shape[0], vocab_block)
+        kept = torch.empty(w.shape[0], positions, dtype=compute_dtype, device=w.device)  # (V, N)
+        # blocks are computed in >= float32; in place when that is the matmul dtype, else in a scratch block
+        scratch = None if acc == compute_dtype else torch.empty(vocab_block * positions, dtype=acc, device=w.device)
+        label_logit = torch.zeros(positions, dtype=acc, device=w.device)
+        maxima, sums = [], []
+        for start, end in blocks:
+            z = (
+                kept[start:end]
+                if scratch is None
+                else scratch[: (end - start) * positions].view(end - start, positions)
+            )
+            _block_logits(w, h.T, bias, temperature, start, z)
+            label_logit = _gather_label_logits(z, labels, start, label_logit)
+            block_max, block_sum = _exp_block(z)
+            maxima.append(block_max)
+            sums.append(block_sum)
+            if scratch is not None:
+                kept[start:end].copy_(z)
+        lse, factors = _combine_blocks(maxima, sums)
+        ctx.save_for_backward(hidden, weight, labels)  # for autograd's in-place modification checks
+        ctx.kept, ctx.factors, ctx.w = kept, factors, w
+        ctx.bias, ctx.temperature, ctx.blocks, ctx.compute_dtype = bias, temperature, blocks, compute_dtype
+        return label_logit - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels = ctx.saved_tensors
-        w = weight.detach().to(ctx.compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        acc = _accumulate_dtype(ctx.compute_dtype)
-        # ∂/∂W is accumulated over chunks in >= fp32. When the matmuls already run in that dtype, each chunk's
-        # product is written (first chunk) or added (addmm_) straight into it: no zero fill, no temporary.
-        in_place = acc == ctx.compute_dtype
+        kept, factors, w = ctx.kept, ctx.factors, ctx.w
+        ctx.kept = ctx.factors = ctx.w = None  # free with the graph even if backward is retained
+        compute, acc = ctx.compute_dtype, _accumulate_dtype(ctx.compute_dtype)
+        h = hidden.detach().to(compute)  # (N, d)
+        g = grad_out.to(acc)  # (N,)
         want_weight = ctx.needs_input_grad[1]  # False for a frozen head (LoRA)
         grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if want_weight else None
-        if want_weight and labels.shape[0] == 0:
-            grad_weight.zero_()
         want_bias = ctx.bias is not None and ctx.needs_input_grad[2]
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_bias else None
-        for index, start in enumerate(range(0, labels.shape[0], ctx.chunk_size)):
-            rows = slice(start, start + ctx.chunk_size)
-            g = grad_out[rows].to(acc)  # (n,)
-            # ∂ log p_y / ∂ z_v = ([v = y] − p_v) / τ, times the incoming gradient g
-            grad_z = ctx.probs[index].to(acc).mul_(-g.unsqueeze(-1))  # (n, V)
-            grad_z.scatter_add_(-1, labels[rows].unsqueeze(-1), g.unsqueeze(-1))
+        grad_bias = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if want_bias else None
+        for index, (start, end) in enumerate(ctx.blocks):
+            # ∂ log p_y / ∂ z_v = ([v = y] − p_v) / τ times the incoming g, with p_v = e_v · c (the kept block)
+            gz = kept[start:end] if kept.dtype == acc else kept[start:end].to(acc)  # (n, N)
+            gz.mul_(factors[index] * -g)
+            row, inside = _label_rows(labels, start, end - start)
+            gz.scatter_add_(0, row.unsqueeze(0), torch.where(inside, g, 0.0).unsqueeze(0))
             if ctx.temperature != 1.0:
-                grad_z /= ctx.temperature
-            ctx.probs[index] = None  # free as we go
+                gz /= ctx.temperature
             if grad_bias is not None:
-                grad_bias += grad_z.sum(dim=0)
-            grad_z = grad_z.to(ctx.compute_dtype)
-            with torch.autocast(hidden.device.type, enabled=False):
-                if grad_hidden is not None:
-                    grad_hidden[rows] = (grad_z @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    _add_weight_grad(grad_weight, grad_z, hidden[rows].to(ctx.compute_dtype), index == 0, in_place)
+                grad_bias[start:end] = gz.sum(dim=1)
+            if kept.dtype != acc:
+                kept[start:end].copy_(gz)  # the matmuls below run in the compute dtype
+            if grad_weight is not None:
+                with torch.autocast(h.device.type, enabled=False):
+                    if kept.dtype == acc:
+                        torch.mm(kept[start:end], h, out=grad_weight[start:end])  # ∂/∂W rows = (∂/∂z)ᵀ h
+                    else:
+                        grad_weight[start:end].copy_(kept[start:end] @ h)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            with torch.autocast(h.device.type, enabled=False):
+                grad_hidden = (kept.T @ w).to(hidden.dtype)  # (N, V) @ (V, d): ∂/∂h = Σ_v ∂/∂z_v W_v
         grad_bias = grad_bias.to(ctx.bias.dtype) if grad_bias is not None else None
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _add_weight_grad(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor, first: bool, in_place: bool):
-    """grad_weight (+)= grad_zᵀ h: (V, d) from (n, V) and (n, d); in place when the dtypes allow it."""
-    if in_place and first:
-        torch.mm(grad_z.T, h, out=grad_weight)
-    elif in_place:
-        grad_weight.addmm_(grad_z.T, h)
-    elif first:
-        grad_weight.copy_(grad_z.T @ h)
-    else:
-        grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
+def _head_no_grad(hidden, weight, bias, labels, temperature, vocab_block, chunk_elements, with_entropy):
+    """log π(y_t) (and H(π_t)) without autograd: positions in blocks of ``chunk_elements // vocab_block``, each
+    swept over the vocabulary blocks with an online log-sum-exp; only one (block, positions) scratch exists."""
+    compute = matmul_dtype(hidden.device.type, weight.dtype)
+    acc = _accumulate_dtype(compute)
+    w, h = weight.to(compute), hidden.to(compute)  # (V, d), (N, d)
+    vocab, n = w.shape[0], labels.shape[0]
+    blocks = _vocab_blocks(vocab, vocab_block)
+    span = max(1, chunk_elements // max(1, min(vocab_block, vocab)))  # positions per sweep
+    logprobs = torch.empty(n, dtype=acc, device=w.device)
+    entropy = torch.empty(n, dtype=acc, device=w.device) if with_entropy else None
+    scratch = torch.empty(min(vocab_block, vocab) * min(span, n), dtype=acc, device=w.device)
+    for first in range(0, n, span):
+        cols = slice(first, first + span)
+        h_t, y = h[cols].T, labels[cols]  # (d, m), (m,)
+        label_logit = torch.zeros(y.shape[0], dtype=acc, device=w.device)
+        maxima, sums, weighted = [], [], []
+        for start, end in blocks:
+            z = _scratch_block(scratch, end - start, y.shape[0])
+            _block_logits(w, h_t, bias, temperature, start, z)
+            label_logit = _gather_label_logits(z, y, start, label_logit)
+            if with_entropy:  # Σ_v exp(z_v − m_j) z_v, for Σ_v p_v z_v = Σ_j c_j · that
+                block_max = z.amax(dim=0)
+                e = (z - block_max).exp_()
+                maxima.append(block_max)
+                sums.append(e.sum(dim=0))
+                weighted.append(e.mul_(z).sum(dim=0))
+            else:
+                block_max, block_sum = _exp_block(z)
+                maxima.append(block_max)
+                sums.append(block_sum)
+        lse, factors = _combine_blocks(maxima, sums)
+        logprobs[cols] = label_logit - lse
+        if with_entropy:
+            entropy[cols] = lse - (torch.stack(weighted) * factors).sum(dim=0)
+    return logprobs, entropy
 
 
-def _flatten_for_head(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_elements: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Checked inputs of the chunked LM head: (B·T, d) hidden states, (B·T,) labels, positions per chunk."""
+def _flatten_for_head(hidden: torch.Tensor, labels: torch.Tensor, temperature: float, vocab_block: int):
+    """Checked inputs of the fused LM head: (B·T, d) hidden states and (B·T,) labels."""
     _check_temperature(temperature)
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, d)
-    flat_labels = labels.reshape(-1)  # (B·T,)
-    return flat_hidden, flat_labels, _lm_head_rows(flat_labels.shape[0], weight.shape[0], chunk_elements)
-
-
-def _lm_head_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
-    return max(1, min(n_rows, chunk_elements // max(1, vocab)))
+    if vocab_block < 1:
+        raise ValueError(f"vocab_block must be >= 1, got {vocab_block}")
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (B·T, d), (B·T,)
 
 
 def lm_head_logprobs(
@@ -215,18 +301,22 @@ def lm_head_logprobs(
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
     chunk_elements: int = 1 << 22,
+    vocab_block: int = VOCAB_BLOCK,
 ) -> torch.Tensor:
     """log π(y_t) = z_t[y_t]/τ − logsumexp(z_t/τ) with z_t = W h_t + b, without a (B, T, V) logits tensor.
 
-    The same numbers as ``logprobs_from_logits(hidden @ weight.T + bias, labels, temperature)``, computed in
-    chunks of ``chunk_elements // V`` positions: each chunk's logits are formed, reduced to a log-prob and
-    turned into the softmax p, which is all the backward pass needs:
+    The same numbers as ``logprobs_from_logits(hidden @ weight.T + bias, labels, temperature)``, computed
+    over blocks of ``vocab_block`` vocabulary rows: each block's logits (block × positions) are formed,
+    reduced with an online log-sum-exp (per block j its maximum m_j and Σ exp(z − m_j), combined at the end)
+    and, under autograd, kept as exp(z − m_j), which with one factor per block and position is the softmax p,
+    all the backward pass needs:
 
         ∂ log π(y_t) / ∂ z_t = (onehot(y_t) − p_t) / τ,   ∂/∂h_t = (∂/∂z_t) W,   ∂/∂W = Σ_t (∂/∂z_t)ᵀ h_t
 
-    The softmax is turned into that gradient in place, so under autograd one (positions × V) buffer is held
-    (in the matmul dtype) instead of the logits, their temperature-scaled copy, the log-probs and the
-    gradient of each. Without autograd (rollout scoring) only one chunk exists at a time.
+    That kept (V × positions) buffer, in the matmul dtype, becomes the gradient of the logits in place, so
+    under autograd it is the only full-vocabulary tensor (no logits, scaled copy, log-probs or gradient of
+    each). Without autograd (rollout scoring) positions go in groups of ``chunk_elements // vocab_block`` and
+    only one block's scratch exists.
 
     Matmuls run in autocast's dtype when autocast is on (bf16 mixed precision), else in the weight's dtype;
     the log-sum-exp is always float32 and the weight gradient is accumulated in float32.
@@ -237,16 +327,21 @@ def lm_head_logprobs(
         labels: (B, T) token ids y.
         temperature: τ > 0.
         bias: (V,) LM-head bias, if the model has one.
-        chunk_elements: positions × V per chunk (bounds the temporaries).
+        chunk_elements: without autograd, bounds the scratch block (vocab_block × positions) in elements.
+        vocab_block: vocabulary rows per matmul (:data:`VOCAB_BLOCK`).
 
     Returns:
         (B, T) log-probs in float32 (float64 for float64 weights).
     """
-    flat_hidden, flat_labels, rows = _flatten_for_head(hidden, weight, labels, temperature, chunk_elements)
-    dtype = matmul_dtype(hidden.device.type, weight.dtype)
+    flat_hidden, flat_labels = _flatten_for_head(hidden, labels, temperature, vocab_block)
     grads_needed = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    keep = torch.is_grad_enabled() and grads_needed  # else nothing is kept for a backward pass
-    out = _LMHeadLogprobs.apply(flat_hidden, weight, bias, flat_labels, temperature, rows, dtype, keep)
+    if not (torch.is_grad_enabled() and grads_needed):
+        logprobs, _ = _head_no_grad(
+            flat_hidden, weight, bias, flat_labels, temperature, vocab_block, chunk_elements, with_entropy=False
+        )
+        return logprobs.view(labels.shape)
+    dtype = matmul_dtype(hidden.device.type, weight.dtype)
+    out = _LMHeadLogprobs.apply(flat_hidden, weight, bias, flat_labels, temperature, vocab_block, dtype)
     return out.view(labels.shape)  # (B, T)
 
 
@@ -258,20 +353,15 @@ def lm_head_logprobs_and_entropy(
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
     chunk_elements: int = 1 << 22,
+    vocab_block: int = VOCAB_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log π(y_t), H(π_t))``, both (B, T) float32, from hidden states, chunk by chunk, without gradients.
+    """``(log π(y_t), H(π_t))``, both (B, T) float32, from hidden states, block by block, without gradients.
 
     For rollout scoring: as :func:`lm_head_logprobs` plus the entropy H = logsumexp(z/τ) − Σ_v p_v z_v/τ
-    (:func:`entropy_from_logits`), while each chunk's logits exist anyway.
+    (:func:`entropy_from_logits`), whose sum is accumulated per vocabulary block alongside the log-sum-exp.
     """
-    flat_hidden, flat_labels, rows = _flatten_for_head(hidden, weight, labels, temperature, chunk_elements)
-    w = weight.to(matmul_dtype(hidden.device.type, weight.dtype))
-    logprobs = torch.empty(flat_labels.shape, dtype=_accumulate_dtype(w.dtype), device=hidden.device)
-    entropy = torch.empty_like(logprobs)
-    for start in range(0, flat_labels.shape[0], rows):
-        chunk = slice(start, start + rows)
-        z = _head_chunk(flat_hidden[chunk], w, bias, temperature)  # (n, V)
-        lse = torch.logsumexp(z, dim=-1)  # (n,)
-        logprobs[chunk] = z.gather(-1, flat_labels[chunk].unsqueeze(-1)).squeeze(-1) - lse
-        entropy[chunk] = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+    flat_hidden, flat_labels = _flatten_for_head(hidden, labels, temperature, vocab_block)
+    logprobs, entropy = _head_no_grad(
+        flat_hidden, weight, bias, flat_labels, temperature, vocab_block, chunk_elements, with_entropy=True
+    )
     return logprobs.view(labels.shape), entropy.view(labels.shape)

@@ -120,7 +120,8 @@ def response_logprobs(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=1,  # the logits themselves are not used: the head is applied below
+        # no positions: the head is applied below, so the model's own (B, 1, V) logits would be wasted work
+        logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
         output_hidden_states=True,
         use_cache=False,
     )
