@@ -7,7 +7,13 @@ import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm
-from instructrl.models.kernels import fuse_activations, sparse_tied_embedding_gradient, tied_embedding
+from instructrl.models.kernels import (
+    FLOAT32_CPU_ATTENTION,
+    float32_cpu_attention,
+    fuse_activations,
+    sparse_tied_embedding_gradient,
+    tied_embedding,
+)
 from instructrl.stages import ppo_session
 from instructrl.stages.ppo_parts import compute_advantages
 from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step
@@ -64,6 +70,34 @@ def test_sparse_tied_embedding_leaves_the_dense_accumulated_gradient_unchanged(t
     optimizer.step()  # a sparse .grad would raise here
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_float32_cpu_attention_changes_nothing_in_float32_and_stays_close_under_bf16(tiny_tokenizer, arch, tmp_path):
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: the attention mask must still be applied
+    model = tiny(tiny_tokenizer, arch).float()
+    expected_loss, expected_grads = loss_and_grads(model, ids)
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert float32_cpu_attention(model)
+    assert model.config._attn_implementation == FLOAT32_CPU_ATTENTION
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+    loss, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=0, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=ids, attention_mask=mask).logits.float()
+    # bf16 matmuls elsewhere keep their rounding; the float32 attention is no further from float32 than before
+    assert (after - expected).abs().max() <= 1.5 * (before - expected).abs().max() + 1e-3
+    model.save_pretrained(tmp_path)  # the saved config does not name the kernel
+    assert FLOAT32_CPU_ATTENTION not in (tmp_path / "config.json").read_text()
+    eager = tiny(tiny_tokenizer, arch)
+    eager.set_attn_implementation("eager")
+    assert not float32_cpu_attention(eager)  # only SDPA models are switched
+
+
 def test_untied_or_frozen_embeddings_are_left_alone(tiny_tokenizer):
     untied = tiny(tiny_tokenizer, "llama", tie=False)
     assert tied_embedding(untied) is None
@@ -98,6 +132,8 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
         assert all(t is (GELUTanh if fused else NewGELUActivation) for t in activations)
         assert bool(activations) == (policy == "gpt2")
         assert session.policy.get_input_embeddings().sparse == fused
+        kernels = {m.config._attn_implementation for m in (session.policy, session.ref_policy, session.value_model)}
+        assert kernels == {FLOAT32_CPU_ATTENTION if fused else "sdpa"}
         rollout, _ = collect_rollout(session)
         rollout = compute_advantages(rollout, session.kl_controller.value)
         stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))

@@ -20,7 +20,7 @@ import torch
 from instructrl.data.loading import load_prompts, load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
-from instructrl.models.kernels import fuse_activations, sparse_tied_embedding_gradient
+from instructrl.models.kernels import float32_cpu_attention, fuse_activations, sparse_tied_embedding_gradient
 from instructrl.models.reward import init_scalar_head, load_reward_model
 from instructrl.rl import AdaptiveKLController, FixedKLController
 from instructrl.rollout.sampler import CachedSampler, GenerationBackend, HFGenerateBackend
@@ -63,10 +63,12 @@ def _prepare(model: torch.nn.Module, device: torch.device, trainable: bool) -> t
 
 
 def use_fused_kernels(policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int) -> None:
-    """``fused_kernels``: one-kernel activations in all four models; sparse embedding rows for the policy's
-    tied embedding in one process only (DDP/ZeRO would take the tied weight for a sparse-gradient parameter)."""
+    """``fused_kernels``: one-kernel activations and float32 attention under bf16 on a CPU in all four models;
+    sparse embedding rows for the policy's tied embedding in one process only (DDP/ZeRO would take the tied
+    weight for a sparse-gradient parameter)."""
     for model in (policy, *others):
         fuse_activations(model)
+        float32_cpu_attention(model)
     if world_size == 1:
         sparse_tied_embedding_gradient(policy)
 
