@@ -104,9 +104,9 @@ def response_logprobs(
     with ``with_entropy`` (no gradients) also the entropy of π_t, ``(logprobs, entropy)``.
 
     Same numbers as ``logprobs_from_logits(response_logits(...), response, τ)`` (tested), faster: the model
-    is asked for its final hidden states and for logits at one position only, and the LM head + log-softmax
-    gather runs fused and chunked over the R response positions (:func:`instructrl.rl.lm_head_logprobs`), so
-    no (B, R, V) float32 logits tensor, its log-softmax or its gradient is ever formed. The call still goes
+    is asked for its final hidden states and for no logits at all, and the LM head + log-softmax gather runs
+    fused over blocks of the vocabulary at the R response positions (:func:`instructrl.rl.lm_head_logprobs`),
+    so no (B, R, V) float32 logits tensor, its log-softmax or its gradient is ever formed. The call still goes
     through ``model``'s own forward (DDP sees it). Architectures not in :data:`FUSED_HEAD_MODEL_TYPES` take
     the straightforward path.
     """
