@@ -69,6 +69,31 @@ def test_fused_head_logprobs_and_gradients_match_straightforward_path(tiny_token
         torch.testing.assert_close(entropy, ppo_parts.entropy_from_logits(logits, temperature), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_ptx_logprobs_and_gradients_match_the_full_logits(tiny_tokenizer, arch):
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(arch=arch, d_model=32, n_layers=2, n_heads=2), tiny_tokenizer).double()
+    windows = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(2))
+
+    def value_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn()
+        out.sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    def full_logits():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1]
+        return ppo_parts.logprobs_from_logits(logits, windows[:, 1:], 1.0)
+
+    got, got_grads = value_and_grads(lambda: ppo_parts.ptx_logprobs(model, windows))
+    expected, expected_grads = value_and_grads(full_logits)
+    assert got.shape == (3, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert got_grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_unknown_architectures_take_the_straightforward_path(tiny_tokenizer, monkeypatch):
     model = build_causal_lm(ModelSpec(d_model=32, n_layers=1, n_heads=2), tiny_tokenizer)
     monkeypatch.setattr(ppo_parts, "FUSED_HEAD_MODEL_TYPES", frozenset())

@@ -92,6 +92,11 @@ def fused_lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return head.weight, head.bias
 
 
+def _no_positions(device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` that selects no position: the model's own (B, ·, V) logits would be wasted work."""
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
 def response_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -120,8 +125,7 @@ def response_logprobs(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        # no positions: the head is applied below, so the model's own (B, 1, V) logits would be wasted work
-        logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+        logits_to_keep=_no_positions(input_ids.device),  # the head is applied below
         output_hidden_states=True,
         use_cache=False,
     )
@@ -476,9 +480,20 @@ def _mean_over_ranks(losses: dict[str, float], runtime: Runtime) -> dict[str, fl
 
 
 def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
-    """log π(x_t | x_<t) of pretraining windows (B, L) -> (B, L − 1), at temperature 1 (the LM itself)."""
-    logits = policy(input_ids=windows, use_cache=False).logits[:, :-1]
-    return logprobs_from_logits(logits, windows[:, 1:], 1.0)
+    """log π(x_t | x_<t) of pretraining windows (B, L) -> (B, L − 1), at temperature 1 (the LM itself).
+
+    Through the fused LM head when the architecture allows it (as :func:`response_logprobs`): no (B, L, V)
+    logits, log-softmax or gradient of either, which at a 32k-150k vocabulary is most of the ptx memory."""
+    head = fused_lm_head(policy)
+    if head is None:
+        logits = policy(input_ids=windows, use_cache=False).logits[:, :-1]
+        return logprobs_from_logits(logits, windows[:, 1:], 1.0)
+    out = policy(
+        input_ids=windows, use_cache=False, logits_to_keep=_no_positions(windows.device), output_hidden_states=True
+    )
+    hidden = out.hidden_states[-1][:, :-1]  # (B, L − 1, d): the positions that predict x_1 … x_{L−1}
+    weight, bias = head
+    return lm_head_logprobs(hidden, weight, windows[:, 1:], 1.0, bias)
 
 
 def accumulate_ptx_gradients(
