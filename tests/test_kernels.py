@@ -11,8 +11,10 @@ from instructrl.models.kernels import (
     FLOAT32_CPU_ATTENTION,
     float32_cpu_attention,
     fuse_activations,
-    sparse_tied_embedding_gradient,
+    sparse_untied_embedding_gradient,
     tied_embedding,
+    tied_embedding_rows_into_grad,
+    zero_gradients,
 )
 from instructrl.stages import ppo_session
 from instructrl.stages.ppo_parts import compute_advantages
@@ -54,20 +56,25 @@ def test_gelu_new_is_replaced_by_the_one_kernel_tanh_gelu_with_the_same_outputs_
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_sparse_tied_embedding_leaves_the_dense_accumulated_gradient_unchanged(tiny_tokenizer, arch):
+def test_tied_embedding_rows_into_grad_leave_the_accumulated_gradient_unchanged(tiny_tokenizer, arch):
     ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(2))
+    ids[0, :3] = tiny_tokenizer.pad_token_id  # the padding row gets no gradient, as in F.embedding
     model = tiny(tiny_tokenizer, arch)
     expected_loss, expected_grads = loss_and_grads(model, ids, backwards=2)
-    assert sparse_tied_embedding_gradient(model)
-    assert model.get_input_embeddings().sparse
+    assert tied_embedding_rows_into_grad(model)
+    assert not tied_embedding_rows_into_grad(model)  # applied once
     loss, grads = loss_and_grads(model, ids, backwards=2)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     weight = model.get_input_embeddings().weight
     assert not weight.grad.is_sparse  # dense, as AdamW (fused or not) requires
+    assert grads.keys() == expected_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-14, msg=name)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    optimizer.step()  # a sparse .grad would raise here
+    with torch.no_grad():  # inference goes through the plain lookup
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True).step()
+    state = model.state_dict()
+    assert set(state) == set(tiny(tiny_tokenizer, arch).state_dict())  # same parameters, same names
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -98,14 +105,49 @@ def test_float32_cpu_attention_changes_nothing_in_float32_and_stays_close_under_
     assert not float32_cpu_attention(eager)  # only SDPA models are switched
 
 
+def test_untied_embedding_rows_accumulate_into_a_dense_buffer_that_is_kept_between_steps(tiny_tokenizer):
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(5))
+    reference, model = tiny(tiny_tokenizer, "llama", tie=False), tiny(tiny_tokenizer, "llama", tie=False)
+    assert tied_embedding(model) is None
+    weight = sparse_untied_embedding_gradient(model)
+    assert weight is model.get_input_embeddings().weight and model.get_input_embeddings().sparse
+    assert sparse_untied_embedding_gradient(model) is None  # applied once
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (reference, model)]
+    buffer = None
+    for _ in range(3):
+        for m, optimizer, kept in zip((reference, model), optimizers, (frozenset(), frozenset({weight}))):
+            zero_gradients(optimizer, kept)
+            for _ in range(2):  # two micro-batches
+                m(input_ids=ids, labels=ids).loss.backward()
+        assert not weight.grad.is_sparse
+        buffer = buffer or weight.grad.data_ptr()
+        assert weight.grad.data_ptr() == buffer  # the same buffer every step: no fresh (vocab × d) allocation
+        expected = dict(reference.named_parameters())
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-12, atol=1e-14, msg=name)
+        for optimizer in optimizers:
+            optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_sparse_gradient_into_a_missing_buffer_is_made_dense(tiny_tokenizer):
+    model = tiny(tiny_tokenizer, "llama", tie=False)
+    weight = sparse_untied_embedding_gradient(model)
+    ids = torch.randint(5, 200, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()  # no zero_gradients first: the hook densifies
+    assert not weight.grad.is_sparse
+    torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True).step()
+
+
 def test_untied_or_frozen_embeddings_are_left_alone(tiny_tokenizer):
     untied = tiny(tiny_tokenizer, "llama", tie=False)
     assert tied_embedding(untied) is None
-    assert not sparse_tied_embedding_gradient(untied)
-    assert not untied.get_input_embeddings().sparse
+    assert not tied_embedding_rows_into_grad(untied)
+    assert type(untied.get_input_embeddings()) is torch.nn.Embedding
     frozen = tiny(tiny_tokenizer, "llama").requires_grad_(False)
-    assert not sparse_tied_embedding_gradient(frozen)
-    assert not frozen.get_input_embeddings().sparse
+    assert not tied_embedding_rows_into_grad(frozen)
+    assert type(frozen.get_input_embeddings()) is torch.nn.Embedding
 
 
 @pytest.fixture
@@ -131,13 +173,15 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
         activations = [type(m) for m in session.policy.modules() if type(m) in (NewGELUActivation, GELUTanh)]
         assert all(t is (GELUTanh if fused else NewGELUActivation) for t in activations)
         assert bool(activations) == (policy == "gpt2")
-        assert session.policy.get_input_embeddings().sparse == fused
+        assert (type(session.policy.get_input_embeddings()) is not torch.nn.Embedding) == fused
+        assert session.value_model.get_input_embeddings().sparse == fused
         kernels = {m.config._attn_implementation for m in (session.policy, session.ref_policy, session.value_model)}
         assert kernels == {FLOAT32_CPU_ATTENTION if fused else "sdpa"}
         rollout, _ = collect_rollout(session)
         rollout = compute_advantages(rollout, session.kl_controller.value)
         stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))
         weights = {k: v.detach().clone() for k, v in session.policy.named_parameters()}
+        weights |= {f"value.{k}": v.detach().clone() for k, v in session.value_model.named_parameters()}
         results[fused] = (rollout, stats, weights)
     (a, stats_a, weights_a), (b, stats_b, weights_b) = results[True], results[False]
     torch.testing.assert_close(a.response, b.response, rtol=0, atol=0)
@@ -150,10 +194,16 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
 
 
 def test_several_processes_keep_the_dense_embedding(tiny_tokenizer):
-    """DDP/ZeRO would take a sparse-flagged tied weight for a sparse-gradient parameter: not under N > 1."""
+    """DDP/ZeRO would take a sparse-flagged weight for a sparse-gradient parameter: not under N > 1."""
     policy, other = tiny(tiny_tokenizer, "gpt2"), tiny(tiny_tokenizer, "gpt2")
-    ppo_session.use_fused_kernels(policy, (other,), world_size=2)
-    assert not policy.get_input_embeddings().sparse
+    value, frozen = tiny(tiny_tokenizer, "llama", tie=False), tiny(tiny_tokenizer, "llama", tie=False)
+    frozen.requires_grad_(False)
+    assert ppo_session.use_fused_kernels(policy, (other, value, frozen), world_size=2) == frozenset()
+    assert not any(m.get_input_embeddings().sparse for m in (policy, other, value, frozen))
+    assert all(type(m.get_input_embeddings()) is torch.nn.Embedding for m in (policy, other, value, frozen))
     assert not any(type(m) is NewGELUActivation for model in (policy, other) for m in model.modules())
-    ppo_session.use_fused_kernels(policy, (other,), world_size=1)
-    assert policy.get_input_embeddings().sparse and not other.get_input_embeddings().sparse
+    kept = ppo_session.use_fused_kernels(policy, (other, value, frozen), world_size=1)
+    assert kept == {value.get_input_embeddings().weight}  # the untied trainable one; the tied one gets rows
+    assert type(policy.get_input_embeddings()) is not torch.nn.Embedding  # rows into .grad
+    assert type(other.get_input_embeddings()) is torch.nn.Embedding  # not the policy
+    assert value.get_input_embeddings().sparse and not frozen.get_input_embeddings().sparse

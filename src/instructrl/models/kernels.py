@@ -9,13 +9,12 @@ which kernels compute it. Measured on 2 CPU threads, one training step (forward,
   formula in one kernel each way (float64 difference ≤ 5e-16). A GPT-2 with 4 layers, width 256, 16 × 64
   tokens: 163 → 146 ms per step (0.85-0.90×). Llama's SiLU is already one kernel.
 * **A tied embedding's gradient.** With tied input/output embeddings, the input embedding's backward
-  builds a dense (vocab × d) gradient (zero fill, then add the looked-up rows) that autograd then adds to
-  the LM head's dense gradient: two extra passes over vocab × d floats per backward. With ``sparse=True``
-  the embedding contributes only the rows it looked up, added into the LM head's dense gradient, and the
-  parameter's ``.grad`` stays dense for AdamW. A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48
-  tokens: 528-549 → 505-521 ms per step (0.95×) in one measurement, but 533-535 → 535-543 ms in a later one:
-  within this VM's run-to-run drift. It saves two passes over 16M floats per backward.
-
+  builds a (vocab × d) gradient that autograd then adds to the LM head's dense gradient: a zero fill and
+  an add (dense rows), or a fresh copy of the LM head's gradient plus the rows (``sparse=True``, which
+  autograd sums out of place). :func:`tied_embedding_rows_into_grad` makes the lookup's backward add its
+  rows straight into the weight's ``.grad`` instead, so the LM head's gradient becomes ``.grad`` as it is.
+  A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48 tokens: 508 ms per step against 523 (dense)
+  and 532 (sparse), with half the page faults (16k vs 32k per step).
 * **Attention under bf16 autocast on a CPU.** PyTorch's CPU flash-attention kernel is about twice as slow in
   bf16 as in float32 (forward + backward of 8 × 8 heads × 48 positions × 64: 5.5 ms vs 2.4 ms with the
   casts; GPT-2 at 16 × 4 × 64 × 64: 7.7 vs 5.2 ms), and it dominated a bf16 PPO step's non-matmul time.
@@ -23,13 +22,22 @@ which kernels compute it. Measured on 2 CPU threads, one training step (forward,
   (output cast back) when the inputs are bf16/fp16 on a CPU; on other devices, or in float32, it is SDPA
   unchanged. Upcasting can only make attention more accurate.
 
-The sparse-gradient embedding is only for one process: DDP and DeepSpeed treat an ``nn.Embedding`` with
-``sparse=True`` as a sparse-gradient parameter, which a tied weight is not.
+* **An untied embedding's gradient (the value model).** Its dense backward allocates and zero-fills a fresh
+  (vocab × d) gradient every step, only to add the few hundred looked-up rows: with a 32k vocabulary and
+  width 512, about 15% of a value-model step, most of it page faults on the fresh 64 MiB.
+  :func:`sparse_untied_embedding_gradient` sends only the rows backward and keeps the ``.grad`` a dense
+  buffer that :func:`zero_gradients` zeroes in place, so the rows are added into it (same sums, as AdamW
+  needs a dense gradient: its moments move every row).
+
+Both embedding changes are for one process only: DDP and DeepSpeed treat an ``nn.Embedding`` with
+``sparse=True`` as a sparse-gradient parameter, and gradients written into ``.grad`` outside autograd would
+miss their all-reduce.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -62,16 +70,50 @@ def tied_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
     return embedding if embedding.weight is getattr(head, "weight", None) else None
 
 
-def sparse_tied_embedding_gradient(model: torch.nn.Module) -> bool:
-    """Let a tied input embedding send only its looked-up rows backward; returns whether it applied.
+class _RowsIntoGrad(torch.autograd.Function):
+    """``F.embedding`` of a detached weight whose backward adds the looked-up rows' gradient into the
+    parameter's ``.grad`` itself (allocating it when missing) and returns nothing to autograd."""
 
-    The LM head's gradient is dense and covers the same weight, so the accumulated ``.grad`` is dense as
-    before, as long as the LM head is in every backward (it is in PPO's policy loss and the ptx loss).
-    """
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, anchor):
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(ids, weight.detach(), padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        rows = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)  # (B·T, d)
+        flat_ids = ids.reshape(-1)  # (B·T,)
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            rows = rows * (flat_ids != ctx.padding_idx).unsqueeze(1).to(rows.dtype)
+        if weight.grad is None:  # the LM head's gradient has not arrived yet: it will be added to this
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, flat_ids, rows)
+        return None, None, None, None
+
+
+class _RowsIntoGradEmbedding(torch.nn.Embedding):
+    """An ``nn.Embedding`` (same parameter, same state dict) whose training-time backward is :class:`_RowsIntoGrad`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        plain = self.max_norm is not None or self.scale_grad_by_freq or self.sparse
+        if plain or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(input)
+        anchor = torch.empty(0, device=self.weight.device, requires_grad=True)  # puts the lookup in the graph
+        return _RowsIntoGrad.apply(input, self.weight, self.padding_idx, anchor)
+
+
+def tied_embedding_rows_into_grad(model: torch.nn.Module) -> bool:
+    """Let a tied input embedding add its looked-up rows' gradient straight into ``.grad``; returns whether it
+    applied. The weight's gradient is then the LM head's (kept by autograd as it is) plus these rows: the same
+    sum, and ``.grad`` is dense for AdamW. Gradients reach ``.grad`` only (``backward()``), not the results
+    of ``torch.autograd.grad``; one process only (see the module docstring)."""
     embedding = tied_embedding(model)
-    if embedding is None or not embedding.weight.requires_grad:
+    if embedding is None or not embedding.weight.requires_grad or type(embedding) is not torch.nn.Embedding:
         return False
-    embedding.sparse = True
+    embedding.__class__ = _RowsIntoGradEmbedding
     return True
 
 
@@ -103,3 +145,39 @@ def float32_cpu_attention(model: torch.nn.Module) -> bool:
         return False
     model.set_attn_implementation(FLOAT32_CPU_ATTENTION)
     return model.config._attn_implementation == FLOAT32_CPU_ATTENTION
+
+
+def sparse_untied_embedding_gradient(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """Let a trainable input embedding that is *not* tied to an LM head send only its looked-up rows backward.
+
+    Returns its weight, whose ``.grad`` must stay a dense buffer: pass it to :func:`zero_gradients`. A hook
+    makes a sparse ``.grad`` dense should one ever be accumulated into a missing gradient (the first backward
+    after ``zero_grad(set_to_none=True)``), so AdamW always sees a dense gradient."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if get_input is not None else None
+    if not isinstance(embedding, torch.nn.Embedding) or tied_embedding(model) is not None:
+        return None
+    if not embedding.weight.requires_grad or embedding.sparse:
+        return None
+    embedding.sparse = True
+    embedding.weight.register_post_accumulate_grad_hook(_densify_grad)
+    return embedding.weight
+
+
+def _densify_grad(param: torch.Tensor) -> None:
+    if param.grad is not None and param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
+
+
+def zero_gradients(optimizer: torch.optim.Optimizer, kept: frozenset[torch.Tensor] = frozenset()) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``, except that the ``kept`` parameters' gradients are dense
+    buffers zeroed in place (allocated on first use): sparse embedding rows then accumulate into them."""
+    kept_ids = {id(param) for param in kept}  # identity: ``in`` on tensors could compare values
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in kept_ids:
+                param.grad = None
+            elif param.grad is None or param.grad.is_sparse:
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad.zero_()

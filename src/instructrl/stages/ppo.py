@@ -229,8 +229,10 @@ class Config:
     fused_kernels: bool = True
     """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
     ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32 under bf16 on a CPU (where PyTorch's bf16
-    attention kernel is slower), and (one process only) sparse backward rows for the policy's tied input
-    embedding. Results agree with false up to float rounding; false runs the models exactly as loaded."""
+    attention kernel is slower), and (one process only) embedding gradients without a fresh (vocab × d)
+    buffer per step: the policy's tied embedding adds its rows straight into ``.grad``, the value model's
+    sends sparse rows into a dense ``.grad`` kept between steps. Results agree with false up to float
+    rounding; false runs the models exactly as loaded."""
     seed: int = 0
     """Seed for sampling, prompt order and minibatch shuffling."""
     threads: int = 0

@@ -20,7 +20,13 @@ import torch
 from instructrl.data.loading import load_prompts, load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
-from instructrl.models.kernels import float32_cpu_attention, fuse_activations, sparse_tied_embedding_gradient
+from instructrl.models.kernels import (
+    float32_cpu_attention,
+    fuse_activations,
+    sparse_untied_embedding_gradient,
+    tied_embedding_rows_into_grad,
+    zero_gradients,
+)
 from instructrl.models.reward import init_scalar_head, load_reward_model
 from instructrl.rl import AdaptiveKLController, FixedKLController
 from instructrl.rollout.sampler import CachedSampler, GenerationBackend, HFGenerateBackend
@@ -62,15 +68,21 @@ def _prepare(model: torch.nn.Module, device: torch.device, trainable: bool) -> t
     return model.to(device)
 
 
-def use_fused_kernels(policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int) -> None:
+def use_fused_kernels(
+    policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int
+) -> frozenset[torch.Tensor]:
     """``fused_kernels``: one-kernel activations and float32 attention under bf16 on a CPU in all four models;
-    sparse embedding rows for the policy's tied embedding in one process only (DDP/ZeRO would take the tied
-    weight for a sparse-gradient parameter)."""
+    in one process only (DDP/ZeRO would miss or misread these gradients), the policy's tied embedding rows
+    added straight into ``.grad`` and sparse rows for trainable untied embeddings (the value model). Returns the
+    weights whose dense gradient buffers :func:`instructrl.models.kernels.zero_gradients` must keep."""
     for model in (policy, *others):
         fuse_activations(model)
         float32_cpu_attention(model)
-    if world_size == 1:
-        sparse_tied_embedding_gradient(policy)
+    if world_size > 1:
+        return frozenset()
+    tied_embedding_rows_into_grad(policy)
+    kept = (sparse_untied_embedding_gradient(model) for model in (policy, *others))
+    return frozenset(weight for weight in kept if weight is not None)
 
 
 def _check_vocabulary(model: torch.nn.Module, tokenizer, path: str) -> None:
@@ -186,6 +198,9 @@ class PPOSession:
     """The policy as called in training steps (DDP-wrapped under N processes); None = ``policy``."""
     training_value: torch.nn.Module | None = None
     """The value model as called in training steps; None = ``value_model``."""
+    dense_grad_buffers: frozenset[torch.Tensor] = frozenset()
+    """Weights whose ``.grad`` is a dense buffer zeroed in place between steps (sparse embedding rows are
+    added into it; ``fused_kernels``), instead of being set to None."""
 
     def __post_init__(self) -> None:
         if self.runtime is None:
@@ -321,8 +336,9 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
     value_model = load_scalar_model(cfg.value_model or cfg.reward_model, tokenizer, device, trainable=True)
     if cfg.value_head_init == "zero":
         init_scalar_head(value_model, zero=True)
+    dense_grad_buffers = frozenset()
     if cfg.fused_kernels:
-        use_fused_kernels(policy, (ref_policy, reward_model, value_model), runtime.world_size)
+        dense_grad_buffers = use_fused_kernels(policy, (ref_policy, reward_model, value_model), runtime.world_size)
     prompt_texts, prompt_ids = load_prompt_ids(cfg, tokenizer)
     _check_positions(cfg, policy, prompt_ids)
     ptx_sampler = build_ptx_sampler(cfg, tokenizer) if cfg.ptx.coef > 0 else None  # γ = 0 never reads the data
@@ -364,6 +380,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         training_policy=training_policy,
         training_value=training_value,
         nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
+        dense_grad_buffers=dense_grad_buffers,
     )
 
 
@@ -401,8 +418,8 @@ def minibatch_step(session: PPOSession, minibatch: Rollout) -> dict[str, float |
     """
     cfg = session.cfg
     runtime = session.runtime
-    session.policy_optimizer.zero_grad(set_to_none=True)
-    session.value_optimizer.zero_grad(set_to_none=True)
+    zero_gradients(session.policy_optimizer, session.dense_grad_buffers)
+    zero_gradients(session.value_optimizer, session.dense_grad_buffers)
     start, stop = runtime.shard_bounds(minibatch.size)
     stats: dict[str, float | None] = dict(
         accumulate_ppo_gradients(
