@@ -94,6 +94,30 @@ def test_fused_ptx_logprobs_and_gradients_match_the_full_logits(tiny_tokenizer, 
         torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_a_wrapped_model_is_called_whole_and_gives_the_same_logprobs(tiny_tokenizer):
+    """DDP (``.module``) or PEFT wrappers must see the forward: they are called whole, the plain model skips
+    its LM head by going through its base model."""
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(arch="llama", d_model=32, n_layers=1, n_heads=2), tiny_tokenizer).double()
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to the code: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    wrapper = Wrapper(model)
+    ids = torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    expected = response_logprobs(model, ids, mask, ids[:, -3:], 0.9)
+    torch.testing.assert_close(response_logprobs(wrapper, ids, mask, ids[:, -3:], 0.9), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ppo_parts.ptx_logprobs(wrapper, ids), ppo_parts.ptx_logprobs(model, ids))
+    assert wrapper.calls == 2
+
+
 def test_unknown_architectures_take_the_straightforward_path(tiny_tokenizer, monkeypatch):
     model = build_causal_lm(ModelSpec(d_model=32, n_layers=1, n_heads=2), tiny_tokenizer)
     monkeypatch.setattr(ppo_parts, "FUSED_HEAD_MODEL_TYPES", frozenset())

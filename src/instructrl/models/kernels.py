@@ -75,10 +75,12 @@ class _RowsIntoGrad(torch.autograd.Function):
     parameter's ``.grad`` itself (allocating it when missing) and returns nothing to autograd."""
 
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, anchor):
+    def forward(ctx, ids, embedding, anchor):
+        # ``embedding`` (the module, not its weight) keeps the weight out of this node's inputs: were it an
+        # input, autograd would hold the LM head's gradient back until this node ran, then add the two.
         ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight.detach(), padding_idx)
+        ctx.weight, ctx.padding_idx = embedding.weight, embedding.padding_idx
+        return F.embedding(ids, embedding.weight.detach(), embedding.padding_idx)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -88,10 +90,10 @@ class _RowsIntoGrad(torch.autograd.Function):
         flat_ids = ids.reshape(-1)  # (B·T,)
         if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
             rows = rows * (flat_ids != ctx.padding_idx).unsqueeze(1).to(rows.dtype)
-        if weight.grad is None:  # the LM head's gradient has not arrived yet: it will be added to this
+        if weight.grad is None:  # no LM head in this backward: the rows are the whole gradient
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, flat_ids, rows)
-        return None, None, None, None
+        return None, None, None
 
 
 class _RowsIntoGradEmbedding(torch.nn.Embedding):
@@ -102,7 +104,7 @@ class _RowsIntoGradEmbedding(torch.nn.Embedding):
         if plain or not (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(input)
         anchor = torch.empty(0, device=self.weight.device, requires_grad=True)  # puts the lookup in the graph
-        return _RowsIntoGrad.apply(input, self.weight, self.padding_idx, anchor)
+        return _RowsIntoGrad.apply(input, self, anchor)
 
 
 def tied_embedding_rows_into_grad(model: torch.nn.Module) -> bool:

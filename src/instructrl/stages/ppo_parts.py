@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from instructrl.models.reward import last_token_scores, position_ids_from_mask, reward_bias, token_values
 from instructrl.rl import (
@@ -92,9 +93,19 @@ def fused_lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return head.weight, head.bias
 
 
-def _no_positions(device: torch.device) -> torch.Tensor:
-    """``logits_to_keep`` that selects no position: the model's own (B, ·, V) logits would be wasted work."""
-    return torch.empty(0, dtype=torch.long, device=device)
+def final_hidden_states(model, **inputs) -> torch.Tensor:
+    """The last layer's hidden states after the final norm, (B, T, d), without the model's own LM head.
+
+    A plain Hugging Face causal LM is asked through its base model (``model.base_model``: the same modules
+    but the head), so the head's weight is not even cast under autocast. A wrapped one (DDP's ``.module``,
+    PEFT) is called whole, so that its wrapper sees the forward, with ``logits_to_keep`` selecting no
+    position."""
+    inputs["use_cache"] = False
+    base = getattr(model, "base_model", None)
+    if isinstance(model, PreTrainedModel) and base is not None and base is not model:
+        return base(**inputs).last_hidden_state
+    no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    return model(**inputs, logits_to_keep=no_positions, output_hidden_states=True).hidden_states[-1]
 
 
 def response_logprobs(
@@ -111,9 +122,9 @@ def response_logprobs(
     Same numbers as ``logprobs_from_logits(response_logits(...), response, τ)`` (tested), faster: the model
     is asked for its final hidden states and for no logits at all, and the LM head + log-softmax gather runs
     fused over blocks of the vocabulary at the R response positions (:func:`instructrl.rl.lm_head_logprobs`),
-    so no (B, R, V) float32 logits tensor, its log-softmax or its gradient is ever formed. The call still goes
-    through ``model``'s own forward (DDP sees it). Architectures not in :data:`FUSED_HEAD_MODEL_TYPES` take
-    the straightforward path.
+    so no (B, R, V) float32 logits tensor, its log-softmax or its gradient is ever formed (see
+    :func:`final_hidden_states` for how the model is called). Architectures not in
+    :data:`FUSED_HEAD_MODEL_TYPES` take the straightforward path.
     """
     width = response.shape[1]
     head = fused_lm_head(model)
@@ -121,15 +132,10 @@ def response_logprobs(
         logits = response_logits(model, input_ids, attention_mask, width)  # (B, R, V)
         logprobs = logprobs_from_logits(logits, response, temperature)
         return (logprobs, entropy_from_logits(logits, temperature)) if with_entropy else logprobs
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=_no_positions(input_ids.device),  # the head is applied below
-        output_hidden_states=True,
-        use_cache=False,
+    hidden = final_hidden_states(
+        model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     )
-    hidden = out.hidden_states[-1][:, -width - 1 : -1]  # (B, R, d): positions Q − 1 … Q + R − 2
+    hidden = hidden[:, -width - 1 : -1]  # (B, R, d): positions Q − 1 … Q + R − 2
     weight, bias = head
     if with_entropy:
         return lm_head_logprobs_and_entropy(hidden, weight, response, temperature, bias)
@@ -488,10 +494,7 @@ def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
     if head is None:
         logits = policy(input_ids=windows, use_cache=False).logits[:, :-1]
         return logprobs_from_logits(logits, windows[:, 1:], 1.0)
-    out = policy(
-        input_ids=windows, use_cache=False, logits_to_keep=_no_positions(windows.device), output_hidden_states=True
-    )
-    hidden = out.hidden_states[-1][:, :-1]  # (B, L − 1, d): the positions that predict x_1 … x_{L−1}
+    hidden = final_hidden_states(policy, input_ids=windows)[:, :-1]  # (B, L − 1, d): predicting x_1 … x_{L−1}
     weight, bias = head
     return lm_head_logprobs(hidden, weight, windows[:, 1:], 1.0, bias)
 
