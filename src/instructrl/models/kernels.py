@@ -1,7 +1,8 @@
-"""Faster equivalents of two slow spots in Hugging Face decoders, swapped into a loaded model in place.
+"""Faster equivalents of four slow spots in Hugging Face decoders, swapped into a loaded model in place.
 
-Both keep the model's math and its saved form (no parameter, buffer or config changes); they only change
-which kernels compute it. Measured on 2 CPU threads, one training step (forward, backward, fused AdamW):
+All keep the model's math and its saved form (no parameter, buffer or saved config changes); they only
+change which kernels compute it. Measured on 2 CPU threads, one training step (forward, backward, fused
+AdamW):
 
 * **GPT-2's activation.** ``gelu_new`` (:class:`transformers.activations.NewGELUActivation`) is the tanh
   approximation of GELU written as six elementwise Python ops, each a pass over the (tokens × 4·d) MLP
@@ -15,19 +16,18 @@ which kernels compute it. Measured on 2 CPU threads, one training step (forward,
   rows straight into the weight's ``.grad`` instead, so the LM head's gradient becomes ``.grad`` as it is.
   A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48 tokens: 508 ms per step against 523 (dense)
   and 532 (sparse), with half the page faults (16k vs 32k per step).
-* **Attention under bf16 autocast on a CPU.** PyTorch's CPU flash-attention kernel is about twice as slow in
-  bf16 as in float32 (forward + backward of 8 × 8 heads × 48 positions × 64: 5.5 ms vs 2.4 ms with the
-  casts; GPT-2 at 16 × 4 × 64 × 64: 7.7 vs 5.2 ms), and it dominated a bf16 PPO step's non-matmul time.
-  :func:`float32_cpu_attention` registers Hugging Face's SDPA attention with q, k and v upcast to float32
-  (output cast back) when the inputs are bf16/fp16 on a CPU; on other devices, or in float32, it is SDPA
-  unchanged. Upcasting can only make attention more accurate.
-
 * **An untied embedding's gradient (the value model).** Its dense backward allocates and zero-fills a fresh
   (vocab × d) gradient every step, only to add the few hundred looked-up rows: with a 32k vocabulary and
   width 512, about 15% of a value-model step, most of it page faults on the fresh 64 MiB.
   :func:`sparse_untied_embedding_gradient` sends only the rows backward and keeps the ``.grad`` a dense
   buffer that :func:`zero_gradients` zeroes in place, so the rows are added into it (same sums, as AdamW
   needs a dense gradient: its moments move every row).
+* **Attention under bf16 autocast on a CPU.** PyTorch's CPU flash-attention kernel is about twice as slow in
+  bf16 as in float32 (forward + backward of 8 × 8 heads × 48 positions × 64: 5.5 ms vs 2.4 ms with the
+  casts; GPT-2 at 16 × 4 × 64 × 64: 7.7 vs 5.2 ms), and it dominated a bf16 PPO step's non-matmul time.
+  :func:`float32_cpu_attention` registers Hugging Face's SDPA attention with q, k and v upcast to float32
+  (output cast back) when the inputs are bf16/fp16 on a CPU; on other devices, or in float32, it is SDPA
+  unchanged. Upcasting can only make attention more accurate.
 
 Both embedding changes are for one process only: DDP and DeepSpeed treat an ``nn.Embedding`` with
 ``sparse=True`` as a sparse-gradient parameter, and gradients written into ``.grad`` outside autograd would
