@@ -5,10 +5,18 @@ Run (after ``pip install -e '.[bench]'``)::
     python benchmarks/ppo_throughput.py                 # both shapes, 2 threads, 3 timed iterations each
     python benchmarks/ppo_throughput.py --shapes S1 --iterations 5 --threads 2
     python benchmarks/ppo_throughput.py --shapes S1 --rounds 3 --precisions fp32,fp32:plain   # A/B, drift-robust
+    python benchmarks/ppo_throughput.py --device cuda --peer-precisions fp32,bf16   # on a GPU
 
 ``--rounds N`` runs every side N times, alternating the order, pools the timed iterations and prints each
 round's ratio: this VM's speed drifts by 10-20% within minutes, more than many single changes are worth.
 A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.models.kernels``).
+
+``--device cuda`` runs every side on the GPU (``device=cuda`` for ours, ``use_cpu=False`` for TRL), times
+with ``torch.cuda.synchronize()`` at every clock reading, measures the matmul peak on the GPU, and reports the
+GPU's peak allocated memory (``torch.cuda.max_memory_allocated``) instead of the resident set.
+``--peer-precisions fp32,bf16`` adds a TRL run with ``bf16=True`` (accelerate's autocast), the like-for-like
+peer of our bf16; the ratio column stays against the peer's fp32, and a line per precision gives the ratio
+against the peer at the same precision.
 
 Both sides get the same randomly initialized models (policy, frozen reference, reward model, value model of
 the same architecture; the value model starts from the reward model), the same 16-token prompts, the same
@@ -143,24 +151,58 @@ def iteration_flops(shape: Shape, response_len: int | None = None) -> dict[str, 
     }
 
 
-def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
-    """Best FLOP/s of square ``torch.mm`` calls (sizes 512…2048) in ``dtype_name`` on this process's threads."""
+def matmul_peak(dtype_name: str, seconds: float = 3.0, device: str = "cpu") -> float:
+    """Best FLOP/s of square ``torch.mm`` calls in ``dtype_name`` (sizes 512…2048 on this process's CPU
+    threads; 2048…8192 on a GPU, synchronized before each clock reading)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm-up (oneDNN primitive creation)
+    for n in (512, 1024, 2048) if device == "cpu" else (2048, 4096, 8192):
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up (oneDNN primitive creation / cuBLAS handle and heuristics)
+        synchronize(device)
         calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
             torch.mm(a, b)
             calls += 1
+            if calls % 8 == 0:
+                synchronize(device)
+        synchronize(device)
         best = max(best, 2 * n**3 * calls / (time.perf_counter() - start))
     return best
 
 
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock reading includes it (nothing to do on a CPU)."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 # --------------------------------------------------------------------------- memory
+
+
+def reset_peak_memory(device: str) -> tuple[float, bool]:
+    """Reset the peak-memory mark: the RSS high-water mark on a CPU, the allocator's peak on a GPU; returns the
+    memory in use now (MiB) and whether the reset worked."""
+    if device == "cpu":
+        return reset_peak_rss()
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20, True
+
+
+def peak_memory_mib(device: str, reset_worked: bool) -> float:
+    """The peak since :func:`reset_peak_memory`: RSS on a CPU, ``torch.cuda.max_memory_allocated`` on a GPU."""
+    if device == "cpu":
+        return peak_rss_mib(reset_worked)
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def reset_peak_rss() -> tuple[float, bool]:
@@ -233,22 +275,27 @@ def build_assets(shape: Shape, root: Path, seed: int = 0) -> dict:
 class TimedBackend:
     """Wraps a generation backend and adds up the seconds spent in ``generate``."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, device: str = "cpu"):
         self.inner = inner
+        self.device = device
         self.seconds = 0.0
 
     def generate(self, *args, **kwargs):
+        synchronize(self.device)
         start = time.perf_counter()
         try:
             return self.inner.generate(*args, **kwargs)
         finally:
+            synchronize(self.device)
             self.seconds += time.perf_counter() - start
 
     def sync_weights(self, model) -> None:
         self.inner.sync_weights(model)
 
 
-def run_ours(shape: Shape, assets: dict, precision: str, iterations: int, warmup: int, out_dir: Path) -> dict:
+def run_ours(
+    shape: Shape, assets: dict, precision: str, iterations: int, warmup: int, out_dir: Path, device: str = "cpu"
+) -> dict:
     """Time ``train_iteration`` of instructrl's PPO stage (the code ``instructrl ppo`` runs)."""
     import torch
 
@@ -283,7 +330,7 @@ def run_ours(shape: Shape, assets: dict, precision: str, iterations: int, warmup
         "ptx.coef=0",
         "sample_every=0",
         "resume=false",
-        "device=cpu",
+        f"device={device}",
     ]
     precision, _, variant = precision.partition(":")  # "fp32:plain" = fp32 without the kernel swaps
     if precision != "fp32":
@@ -294,20 +341,22 @@ def run_ours(shape: Shape, assets: dict, precision: str, iterations: int, warmup
         raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected :plain")
     cfg = load_config(ppo.Config, overrides=overrides)
     session = build_session(cfg)
-    backend = TimedBackend(make_generation_backend(cfg, session.policy, session.tokenizer, session.runtime))
+    backend = TimedBackend(make_generation_backend(cfg, session.policy, session.tokenizer, session.runtime), device)
     session.backend = backend
     session.prompt_ids = [list(p) for p in assets["prompts"]]
     session.prompt_texts = [""] * len(session.prompt_ids)
     session.prompt_sampler = PromptSampler(len(session.prompt_ids), seed=0)
 
     rows = []
-    rss_before, reset_worked = 0.0, False
+    memory_before, reset_worked = 0.0, False
     for k in range(warmup + iterations):
         if k == warmup:
-            rss_before, reset_worked = reset_peak_rss()
+            memory_before, reset_worked = reset_peak_memory(device)
         backend.seconds = 0.0
+        synchronize(device)
         start = time.perf_counter()
         metrics, _, _ = train_iteration(session)
+        synchronize(device)
         total = time.perf_counter() - start
         rows.append(
             {
@@ -319,15 +368,25 @@ def run_ours(shape: Shape, assets: dict, precision: str, iterations: int, warmup
             }
         )
     del torch
-    return {"iterations": rows[warmup:], "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(reset_worked),
-            "peak_reset": reset_worked}  # fmt: skip
+    return {"iterations": rows[warmup:], "rss_before_mib": memory_before,
+            "peak_rss_mib": peak_memory_mib(device, reset_worked), "peak_reset": reset_worked}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the peer
 
 
-def run_peer(shape: Shape, assets: dict, iterations: int, warmup: int, out_dir: Path) -> dict:
+def run_peer(
+    shape: Shape,
+    assets: dict,
+    iterations: int,
+    warmup: int,
+    out_dir: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict:
     """Time TRL 0.29.1's ``PPOTrainer.train`` iterations (one iteration = one ``on_step_end``)."""
+    if precision not in ("fp32", "bf16"):
+        raise SystemExit(f"the peer runs fp32 or bf16, not {precision!r}")
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -366,9 +425,9 @@ def run_peer(shape: Shape, assets: dict, iterations: int, warmup: int, out_dir: 
         lr_scheduler_type="constant",
         num_sample_generations=0,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=precision == "bf16",
         fp16=False,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         report_to=[],
         save_strategy="no",
         logging_steps=10**9,
@@ -379,13 +438,14 @@ def run_peer(shape: Shape, assets: dict, iterations: int, warmup: int, out_dir: 
 
     stamps: list[float] = []
     steps = {"optimizer": 0}
-    memory = {"rss_before": 0.0, "reset": False}
+    memory = {"before": 0.0, "reset": False}
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
             stamps.append(time.perf_counter())
             if len(stamps) == warmup:
-                memory["rss_before"], memory["reset"] = reset_peak_rss()
+                memory["before"], memory["reset"] = reset_peak_memory(device)
 
     trainer = PPOTrainer(
         args=args,
@@ -403,6 +463,7 @@ def run_peer(shape: Shape, assets: dict, iterations: int, warmup: int, out_dir: 
         steps["optimizer"] += 1
 
     trainer.optimizer.optimizer.register_step_post_hook(count_step)
+    synchronize(device)
     start = time.perf_counter()
     trainer.train()
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
@@ -410,14 +471,14 @@ def run_peer(shape: Shape, assets: dict, iterations: int, warmup: int, out_dir: 
     if steps["optimizer"] != expected_steps:
         raise RuntimeError(f"TRL made {steps['optimizer']} optimizer steps, expected {expected_steps}")
     del torch
-    return {"iterations": [{"total": t} for t in times[warmup:]], "rss_before_mib": memory["rss_before"],
-            "peak_rss_mib": peak_rss_mib(memory["reset"]), "peak_reset": memory["reset"]}  # fmt: skip
+    return {"iterations": [{"total": t} for t in times[warmup:]], "rss_before_mib": memory["before"],
+            "peak_rss_mib": peak_memory_mib(device, memory["reset"]), "peak_reset": memory["reset"]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- generation micro-benchmark
 
 
-def run_generation(shape: Shape, assets: dict, repeats: int) -> dict:
+def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu") -> dict:
     """Our rollout sampler vs ``model.generate`` on the same policy and prompts (tokens/s, median of repeats).
 
     Both start from the same generator seed; tokens/s counts the tokens produced up to and including EOS."""
@@ -427,10 +488,10 @@ def run_generation(shape: Shape, assets: dict, repeats: int) -> dict:
     from instructrl.rollout.sampler import CachedSampler, HFGenerateBackend
 
     tokenizer = load_tokenizer(assets["lm_dir"])
-    model = load_causal_lm(assets["lm_dir"], tokenizer)
+    model = load_causal_lm(assets["lm_dir"], tokenizer).to(device)
     disable_dropout(model)
     model.eval().requires_grad_(False)
-    query = torch.tensor(assets["prompts"])
+    query = torch.tensor(assets["prompts"], device=device)
     mask = torch.ones_like(query)
     samplers = {
         "model.generate": HFGenerateBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id),
@@ -438,12 +499,14 @@ def run_generation(shape: Shape, assets: dict, repeats: int) -> dict:
     }
     out = {}
     for name, sampler in samplers.items():
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
         sampler.generate(query, mask, shape.response_len, 1.0, generator)  # warm-up
         times, tokens = [], []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             response = sampler.generate(query, mask, shape.response_len, 1.0, generator)
+            synchronize(device)
             times.append(time.perf_counter() - start)
             tokens.append(int((response != tokenizer.pad_token_id).sum()))
         k = times.index(statistics.median(times)) if repeats % 2 else 0
@@ -462,13 +525,13 @@ def worker_main(ns: argparse.Namespace) -> None:
     assets = json.loads(Path(ns.assets).read_text()) if ns.assets else {}
     with tempfile.TemporaryDirectory() as tmp:
         if ns.worker == "ours":
-            result = run_ours(shape, assets, ns.precision, ns.iterations, ns.warmup, Path(tmp))
+            result = run_ours(shape, assets, ns.precision, ns.iterations, ns.warmup, Path(tmp), ns.device)
         elif ns.worker == "peer":
-            result = run_peer(shape, assets, ns.iterations, ns.warmup, Path(tmp))
+            result = run_peer(shape, assets, ns.iterations, ns.warmup, Path(tmp), ns.device, ns.precision)
         elif ns.worker == "generation":
-            result = run_generation(shape, assets, ns.iterations)
+            result = run_generation(shape, assets, ns.iterations, ns.device)
         elif ns.worker == "peak":
-            result = {"fp32": matmul_peak("fp32", ns.peak_seconds), "bf16": matmul_peak("bf16", ns.peak_seconds)}
+            result = {p: matmul_peak(p, ns.peak_seconds, ns.device) for p in ("fp32", "bf16")}
         else:
             raise SystemExit(f"unknown worker {ns.worker}")
     print("RESULT " + json.dumps(result), flush=True)
@@ -477,7 +540,7 @@ def worker_main(ns: argparse.Namespace) -> None:
 def spawn(worker: str, ns: argparse.Namespace, shape: str = "S1", assets: str = "", precision: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--shape", shape, "--assets", assets,
            "--precision", precision, "--threads", str(ns.threads), "--iterations", str(ns.iterations),
-           "--warmup", str(ns.warmup), "--peak-seconds", str(ns.peak_seconds)]  # fmt: skip
+           "--warmup", str(ns.warmup), "--peak-seconds", str(ns.peak_seconds), "--device", ns.device]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads), "MKL_NUM_THREADS": str(ns.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -525,6 +588,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="our precisions (the peer runs fp32); append :plain for a run without fused_kernels",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip TRL (e.g. when it is not installed)")
+    parser.add_argument(
+        "--peer-precisions",
+        default="fp32",
+        help="the peer's precisions, fp32 first (bf16 = TRL with bf16=True); the ratio column is against fp32",
+    )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every side runs")
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring the matmul peak")
     # internal: one measurement in a subprocess
@@ -535,19 +604,26 @@ def main(argv: list[str] | None = None) -> dict:
     ns = parser.parse_args(argv)
     if ns.rounds < 1:
         parser.error("--rounds must be at least 1")
+    peers = ns.peer_precisions.split(",")
+    if peers[0] != "fp32" or not set(peers) <= {"fp32", "bf16"}:
+        parser.error("--peer-precisions: fp32 first, then optionally bf16 (the ratio column is against fp32)")
     if ns.worker:
         worker_main(ns)
         return {}
 
     import torch
 
-    report: dict = {"threads": ns.threads, "torch": torch.__version__, "shapes": {}}
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    where = f"{ns.threads} threads" if ns.device == "cpu" else f"{torch.cuda.get_device_name()}, {ns.threads} threads"
+    report: dict = {"threads": ns.threads, "device": ns.device, "torch": torch.__version__, "shapes": {}}
     per_round = f" in each of {ns.rounds} rounds" if ns.rounds > 1 else ""
-    print(f"instructrl PPO vs TRL PPOTrainer: torch {torch.__version__}, {ns.threads} threads, "
+    print(f"instructrl PPO vs TRL PPOTrainer: torch {torch.__version__}, {where}, "
           f"median of {ns.iterations} iterations after {ns.warmup} warm-up{per_round}", flush=True)  # fmt: skip
     peak = spawn("peak", ns)
     report["matmul_peak"] = peak
     print(f"measured matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
+    peer_precisions = [p for p in ns.peer_precisions.split(",") if p] if not ns.no_peer else []
     precisions = [p for p in ns.precisions.split(",") if p]
     for name in ns.shapes.split(","):
         shape = SHAPES[name]
@@ -556,9 +632,8 @@ def main(argv: list[str] | None = None) -> dict:
             assets = build_assets(shape, Path(tmp))
             assets_file = Path(tmp) / "assets.json"
             assets_file.write_text(json.dumps(assets))
-            runs = ([("peer fp32", "peer", "fp32")] if not ns.no_peer else []) + [
-                (f"ours {precision}", "ours", precision) for precision in precisions
-            ]
+            runs = [(f"peer {p}", "peer", p) for p in peer_precisions]
+            runs += [(f"ours {precision}", "ours", precision) for precision in precisions]
             rounds: list[dict] = []
             for index in range(ns.rounds):  # the order alternates so that a drift of the machine hits both sides
                 order = runs if index % 2 == 0 else runs[::-1]
@@ -566,19 +641,20 @@ def main(argv: list[str] | None = None) -> dict:
             sides = merge_rounds(rounds)
             generation = spawn("generation", ns, name, str(assets_file))
         report["shapes"][name] = {"shape": asdict(shape), "sides": sides, "generation": generation}
-        print_shape(shape, sides, generation, peak)
+        print_shape(shape, sides, generation, peak, ns.device)
     if ns.json:
         Path(ns.json).write_text(json.dumps(report, indent=2))
     return report
 
 
-def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict) -> None:
+def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict, device: str = "cpu") -> None:
     peer = summarize(sides["peer fp32"]["iterations"])["total"] if "peer fp32" in sides else None
     print(f"\n{shape.name}: {shape.arch}, {shape.n_layers} layers, width {shape.d_model}, {shape.n_heads} heads, "
           f"vocab {shape.vocab}; batch {shape.batch} × ({shape.prompt_len} prompt + ≤{shape.response_len} response) "
           f"tokens; {shape.epochs} epochs × {shape.minibatches} minibatches")  # fmt: skip
     header = f"{'side':<16} {'s/iter':>7} {'ratio':>6} {'samples/s':>9}  {'gen / score / train (s)':<24} " \
-             f"{'peak RSS (+work) MiB':>21}  {'train FLOP/s (util fp32)':>24}"  # fmt: skip
+             f"{'peak RSS (+work) MiB' if device == 'cpu' else 'peak GPU (+work) MiB':>21}  " \
+             f"{'train FLOP/s (util fp32)':>24}"  # fmt: skip
     print(header)
     print("-" * len(header))
     for side, result in sides.items():
@@ -594,6 +670,11 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict) -> None
             util = f"{sum(flops.values()) / s['total'] / 1e9:.1f} G (whole iter)"
         print(f"{side:<16} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
               f"{util:>24}")  # fmt: skip
+    for side, result in sides.items():  # like for like: ours at a precision against the peer at the same one
+        precision = side.removeprefix("ours ").partition(":")[0]  # "bf16:plain" is compared with the peer's bf16
+        if side.startswith("ours ") and precision != "fp32" and f"peer {precision}" in sides:
+            theirs = summarize(sides[f"peer {precision}"]["iterations"])["total"]
+            print(f"{side} vs peer {precision}: ratio {summarize(result['iterations'])['total'] / theirs:.2f}")
     if peer and len(sides["peer fp32"].get("round_totals", [])) > 1:
         peer_rounds = sides["peer fp32"]["round_totals"]
         for side, result in sides.items():

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_throughput.py"
 HAVE_TRL = importlib.util.find_spec("trl") is not None
 
@@ -20,8 +22,7 @@ def test_benchmark_script_runs_at_a_tiny_shape(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--shapes", "tiny", "--iterations", "1", "--warmup", "1", "--rounds", "2",
            "--precisions", "fp32,bf16:plain", "--threads", "1", "--peak-seconds", "0.1",
            "--json", str(out)]  # fmt: skip
-    if not HAVE_TRL:
-        cmd.append("--no-peer")
+    cmd += ["--peer-precisions", "fp32,bf16"] if HAVE_TRL else ["--no-peer"]
     src = str(SCRIPT.parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -29,10 +30,25 @@ def test_benchmark_script_runs_at_a_tiny_shape(tmp_path):
     assert "ours fp32" in proc.stdout and "ours bf16:plain" in proc.stdout and "generation ours" in proc.stdout
     report = json.loads(out.read_text())
     sides = report["shapes"]["tiny"]["sides"]
-    assert ("peer fp32" in sides) == HAVE_TRL
+    assert ("peer fp32" in sides) == HAVE_TRL and ("peer bf16" in sides) == HAVE_TRL
     assert all(r["total"] > 0 for side in sides.values() for r in side["iterations"])
     assert all(len(side["iterations"]) == 2 and len(side["round_totals"]) == 2 for side in sides.values())
     assert ("ratio per round" in proc.stdout) == HAVE_TRL
+    assert ("ours bf16:plain vs peer bf16: ratio" in proc.stdout) == HAVE_TRL
+
+
+def test_peer_precisions_must_start_with_fp32(capsys):
+    spec = importlib.util.spec_from_file_location("ppo_throughput_args", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        for bad in ("bf16", "fp32,fp16"):
+            with pytest.raises(SystemExit):
+                bench.main(["--peer-precisions", bad])
+            assert "--peer-precisions" in capsys.readouterr().err
+    finally:
+        del sys.modules[spec.name]
 
 
 def test_rounds_pool_the_iterations_and_keep_each_rounds_median(monkeypatch):
