@@ -1,4 +1,4 @@
-"""Metrics files: append-only JSONL, truncated on resume, optionally mirrored to TensorBoard."""
+"""Metrics files (append-only JSONL, truncated on resume, optionally mirrored to TensorBoard) and JSON lines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from instructrl.utils.io import MetricsWriter
+from instructrl.utils.io import MetricsWriter, atomic_write_jsonl, jsonl_line
 
 
 def _steps(path) -> list[int]:
@@ -43,3 +43,15 @@ def test_tensorboard_mirror_writes_events_or_warns_that_it_cannot(tmp_path):
     assert _steps(tmp_path / "metrics.jsonl") == [1]
     if importlib.util.find_spec("tensorboard") is not None:
         assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
+
+
+def test_json_lines_escape_the_characters_that_splitlines_breaks_on(tmp_path):
+    """NEL and the Unicode line/paragraph separators stay inside their record (hypothesis found a prompt with
+    U+0085 split in two by ``str.splitlines``); the text round-trips and other non-ASCII stays readable."""
+    records = [{"prompt": "a\x85b\u2028c\u2029d", "response": "é ü 日本\x0b\x0c\x1c"}, {"prompt": "next"}]
+    path = tmp_path / "out.jsonl"
+    assert atomic_write_jsonl(path, records) == 2
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 2 and "é ü 日本" in text
+    assert [json.loads(line) for line in text.splitlines()] == records
+    assert jsonl_line(records[0]) == text.splitlines(keepends=True)[0]

@@ -55,7 +55,7 @@ from instructrl.config import dump_config, require, require_fraction
 from instructrl.data import pii
 from instructrl.data.loading import LoadStats, load_prompts
 from instructrl.data.records import PromptRecord
-from instructrl.utils.io import atomic_write_text
+from instructrl.utils.io import atomic_write_text, jsonl_line
 
 SPLITS = ("train", "valid", "test")
 PROMPT_TYPES = ("plain", "few-shot")
@@ -331,7 +331,7 @@ def output_record(record: PromptRecord, kind: str) -> dict[str, Any]:
 
 
 def jsonl_text(records: Iterable[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return "".join(jsonl_line(r) for r in records)
 
 
 def _default_file_mode() -> int:

@@ -59,12 +59,27 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
+_LINE_BREAKS_IN_STRINGS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def jsonl_line(record: Any) -> str:
+    """One JSON line (UTF-8 text kept as is) ending in a newline.
+
+    Characters that ``str.splitlines`` and some JSON-lines readers take for line breaks (NEL U+0085, the
+    Unicode line and paragraph separators) are written as ``\\u`` escapes: JSON leaves them raw inside
+    strings, and a reader that splits on them would cut a record in two. They can only occur inside strings,
+    so the escape changes nothing else; the other line-breaking characters are control characters that
+    ``json.dumps`` escapes already.
+    """
+    return json.dumps(record, ensure_ascii=False, default=_json_default).translate(_LINE_BREAKS_IN_STRINGS) + "\n"
+
+
 def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records as JSON lines atomically; returns how many were written."""
     n = 0
     with atomic_open(path, "w") as f:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+            f.write(jsonl_line(rec))
             n += 1
     return n
 
