@@ -121,6 +121,25 @@ def test_gradient_normalizer_turns_rank_averaged_gradients_into_the_global_mean(
     assert Runtime(torch.device("cpu")).gradient_normalizer(12) == 12.0
 
 
+@pytest.mark.parametrize("max_norm", [float("inf"), 0.5])
+def test_clip_grad_norm_returns_torchs_norm_and_clips_only_when_asked(max_norm):
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    inputs = torch.randn(5, 4)
+    for model in models:
+        model(inputs).square().sum().backward()
+    before = [p.grad.clone() for p in models[0].parameters()]
+    ours = Runtime(torch.device("cpu")).clip_grad_norm_(models[0], max_norm)
+    theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    assert ours > 0.5  # so that 0.5 clips
+    for mine, reference, original in zip(models[0].parameters(), models[1].parameters(), before):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-6, atol=1e-7)
+        assert torch.equal(mine.grad, original) == (max_norm == float("inf"))  # untouched unless clipped
+    assert Runtime(torch.device("cpu")).clip_grad_norm_(torch.nn.Linear(2, 2), max_norm) == 0  # no gradients
+
+
 def test_per_rank_state_round_trips_and_a_different_process_count_is_detected():
     rank1 = FakeRank(1, 2)
     saved = {"per_rank": ["state of rank 0", "state of rank 1"]}

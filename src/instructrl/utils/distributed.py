@@ -24,6 +24,7 @@ The conventions every stage follows under N processes (rank r of N):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -186,6 +187,14 @@ class Runtime:
         loss.backward()
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the gradients' global 2-norm to ``max_norm`` and return the norm before clipping. With an
+        infinite ``max_norm`` (no clipping) only the norm is computed: ``clip_grad_norm_`` would still
+        multiply every gradient by 1."""
+        if math.isinf(max_norm):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads:
+                return torch.zeros(())
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     # ---- writing
