@@ -9,7 +9,8 @@ Run (after ``pip install -e '.[bench]'``)::
 
 ``--rounds N`` runs every side N times, alternating the order, pools the timed iterations and prints each
 round's ratio: this VM's speed drifts by 10-20% within minutes, more than many single changes are worth.
-A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.models.kernels``).
+A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.models.kernels``), one
+with ``:sequential`` with ``overlap_models=false`` (``instructrl.utils.overlap``); ``:plain+sequential`` both.
 
 ``--device cuda`` runs every side on the GPU (``device=cuda`` for ours, ``use_cpu=False`` for TRL), times
 with ``torch.cuda.synchronize()`` at every clock reading, measures the matmul peak on the GPU, and reports the
@@ -120,6 +121,8 @@ MISSING_EOS_PENALTY = 1.0
 """TRL subtracts this from the score of a response without EOS; we set our ``missing_eos_score`` to −1 (a
 replacement, not a subtraction: same cost, and both exercise the rule)."""
 LR = 1e-5
+VARIANTS = {"plain": "fused_kernels=false", "sequential": "overlap_models=false"}
+"""``--precisions`` suffixes (``fp32:plain``, ``bf16:plain+sequential``): our PPO with an optimization off."""
 
 
 # --------------------------------------------------------------------------- FLOP count
@@ -332,13 +335,13 @@ def run_ours(
         "resume=false",
         f"device={device}",
     ]
-    precision, _, variant = precision.partition(":")  # "fp32:plain" = fp32 without the kernel swaps
+    precision, _, variants = precision.partition(":")  # e.g. "fp32:plain" = fp32 without the kernel swaps
     if precision != "fp32":
         overrides.append(f"precision={precision}")
-    if variant == "plain":
-        overrides.append("fused_kernels=false")
-    elif variant:
-        raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected :plain")
+    for variant in filter(None, variants.split("+")):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected one of {VARIANTS}")
+        overrides.append(VARIANTS[variant])
     cfg = load_config(ppo.Config, overrides=overrides)
     session = build_session(cfg)
     backend = TimedBackend(make_generation_backend(cfg, session.policy, session.tokenizer, session.runtime), device)
@@ -585,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--precisions",
         default="fp32,bf16",
-        help="our precisions (the peer runs fp32); append :plain for a run without fused_kernels",
+        help="our precisions (the peer runs fp32); append :plain (no fused_kernels), :sequential "
+        "(no overlap_models), or :plain+sequential",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip TRL (e.g. when it is not installed)")
     parser.add_argument(
@@ -652,7 +656,8 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict, device:
     print(f"\n{shape.name}: {shape.arch}, {shape.n_layers} layers, width {shape.d_model}, {shape.n_heads} heads, "
           f"vocab {shape.vocab}; batch {shape.batch} × ({shape.prompt_len} prompt + ≤{shape.response_len} response) "
           f"tokens; {shape.epochs} epochs × {shape.minibatches} minibatches")  # fmt: skip
-    header = f"{'side':<16} {'s/iter':>7} {'ratio':>6} {'samples/s':>9}  {'gen / score / train (s)':<24} " \
+    width = max(16, *(len(side) for side in sides))  # "ours bf16:plain+sequential" is longer than 16
+    header = f"{'side':<{width}} {'s/iter':>7} {'ratio':>6} {'samples/s':>9}  {'gen / score / train (s)':<24} " \
              f"{'peak RSS (+work) MiB' if device == 'cpu' else 'peak GPU (+work) MiB':>21}  " \
              f"{'train FLOP/s (util fp32)':>24}"  # fmt: skip
     print(header)
@@ -668,7 +673,7 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict, device:
             util = f"{achieved / 1e9:.1f} G ({achieved / peak['fp32']:.0%})"
         else:
             util = f"{sum(flops.values()) / s['total'] / 1e9:.1f} G (whole iter)"
-        print(f"{side:<16} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
+        print(f"{side:<{width}} {s['total']:7.2f} {ratio} {shape.batch / s['total']:9.1f}  {split:<24} {mem:>21}  "
               f"{util:>24}")  # fmt: skip
     for side, result in sides.items():  # like for like: ours at a precision against the peer at the same one
         precision = side.removeprefix("ours ").partition(":")[0]  # "bf16:plain" is compared with the peer's bf16

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -465,6 +466,22 @@ def test_cli_smoke_run_writes_policy_value_metrics_and_results(env, tmp_path):
     assert len(samples) == 4 and {"prompt", "response", "score", "has_eos"} <= samples[0].keys()
 
 
+def test_constant_returns_log_no_nan(env, tmp_path):
+    """Every score 0, no KL penalty and a zero value head: the returns do not vary, so the explained variance
+    is undefined and logged as None (JSON null); no metric is NaN. (A CUDA run of the bandit test drew such
+    a first batch and logged NaN before.)"""
+    cfg = make_cfg(env, tmp_path, "kl.coef=0", "value_head_init=zero", "ptx.coef=0", "iterations=1",
+                   "missing_eos_score=null")  # fmt: skip
+
+    def zero_score(query, query_mask, response, response_mask):
+        return torch.zeros(query.shape[0])
+
+    session = build_session(cfg, score_fn=zero_score)
+    metrics, _, _ = train_iteration(session)
+    assert metrics["value/explained_variance"] is None
+    assert all(v is None or math.isfinite(v) for v in metrics.values()), metrics
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path):
@@ -475,9 +492,9 @@ def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path):
         return ((response == x_token) & response_mask).any(dim=1).float()
 
     cfg = make_cfg(
-        env, tmp_path, "device=cuda", "batch_size=32", "minibatch_size=8", "micro_batch_size=8", "ppo_epochs=4",
+        env, tmp_path, "device=cuda", "batch_size=128", "minibatch_size=32", "micro_batch_size=32", "ppo_epochs=4",
         "lr=0.01", "value_lr=0.01", "warmup_iterations=0", "kl.coef=0", "missing_eos_score=null", "ptx.coef=1.0",
-        "ema_decay=0.9", "value_head_init=zero", "generation.max_new_tokens=8", "iterations=5",
+        "ema_decay=0.9", "value_head_init=zero", "generation.max_new_tokens=8", "iterations=8",
     )  # fmt: skip
     session = build_session(cfg, score_fn=contains_x)
     assert session.device.type == "cuda" and session.sampling_generator.device.type == "cuda"

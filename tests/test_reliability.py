@@ -192,14 +192,16 @@ def ppo_inputs(tmp_path, tiny_lm_dir, tiny_tokenizer) -> list[str]:
 
 
 def test_ppo_skips_a_nan_minibatch_and_reports_its_iteration(tmp_path, ppo_inputs, monkeypatch, capsys):
-    real, calls = ppo_session.accumulate_ppo_gradients, []
+    real, calls = ppo_session.accumulate_policy_gradients, []
 
     def nan_loss_on_first_minibatch(*args, **kwargs):
         calls.append(1)
-        stats = real(*args, **kwargs)
-        return {**stats, "loss/policy": float("nan")} if len(calls) == 1 else stats
+        side = real(*args, **kwargs)
+        if len(calls) == 1:
+            side.losses["loss/policy"] = float("nan")
+        return side
 
-    monkeypatch.setattr(ppo_session, "accumulate_ppo_gradients", nan_loss_on_first_minibatch)
+    monkeypatch.setattr(ppo_session, "accumulate_policy_gradients", nan_loss_on_first_minibatch)
     assert main([*ppo_inputs, "--set", "save_every=1"]) == 0
     assert "iteration 1: non-finite loss/policy; update skipped" in capsys.readouterr().err
     assert [r.get("nonfinite_skipped", 0) for r in metrics(tmp_path / "ppo")] == [1, 1]
@@ -239,7 +241,7 @@ def test_pretrain_out_of_memory_names_what_to_lower(tmp_path, monkeypatch, capsy
     ("target", "expected"),
     [
         ("make_rollout", "out of memory during rollout generation"),
-        ("accumulate_ppo_gradients", "out of memory during the PPO update"),
+        ("accumulate_value_gradients", "out of memory during the PPO update"),
     ],
 )
 def test_ppo_out_of_memory_names_what_to_lower(ppo_inputs, monkeypatch, capsys, target, expected):

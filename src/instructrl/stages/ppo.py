@@ -233,6 +233,17 @@ class Config:
     buffer per step: the policy's tied embedding adds its rows straight into ``.grad``, the value model's
     sends sparse rows into a dense ``.grad`` kept between steps. Results agree with false up to float
     rounding; false runs the models exactly as loaded."""
+    overlap_models: bool | Literal["auto"] = "auto"
+    """On a CPU, in one process, with 2+ torch threads: run the policy's work and the value model's work at the
+    same time on two threads, each with half of the intra-op threads (``instructrl.utils.overlap``): in each
+    minibatch step the policy's gradients, ptx, clipping and optimizer step beside the value model's, and in
+    the rollout the policy + reference forwards beside the value forward + scoring. The two share nothing, so
+    the math is the same; results agree with false up to float rounding (a matmul split over fewer threads
+    adds in another order). It pays for small models, whose elementwise kernels scale poorly over threads
+    (S1 of benchmarks/ppo_throughput.py: training 0.82x the time in bf16), and costs where one side is much
+    heavier (S2's 32k-vocabulary head: 1.1x). 'auto' times the first 3 minibatch steps each way and keeps the
+    faster (logged; kept on resume); true/false fix it, for bitwise repeatable runs. Ignored on a GPU and
+    under N processes."""
     seed: int = 0
     """Seed for sampling, prompt order and minibatch shuffling."""
     threads: int = 0

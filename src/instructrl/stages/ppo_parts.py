@@ -16,8 +16,10 @@ and its outputs at positions Q − 1 … Q + R − 2 are kept.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from instructrl.rl import (
 from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
 from instructrl.stages.common import mixed_precision
 from instructrl.utils.distributed import Runtime, call_model_function
+from instructrl.utils.overlap import OverlapRunner, SequentialRunner
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(query, query_mask, response, response_mask) -> (B,)`` scores r(x, y) of finished rollouts."""
@@ -289,21 +292,59 @@ def make_rollout(
     query_mask: torch.Tensor,
     settings: RolloutSettings,
     generator: torch.Generator | None = None,
+    runner: SequentialRunner | OverlapRunner | None = None,
 ) -> Rollout:
     """Sample one response per prompt, truncate at EOS, and compute log-probs, values and scores.
 
     Every forward pass runs under ``torch.inference_mode``. The policy's log-probs come from a separate
     forward pass (not from ``generate``'s scores) so that rollout and training use the same numerics and
     the first PPO ratio is 1. Tensors are copied out of inference mode at the end so the update can use them.
+    ``runner`` may run the policy/reference forwards and the value/reward forwards at the same time.
     """
     models = (policy, ref_policy, value_model)
-    with torch.inference_mode(), mixed_precision(query.device, settings.autocast_dtype):
-        raw = _sample_and_score(*models, backend, score_fn, query, query_mask, settings, generator)
+    with _rollout_context(query.device, settings)():
+        raw = _sample_and_score(*models, backend, score_fn, query, query_mask, settings, generator, runner)
     return Rollout(**{k: v.clone() for k, v in raw.items()})  # clones outside inference mode: usable by autograd
 
 
+def _rollout_context(device: torch.device, settings: RolloutSettings) -> Callable[[], contextlib.ExitStack]:
+    """Inference mode and autocast: entered by the caller and by every worker thread (both are thread-local)."""
+
+    def context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(mixed_precision(device, settings.autocast_dtype))
+        return stack
+
+    return context
+
+
+def _language_model_outputs(policy, ref_policy, input_ids, attention_mask, response, temperature) -> dict:
+    """The policy's log-probs and entropy and the reference's log-probs, each (b, R)."""
+    logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, response, temperature, True)
+    ref_logprobs = response_logprobs(ref_policy, input_ids, attention_mask, response, temperature)
+    return {"logprobs": logprobs, "entropy": entropy, "ref_logprobs": ref_logprobs}
+
+
+def _scalar_model_outputs(value_model, score_fn, query, query_mask, response, response_mask, width) -> dict:
+    """The values (b, R) and the scores (b,): the reward model's, or any ``score_fn``'s."""
+    input_ids = torch.cat([query, response], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
+    values = response_values(value_model, input_ids, attention_mask, width)
+    return {"values": values, "scores": score_fn(query, query_mask, response, response_mask).float()}
+
+
 def _sample_and_score(
-    policy, ref_policy, value_model, backend, score_fn, query, query_mask, settings: RolloutSettings, generator
+    policy,
+    ref_policy,
+    value_model,
+    backend,
+    score_fn,
+    query,
+    query_mask,
+    settings: RolloutSettings,
+    generator,
+    runner: SequentialRunner | OverlapRunner | None = None,
 ) -> dict[str, torch.Tensor]:
     responses = [
         backend.generate(query[rows], query_mask[rows], settings.max_new_tokens, settings.temperature, generator)
@@ -316,16 +357,19 @@ def _sample_and_score(
     response, response_mask = response[:, :width], response_mask[:, :width]
 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
+    runner = runner or SequentialRunner()
     for rows in _chunks(query.shape[0], settings.forward_batch_size):
         q, qm, r, rm = query[rows], query_mask[rows], response[rows], response_mask[rows]
         input_ids = torch.cat([q, r], dim=1)
         attention_mask = torch.cat([qm, rm.long()], dim=1)
-        logprobs, entropy = response_logprobs(policy, input_ids, attention_mask, r, settings.temperature, True)
-        parts["logprobs"].append(logprobs)  # (b, R)
-        parts["entropy"].append(entropy)
-        parts["ref_logprobs"].append(response_logprobs(ref_policy, input_ids, attention_mask, r, settings.temperature))
-        parts["values"].append(response_values(value_model, input_ids, attention_mask, width))
-        parts["scores"].append(score_fn(q, qm, r, rm).float())
+        sides = runner.run(
+            partial(_language_model_outputs, policy, ref_policy, input_ids, attention_mask, r, settings.temperature),
+            partial(_scalar_model_outputs, value_model, score_fn, q, qm, r, rm, width),
+            context=_rollout_context(query.device, settings),
+        )
+        for side in sides:
+            for key, value in side.items():
+                parts[key].append(value)
     out = {k: torch.cat(v, dim=0) for k, v in parts.items()}
     zero = torch.zeros((), device=response.device)
     for key in ("logprobs", "ref_logprobs", "values", "entropy"):  # nothing after EOS carries information
@@ -380,8 +424,11 @@ def shaped_rewards_for(rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
-    """Per-iteration statistics of a scored rollout (sequence sums, then batch means)."""
+def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float | None]:
+    """Per-iteration statistics of a scored rollout (sequence sums, then batch means).
+
+    ``value/explained_variance`` is None (JSON null) when the returns do not vary (it is undefined then; e.g.
+    every score 0 and no KL penalty), rather than a NaN that strict JSON readers reject."""
     mask = rollout.response_mask
     rewards, non_score, kl = shaped_rewards_for(rollout, kl_coef)  # unwhitened, as the objective defines them
     kl3 = torch.where(mask, kl_k3(rollout.logprobs, rollout.ref_logprobs), torch.zeros((), device=mask.device))
@@ -398,9 +445,11 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float]:
         "response/length": lengths.mean(),
         "response/eos_rate": rollout.has_eos.float().mean(),
     }
+    out: dict[str, float | None] = {k: float(v) for k, v in metrics.items()}
     if rollout.returns is not None:
-        metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
-    return {k: float(v) for k, v in metrics.items()}
+        explained = float(explained_variance(rollout.values, rollout.returns, mask))
+        out["value/explained_variance"] = explained if math.isfinite(explained) else None
+    return out
 
 
 # --------------------------------------------------------------------------- gradient accumulation
@@ -418,6 +467,92 @@ class LossSettings:
     """Mixed-precision dtype of the training forwards (``Config.precision``); None = the weights' dtype."""
 
 
+@dataclass
+class SideStats:
+    """One model's statistics of a minibatch on this rank, before the reduction over ranks."""
+
+    losses: dict[str, float]
+    """Loss sums over micro-batches (each a masked sum / the minibatch normalizer)."""
+    means: WeightedMeans
+    """Token-weighted means (approx-KL, clip fractions)."""
+    maxima: dict[str, float]
+    """Maxima over micro-batches (the largest policy ratio)."""
+
+
+def accumulate_policy_gradients(
+    policy,
+    batch: Rollout,
+    micro_batch_size: int,
+    settings: LossSettings,
+    runtime: Runtime,
+    n_tokens: float | torch.Tensor,
+    steps_after: bool = False,
+) -> SideStats:
+    """Add ∇ policy loss (clipped surrogate, token mean over the minibatch) to the policy's ``.grad``.
+
+    ``n_tokens`` is the divisor of each micro-batch's masked loss sum (the minibatch's token count, / N under
+    N processes); ``steps_after`` says that more policy gradients (ptx) follow, so DDP's all-reduce waits.
+    """
+    means, loss, ratio_max = WeightedMeans(), 0.0, 0.0
+    chunks = list(_chunks(batch.size, micro_batch_size))
+    for index, rows in enumerate(chunks):
+        synced = index == len(chunks) - 1 and not steps_after
+        with runtime.no_sync([] if synced else [policy]):
+            micro = batch.select(rows)
+            input_ids, attention_mask = micro.inputs()
+            with mixed_precision(input_ids.device, settings.autocast_dtype):  # forward only; backward follows
+                logprobs = response_logprobs(policy, input_ids, attention_mask, micro.response, settings.temperature)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
+            )
+            runtime.backward(pg_loss)
+        loss += pg_loss.item()
+        ratio_max = max(ratio_max, pg_stats["policy/ratio_max"].item())
+        means.add(
+            micro.response_mask.sum().item(),
+            {"policy/approx_kl": pg_stats["policy/approxkl_k3"], "policy/clipfrac": pg_stats["policy/clipfrac"]},
+        )
+    return SideStats({"loss/policy": loss}, means, {"policy/ratio_max": ratio_max})
+
+
+def accumulate_value_gradients(
+    value_model,
+    batch: Rollout,
+    micro_batch_size: int,
+    settings: LossSettings,
+    runtime: Runtime,
+    n_tokens: float | torch.Tensor,
+) -> SideStats:
+    """Add ∇ vf_coef · value loss (clipped, token mean over the minibatch) to the value model's ``.grad``."""
+    means, loss = WeightedMeans(), 0.0
+    chunks = list(_chunks(batch.size, micro_batch_size))
+    for index, rows in enumerate(chunks):
+        with runtime.no_sync([] if index == len(chunks) - 1 else [value_model]):
+            micro = batch.select(rows)
+            input_ids, attention_mask = micro.inputs()
+            width = micro.response.shape[1]
+            with mixed_precision(input_ids.device, settings.autocast_dtype):
+                values = call_model_function(value_model, response_values, input_ids, attention_mask, width)
+            vf_loss, vf_stats = value_loss(
+                values, micro.values, micro.returns, micro.response_mask, settings.value_clip_range, n_tokens
+            )
+            runtime.backward(settings.vf_coef * vf_loss)
+        loss += vf_loss.item()
+        means.add(micro.response_mask.sum().item(), {"value/clipfrac": vf_stats["val/clipfrac"]})
+    return SideStats({"loss/value": loss}, means, {})
+
+
+def reduce_side_stats(sides: list[SideStats], runtime: Runtime) -> dict[str, float]:
+    """The minibatch's statistics over every rank: losses averaged (each rank's loss is its sum over the global
+    count / N), token-weighted means, maxima. One collective per kind whatever the number of sides."""
+    losses = {k: v for side in sides for k, v in side.losses.items()}
+    means = WeightedMeans()
+    means.weight = sides[0].means.weight  # every side weighs the same micro-batches by the same token counts
+    means.sums = {k: v for side in sides for k, v in side.means.sums.items()}
+    maxima = {k: runtime.max(v) for side in sides for k, v in side.maxima.items()}
+    return {**_mean_over_ranks(losses, runtime), **means.reduced(runtime), **maxima}
+
+
 def accumulate_ppo_gradients(
     policy,
     value_model,
@@ -427,12 +562,15 @@ def accumulate_ppo_gradients(
     runtime: Runtime | None = None,
     normalizer: float | torch.Tensor | None = None,
     policy_steps_after: bool = False,
+    runner: SequentialRunner | OverlapRunner | None = None,
 ) -> dict[str, float]:
     """Add ∇(policy loss + vf_coef · value loss) of one minibatch to ``.grad``, micro-batch by micro-batch.
 
     Each micro-batch's losses are masked *sums* divided by the minibatch's token count, so the micro-batch
     gradients add up to exactly the gradient of the minibatch token means: 1 × N and N × 1 micro-batches
-    give the same update. The caller zeroes gradients before and steps the optimizers after.
+    give the same update. The two models share no parameter, so the policy's and the value model's
+    gradients are accumulated separately, at the same time when ``runner`` overlaps them
+    (``instructrl.utils.overlap``). The caller zeroes gradients before and steps the optimizers after.
 
     Under N processes ``batch`` is this rank's share of the minibatch and ``normalizer`` is the minibatch's
     token count / N (DDP averages gradients over ranks); ``policy_steps_after`` says that more policy
@@ -442,42 +580,15 @@ def accumulate_ppo_gradients(
     clip fractions.
     """
     runtime = runtime or Runtime(batch.query.device)
+    runner = runner or SequentialRunner()
     n_tokens = batch.response_mask.sum().float() if normalizer is None else normalizer  # of the token mean
-    stats = WeightedMeans()
-    totals = {"loss/policy": 0.0, "loss/value": 0.0}
-    ratio_max = 0.0
-    chunks = list(_chunks(batch.size, micro_batch_size))
-    for index, rows in enumerate(chunks):
-        last = index == len(chunks) - 1
-        unsynced = [policy] if policy_steps_after else []
-        with runtime.no_sync(unsynced if last else [policy, value_model]):
-            micro = batch.select(rows)
-            input_ids, attention_mask = micro.inputs()
-            width = micro.response.shape[1]
-            with mixed_precision(input_ids.device, settings.autocast_dtype):  # forwards only; backward follows
-                logprobs = response_logprobs(policy, input_ids, attention_mask, micro.response, settings.temperature)
-                values = call_model_function(value_model, response_values, input_ids, attention_mask, width)
-            pg_loss, pg_stats = policy_loss(
-                logprobs, micro.logprobs, micro.advantages, micro.response_mask, settings.clip_range, n_tokens
-            )
-            vf_loss, vf_stats = value_loss(
-                values, micro.values, micro.returns, micro.response_mask, settings.value_clip_range, n_tokens
-            )
-            runtime.backward(pg_loss + settings.vf_coef * vf_loss)
-        totals["loss/policy"] += pg_loss.item()
-        totals["loss/value"] += vf_loss.item()
-        ratio_max = max(ratio_max, pg_stats["policy/ratio_max"].item())
-        weight = micro.response_mask.sum().item()
-        stats.add(
-            weight,
-            {
-                "policy/approx_kl": pg_stats["policy/approxkl_k3"],
-                "policy/clipfrac": pg_stats["policy/clipfrac"],
-                "value/clipfrac": vf_stats["val/clipfrac"],
-            },
-        )
-    losses = _mean_over_ranks(totals, runtime)
-    return {**losses, **stats.reduced(runtime), "policy/ratio_max": runtime.max(ratio_max)}
+    sides = runner.run(
+        lambda: accumulate_policy_gradients(
+            policy, batch, micro_batch_size, settings, runtime, n_tokens, policy_steps_after
+        ),
+        lambda: accumulate_value_gradients(value_model, batch, micro_batch_size, settings, runtime, n_tokens),
+    )
+    return reduce_side_stats(sides, runtime)
 
 
 def _mean_over_ranks(losses: dict[str, float], runtime: Runtime) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,19 +38,23 @@ from instructrl.stages.ppo_parts import (
     Rollout,
     RolloutSettings,
     ScoreFn,
+    SideStats,
     WindowSampler,
-    accumulate_ppo_gradients,
+    accumulate_policy_gradients,
     accumulate_ptx_gradients,
+    accumulate_value_gradients,
     compute_advantages,
     gather_rollout,
     left_pad,
     make_rollout,
+    reduce_side_stats,
     response_values,
     reward_model_scorer,
     rollout_metrics,
 )
 from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
+from instructrl.utils.overlap import Runner, SequentialRunner, make_runner
 from instructrl.utils.seed import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -83,6 +87,10 @@ def use_fused_kernels(
     tied_embedding_rows_into_grad(policy)
     kept = (sparse_untied_embedding_gradient(model) for model in (policy, *others))
     return frozenset(weight for weight in kept if weight is not None)
+
+
+def _announce(message: str) -> None:
+    print(message, flush=True)
 
 
 def _check_vocabulary(model: torch.nn.Module, tokenizer, path: str) -> None:
@@ -201,6 +209,8 @@ class PPOSession:
     dense_grad_buffers: frozenset[torch.Tensor] = frozenset()
     """Weights whose ``.grad`` is a dense buffer zeroed in place between steps (sparse embedding rows are
     added into it; ``fused_kernels``), instead of being set to None."""
+    runner: Runner = field(default_factory=SequentialRunner)
+    """Runs the policy's and the value model's independent work, at the same time under ``overlap_models``."""
 
     def __post_init__(self) -> None:
         if self.runtime is None:
@@ -269,6 +279,7 @@ class PPOSession:
             "shuffle_generator": self.shuffle_generator.get_state(),  # shared: every rank draws the same minibatches
             "nonfinite": self.nonfinite.state_dict(),
             "rng": self.runtime.rank_states(rng_state()),
+            "overlap_models": self.runner.state_dict(),  # overlap_models=auto's choice, kept on resume
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -295,6 +306,7 @@ class PPOSession:
         if own_rng is not None:
             set_rng_state(own_rng)
         self.nonfinite.load_state_dict(state.get("nonfinite"))
+        self.runner.load_state_dict(state.get("overlap_models"))
         self.backend.sync_weights(self.policy)
 
 
@@ -381,6 +393,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         training_value=training_value,
         nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
         dense_grad_buffers=dense_grad_buffers,
+        runner=make_runner(cfg.overlap_models, device, runtime.world_size, report=_announce),
     )
 
 
@@ -406,6 +419,7 @@ def collect_rollout(session: PPOSession) -> tuple[Rollout, list[int]]:
         query_mask.to(session.device),
         session.rollout_settings(),
         session.sampling_generator,
+        session.runner.choice(),
     )
     return gather_rollout(rollout, session.runtime, session.tokenizer.pad_token_id), index
 
@@ -414,43 +428,63 @@ def minibatch_step(session: PPOSession, minibatch: Rollout) -> dict[str, float |
     """One optimizer step: PPO gradients, then (PPO-ptx) γ × pretraining gradients, accumulated; clip; step.
 
     ``minibatch`` is the global minibatch; under N processes each rank trains on its contiguous share of it and
-    of the ptx windows, with losses normalized by the global token counts.
+    of the ptx windows, with losses normalized by the global token counts. The policy's side (its gradients,
+    the ptx gradients, clipping, its optimizer step, the EMA) and the value model's side share nothing, and
+    ``session.runner`` runs them at the same time where that pays (``Config.overlap_models``).
     """
     cfg = session.cfg
     runtime = session.runtime
-    zero_gradients(session.policy_optimizer, session.dense_grad_buffers)
-    zero_gradients(session.value_optimizer, session.dense_grad_buffers)
     start, stop = runtime.shard_bounds(minibatch.size)
-    stats: dict[str, float | None] = dict(
-        accumulate_ppo_gradients(
-            session.training_policy,
-            session.training_value,
-            minibatch.select(slice(start, stop)),
-            session.micro_batch_size,
-            session.loss_settings(),
-            runtime,
-            normalizer=minibatch.response_mask.sum().float() / runtime.world_size,
-            policy_steps_after=session.ptx_sampler is not None,
-        )
-    )
-    stats["loss/ptx"] = None
-    if session.ptx_sampler is not None:
-        windows = session.ptx_sampler.sample(session.ptx_batch_size).to(session.device)  # same on every rank
-        micro = cfg.ptx.micro_batch_size or session.micro_batch_size
-        stats["loss/ptx"] = accumulate_ptx_gradients(
-            session.training_policy, windows, micro, cfg.ptx.coef, runtime, session.autocast_dtype
-        )
+    local = minibatch.select(slice(start, stop))
+    n_tokens = minibatch.response_mask.sum().float() / runtime.world_size
+    settings = session.loss_settings()
     clip = cfg.grad_clip or float("inf")
-    stats["policy/grad_norm"] = float(runtime.clip_grad_norm_(session.policy, clip))
-    stats["value/grad_norm"] = float(runtime.clip_grad_norm_(session.value_model, clip))
+
+    def policy_side() -> tuple[SideStats, dict[str, float | None]]:
+        zero_gradients(session.policy_optimizer, session.dense_grad_buffers)
+        side = accumulate_policy_gradients(
+            session.training_policy, local, session.micro_batch_size, settings, runtime, n_tokens,
+            steps_after=session.ptx_sampler is not None,
+        )  # fmt: skip
+        extra: dict[str, float | None] = {"loss/ptx": None}
+        if session.ptx_sampler is not None:
+            windows = session.ptx_sampler.sample(session.ptx_batch_size).to(session.device)  # same on every rank
+            micro = cfg.ptx.micro_batch_size or session.micro_batch_size
+            extra["loss/ptx"] = accumulate_ptx_gradients(
+                session.training_policy, windows, micro, cfg.ptx.coef, runtime, session.autocast_dtype
+            )
+        extra["policy/grad_norm"] = float(runtime.clip_grad_norm_(session.policy, clip))
+        return side, extra
+
+    def value_side() -> tuple[SideStats, dict[str, float | None]]:
+        zero_gradients(session.value_optimizer, session.dense_grad_buffers)
+        side = accumulate_value_gradients(
+            session.training_value, local, session.micro_batch_size, settings, runtime, n_tokens
+        )
+        return side, {"value/grad_norm": float(runtime.clip_grad_norm_(session.value_model, clip))}
+
+    with session.runner.trial() as runner:  # overlap_models=auto times its first steps both ways
+        return _step_both_sides(session, runner, policy_side, value_side)
+
+
+def _step_both_sides(session: PPOSession, runner, policy_side, value_side) -> dict[str, float | None]:
+    (policy_stats, policy_extra), (value_stats, value_extra) = runner.run(policy_side, value_side)
+    stats: dict[str, float | None] = {
+        **reduce_side_stats([policy_stats, value_stats], session.runtime),
+        **policy_extra,
+        **value_extra,
+    }
     # Gradient norms are all-reduced, so a non-finite value on any rank gives every rank the same verdict.
     checked = {k: v for k, v in stats.items() if k.startswith(("loss/", "policy/grad_norm", "value/grad_norm"))}
     if not session.nonfinite.step_is_finite(session.iteration + 1, **checked):
         return stats  # skipped: no optimizer step and no EMA update; the next zero_grad discards the gradients
-    session.policy_optimizer.step()
-    session.value_optimizer.step()
-    if session.ema is not None:
-        session.ema.update(session.policy)
+
+    def step_policy() -> None:
+        session.policy_optimizer.step()
+        if session.ema is not None:
+            session.ema.update(session.policy)
+
+    runner.run(step_policy, session.value_optimizer.step)
     return stats
 
 

@@ -1,0 +1,203 @@
+"""Run independent model work at the same time on CPU threads (PPO's ``overlap_models``).
+
+A PPO step does two pieces of work that share nothing: the policy's (log-probs, policy loss, backward,
+clipping, optimizer step) and the value model's (values, value loss, backward, clipping, optimizer step). On a
+GPU they queue on the device anyway. On a CPU with T intra-op threads, each kernel is split over T threads,
+and at small widths many kernels (GELU, layer norm, attention at short lengths, the optimizer) gain little
+from the split: the threads mostly wait for each other. Running the two pieces at once, each on its own
+Python thread with T/2 intra-op threads, keeps both cores busy with work that needs no synchronization.
+PyTorch releases the GIL inside its kernels and supports concurrent backward passes over disjoint graphs.
+
+The results equal the sequential ones up to float rounding: a matmul split over fewer threads may add its
+partial sums in another order. They are deterministic for a given thread count.
+
+Overlapping does not always pay. With two threads each task runs on one, so when one side is much heavier
+than the other (a 32k-vocabulary LM head on the policy's side), the lighter side's thread idles, and for
+matmul-bound work one thread on one core is no better than half of two. ``AutoRunner`` therefore times both
+ways on the first steps and keeps the faster (as ``torch.backends.cudnn.benchmark`` picks kernels).
+
+Thread-local state does not cross into a worker thread: grad mode, inference mode and autocast are set
+afresh there, so each task enters the contexts it needs (``run`` takes a context factory).
+
+Every runner has the same interface: ``choice()`` gives the runner to use now (untimed), ``trial()`` a
+context that yields it and, for ``AutoRunner``, times the block while the choice is still open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import torch
+
+
+class SequentialRunner:
+    """Runs the tasks one after the other on the calling thread (GPUs, one CPU thread, or several processes)."""
+
+    concurrent = False
+
+    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
+        with context() if context is not None else contextlib.nullcontext():
+            return [task() for task in tasks]
+
+    def choice(self) -> SequentialRunner:
+        return self
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[SequentialRunner]:
+        yield self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class OverlapRunner:
+    """Runs up to ``len(shares)`` tasks at once on worker threads; task i gets ``shares[i]`` intra-op threads.
+
+    ``threads`` (the caller's ``torch.get_num_threads()``) is split as evenly as possible: 2 → (1, 1),
+    3 → (2, 1). The calling thread's own setting is left as it was.
+    """
+
+    concurrent = True
+
+    def __init__(self, threads: int, tasks: int = 2):
+        if threads < tasks:
+            raise ValueError(f"overlapping {tasks} tasks needs at least {tasks} intra-op threads, got {threads}")
+        self.threads = threads
+        self.shares = [threads // tasks + (1 if i < threads % tasks else 0) for i in range(tasks)]
+        self._pool = ThreadPoolExecutor(max_workers=tasks, thread_name_prefix="instructrl-overlap")
+
+    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
+        """Run ``tasks`` at once and return their results in order. ``context`` (e.g. inference mode, autocast)
+        is entered inside every worker thread. If a task raises, the others finish first, then the first error
+        is raised: no task is left running on shared state."""
+        if len(tasks) > len(self.shares):
+            raise ValueError(f"{len(tasks)} tasks for a runner of {len(self.shares)} threads")
+
+        def in_worker(task: Callable[[], Any], share: int):
+            def call():
+                # A thread's first parallel op (get_num_threads included) resets its setting to the count last
+                # set by any thread; trigger that first, then set this worker's own (thread-local) count.
+                torch.get_num_threads()
+                torch.set_num_threads(share)
+                with context() if context is not None else contextlib.nullcontext():
+                    return task()
+
+            return call
+
+        futures = [self._pool.submit(in_worker(task, share)) for task, share in zip(tasks, self.shares)]
+        try:
+            errors = [f.exception() for f in futures]  # waits for every task
+        finally:
+            # torch.set_num_threads also stores the count that new threads start from: restore the caller's
+            torch.set_num_threads(self.threads)
+        for error in errors:
+            if error is not None:
+                raise error
+        return [f.result() for f in futures]
+
+    def choice(self) -> OverlapRunner:
+        return self
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[OverlapRunner]:
+        yield self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+Mode = Literal["overlap", "sequential"]
+
+
+class AutoRunner:
+    """Times ``trials`` blocks each way, alternating (sequential first), then keeps the faster way.
+
+    The comparison takes each way's fastest block, which discounts one-off costs such as the first call's
+    allocations. Until the choice is made, ``choice()`` is sequential. The choice is part of ``state_dict``, so
+    a resumed run keeps it; two fresh runs may choose differently on a machine whose speed varies, and then
+    agree only up to float rounding (set ``overlap_models`` to true or false for bitwise repeatability).
+    """
+
+    def __init__(self, threads: int, trials: int = 3, report: Callable[[str], None] | None = None):
+        self.overlap = OverlapRunner(threads)
+        self.sequential = SequentialRunner()
+        self.trials = trials
+        self.report = report
+        self.seconds: dict[Mode, list[float]] = {"sequential": [], "overlap": []}
+        self.chosen: Mode | None = None
+
+    @property
+    def concurrent(self) -> bool:
+        return self.chosen == "overlap"
+
+    def _runner(self, mode: Mode) -> SequentialRunner | OverlapRunner:
+        return self.overlap if mode == "overlap" else self.sequential
+
+    def choice(self) -> SequentialRunner | OverlapRunner:
+        return self._runner(self.chosen or "sequential")
+
+    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
+        return self.choice().run(*tasks, context=context)
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[SequentialRunner | OverlapRunner]:
+        """Yield the runner for one block of comparable work (e.g. one PPO minibatch step); while the choice is
+        open, the block alternates between the two ways and is timed."""
+        if self.chosen is not None:
+            yield self._runner(self.chosen)
+            return
+        mode: Mode = "sequential" if len(self.seconds["sequential"]) <= len(self.seconds["overlap"]) else "overlap"
+        start = time.perf_counter()
+        yield self._runner(mode)
+        self.seconds[mode].append(time.perf_counter() - start)
+        if min(len(v) for v in self.seconds.values()) >= self.trials:
+            best = {m: min(v) for m, v in self.seconds.items()}
+            self.chosen = "overlap" if best["overlap"] < best["sequential"] else "sequential"
+            if self.report is not None:
+                self.report(
+                    f"overlap_models=auto: policy and value steps at once {best['overlap'] * 1e3:.0f} ms, one after "
+                    f"the other {best['sequential'] * 1e3:.0f} ms (fastest of {self.trials}): {self.chosen}"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "seconds": {k: list(v) for k, v in self.seconds.items()}}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:  # a checkpoint from before this runner existed has none: choose afresh
+            self.chosen = state["chosen"]
+            self.seconds = {k: list(v) for k, v in state["seconds"].items()}
+
+    def close(self) -> None:
+        self.overlap.close()
+
+
+Runner = SequentialRunner | OverlapRunner | AutoRunner
+
+
+def make_runner(
+    setting: bool | str, device: torch.device, world_size: int, report: Callable[[str], None] | None = None
+) -> Runner:
+    """``setting`` true: overlap, false: sequential, 'auto': measure and choose (``AutoRunner``). Overlap only
+    where it can help (a CPU, one process, two or more intra-op threads); sequential everywhere else."""
+    threads = torch.get_num_threads()
+    if setting is False or device.type != "cpu" or world_size != 1 or threads < 2:
+        return SequentialRunner()
+    if setting == "auto":
+        return AutoRunner(threads, report=report)
+    return OverlapRunner(threads)
