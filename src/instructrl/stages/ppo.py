@@ -240,10 +240,11 @@ class Config:
     the rollout the policy + reference forwards beside the value forward + scoring. The two share nothing, so
     the math is the same; results agree with false up to float rounding (a matmul split over fewer threads
     adds in another order). It pays for small models, whose elementwise kernels scale poorly over threads
-    (S1 of benchmarks/ppo_throughput.py: training 0.82x the time in bf16), and costs where one side is much
-    heavier (S2's 32k-vocabulary head: 1.1x). 'auto' times the first 3 minibatch steps each way and keeps the
-    faster (logged; kept on resume); true/false fix it, for bitwise repeatable runs. Ignored on a GPU and
-    under N processes."""
+    (S1 of benchmarks/ppo_throughput.py: training 0.85x the time in bf16; the demo's PPO updates 0.85x), and
+    costs where one side is much heavier: S2's 32k-vocabulary head 1.1x, the demo's PPO-ptx (8 pretraining
+    windows per episode on the policy's side) 1.5x. 'auto' times the first 3 minibatch steps each way and
+    keeps the faster (logged; kept on resume); true/false fix it, for bitwise repeatable runs. Ignored on a
+    GPU and under N processes."""
     seed: int = 0
     """Seed for sampling, prompt order and minibatch shuffling."""
     threads: int = 0
@@ -341,6 +342,7 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
         bar.close()
         metrics.close()
         samples.close()
+        session.runner.close()  # overlap_models' worker threads
 
     session.save_policy(out / "policy")
     require_finite_weights(session.value_model, "the value model")  # on every rank: identical weights
