@@ -36,20 +36,14 @@ from typing import Any, Literal
 import torch
 
 
-class SequentialRunner:
-    """Runs the tasks one after the other on the calling thread (GPUs, one CPU thread, or several processes)."""
+class _FixedRunner:
+    """A runner whose way of running is fixed: nothing to choose, time or checkpoint."""
 
-    concurrent = False
-
-    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
-        with context() if context is not None else contextlib.nullcontext():
-            return [task() for task in tasks]
-
-    def choice(self) -> SequentialRunner:
+    def choice(self):
         return self
 
     @contextlib.contextmanager
-    def trial(self) -> Iterator[SequentialRunner]:
+    def trial(self) -> Iterator[Any]:
         yield self
 
     def state_dict(self) -> dict[str, Any]:
@@ -62,7 +56,17 @@ class SequentialRunner:
         pass
 
 
-class OverlapRunner:
+class SequentialRunner(_FixedRunner):
+    """Runs the tasks one after the other on the calling thread (GPUs, one CPU thread, or several processes)."""
+
+    concurrent = False
+
+    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
+        with context() if context is not None else contextlib.nullcontext():
+            return [task() for task in tasks]
+
+
+class OverlapRunner(_FixedRunner):
     """Runs up to ``len(shares)`` tasks at once on worker threads; task i gets ``shares[i]`` intra-op threads.
 
     ``threads`` (the caller's ``torch.get_num_threads()``) is split as evenly as possible: 2 → (1, 1),
@@ -106,19 +110,6 @@ class OverlapRunner:
             if error is not None:
                 raise error
         return [f.result() for f in futures]
-
-    def choice(self) -> OverlapRunner:
-        return self
-
-    @contextlib.contextmanager
-    def trial(self) -> Iterator[OverlapRunner]:
-        yield self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
