@@ -326,11 +326,11 @@ def _language_model_outputs(policy, ref_policy, input_ids, attention_mask, respo
     return {"logprobs": logprobs, "entropy": entropy, "ref_logprobs": ref_logprobs}
 
 
-def _scalar_model_outputs(value_model, score_fn, query, query_mask, response, response_mask, width) -> dict:
+def _scalar_model_outputs(
+    value_model, score_fn, input_ids, attention_mask, query, query_mask, response, response_mask
+) -> dict:
     """The values (b, R) and the scores (b,): the reward model's, or any ``score_fn``'s."""
-    input_ids = torch.cat([query, response], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-    values = response_values(value_model, input_ids, attention_mask, width)
+    values = response_values(value_model, input_ids, attention_mask, response.shape[1])
     return {"values": values, "scores": score_fn(query, query_mask, response, response_mask).float()}
 
 
@@ -364,7 +364,7 @@ def _sample_and_score(
         attention_mask = torch.cat([qm, rm.long()], dim=1)
         sides = runner.run(
             partial(_language_model_outputs, policy, ref_policy, input_ids, attention_mask, r, settings.temperature),
-            partial(_scalar_model_outputs, value_model, score_fn, q, qm, r, rm, width),
+            partial(_scalar_model_outputs, value_model, score_fn, input_ids, attention_mask, q, qm, r, rm),
             context=_rollout_context(query.device, settings),
         )
         for side in sides:
