@@ -203,7 +203,8 @@ def test_several_processes_keep_the_dense_embedding(tiny_tokenizer):
     assert all(type(m.get_input_embeddings()) is torch.nn.Embedding for m in (policy, other, value, frozen))
     assert not any(type(m) is NewGELUActivation for model in (policy, other) for m in model.modules())
     kept = ppo_session.use_fused_kernels(policy, (other, value, frozen), world_size=1)
-    assert kept == {value.get_input_embeddings().weight}  # the untied trainable one; the tied one gets rows
+    # the untied trainable one (sparse rows) and the policy's tied one (head gradient and rows go into .grad)
+    assert kept == {value.get_input_embeddings().weight, policy.get_input_embeddings().weight}
     assert type(policy.get_input_embeddings()) is not torch.nn.Embedding  # rows into .grad
     assert type(other.get_input_embeddings()) is torch.nn.Embedding  # not the policy
     assert value.get_input_embeddings().sparse and not frozen.get_input_embeddings().sparse

@@ -205,6 +205,92 @@ def test_fused_lm_head_with_a_frozen_head_gives_only_the_hidden_gradient(vocab_b
     assert weight.grad is None
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("vocab_block", [4, 2048])
+def test_fused_lm_head_adding_into_grad_gives_the_same_sum_in_the_same_buffer(autocast, vocab_block):
+    """``weight_grad_into_grad``: ∂/∂W is added into the existing ``.grad`` (same storage, what was there is
+    kept), autograd gets none for the weight, and the hidden-state gradient is unchanged."""
+    dtype = torch.float32 if autocast else DT
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 5, 8, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g, dtype=dtype)
+    earlier = torch.randn(13, 8, generator=g, dtype=dtype)  # e.g. the previous micro-batch's gradient
+
+    def run(into_grad: bool):
+        hidden.grad, weight.grad = None, earlier.clone()
+        buffer = weight.grad
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = lm_head_logprobs(
+                hidden, weight, labels, 0.9, vocab_block=vocab_block, weight_grad_into_grad=into_grad
+            )
+        (out * upstream).sum().backward()
+        return out.detach(), hidden.grad.clone(), weight.grad.clone(), weight.grad is buffer
+
+    out_a, hidden_a, weight_a, same_a = run(True)
+    out_b, hidden_b, weight_b, _ = run(False)
+    assert same_a  # added in place: no new (V, d) tensor
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(hidden_a, hidden_b, rtol=0, atol=0)
+    tolerance = 1e-5 if autocast else 1e-12  # bf16 products are rounded before (into) or after (returned) the add
+    torch.testing.assert_close(weight_a, weight_b, rtol=tolerance, atol=tolerance)
+
+    hidden.grad = weight.grad = None  # a missing .grad is allocated as zeros first
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = lm_head_logprobs(hidden, weight, labels, 0.9, vocab_block=vocab_block, weight_grad_into_grad=True)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(weight.grad, weight_b - earlier, rtol=tolerance, atol=tolerance)
+    (got,) = torch.autograd.grad(
+        (lm_head_logprobs(hidden, weight, labels, weight_grad_into_grad=True) * upstream).sum(),
+        weight,
+        allow_unused=True,
+    )
+    assert got is None  # autograd.grad does not see it: documented, and why it is for one process only
+
+
+def test_fused_lm_head_under_autocast_recasts_a_changed_weight_and_guards_pending_graphs():
+    """The cached bf16 copy of a trainable head follows every change to the weight; refreshing it while an
+    earlier graph still needs the old copy makes that graph's backward fail instead of using new numbers."""
+    from instructrl.rl import logprobs as module
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 3, 8, generator=g)
+    weight = torch.randn(9, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 3), generator=g)
+
+    def forward(weight=weight):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_head_logprobs(hidden, weight, labels, vocab_block=4)
+
+    def reference(weight=weight):  # a fresh cast, no cache: the head applied to the weight as it is now
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = (hidden.bfloat16() @ weight.detach().bfloat16().T).float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+
+    first = forward()
+    torch.testing.assert_close(first.detach(), reference(), rtol=0, atol=1e-6)
+    first.sum().backward()
+    with torch.no_grad():
+        weight.mul_(-2.0)  # as an optimizer step would: in place
+    second = forward()
+    torch.testing.assert_close(second.detach(), reference(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        weight.add_(1.0)
+    third = forward()  # refreshes the copy that ``second`` saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        second.sum().backward()
+    third.sum().backward()
+
+    frozen = torch.randn(9, 8, generator=g)  # no gradient: cast per call, nothing kept
+    before = len(module._cast_cache._entries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lm_head_logprobs(hidden.requires_grad_(), frozen, labels)
+    assert len(module._cast_cache._entries) == before
+    del first, second, third, weight, forward, reference
+    assert len(module._cast_cache._entries) == before - 1  # dropped with its weight
+
+
 def test_fused_lm_head_keeps_nothing_without_autograd():
     hidden, weight = torch.randn(2, 3, 4), torch.randn(7, 4, requires_grad=True)
     labels = torch.randint(0, 7, (2, 3))

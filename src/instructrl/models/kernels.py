@@ -119,6 +119,16 @@ def tied_embedding_rows_into_grad(model: torch.nn.Module) -> bool:
     return True
 
 
+def gradient_into_grad(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s tied embedding adds its gradient straight into ``.grad``
+    (:func:`tied_embedding_rows_into_grad` applied): then the fused LM head adds its part there too
+    (``lm_head_logprobs(..., weight_grad_into_grad=True)``), and the weight's ``.grad`` is a buffer kept
+    between steps (:func:`zero_gradients`), so no fresh (vocab × d) gradient is allocated per backward."""
+    inner = getattr(model, "module", model)
+    get_input = getattr(inner, "get_input_embeddings", None)
+    return get_input is not None and type(get_input()) is _RowsIntoGradEmbedding and tied_embedding(inner) is not None
+
+
 def sdpa_float32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     """Hugging Face's SDPA attention, run in float32 when q/k/v are a lower precision on a CPU (see above)."""
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):

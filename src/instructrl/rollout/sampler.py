@@ -26,6 +26,8 @@ the RM reads its score there.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -101,7 +103,7 @@ class HFGenerateBackend:
         config = self.generation_config(max_new_tokens, temperature)
 
         def sample() -> torch.Tensor:
-            with torch.inference_mode():
+            with sampling_mode(prompt_ids.device.type):
                 return self.model.generate(
                     input_ids=prompt_ids, attention_mask=attention_mask, generation_config=config
                 )
@@ -112,6 +114,28 @@ class HFGenerateBackend:
         if missing > 0:
             responses = torch.nn.functional.pad(responses, (0, missing), value=self.pad_token_id)
         return responses  # (B, max_new_tokens)
+
+
+@contextlib.contextmanager
+def sampling_mode(device_type: str) -> Iterator[None]:
+    """No autograd while sampling: ``torch.inference_mode``, or, when autocast is on for ``device_type``,
+    ``torch.no_grad`` with inference mode switched off, and autocast's cast cache cleared on the way out.
+
+    Autocast keeps the low-precision copy of each float32 weight it casts until its region ends, but only
+    outside inference mode; inside it every call casts again. A sampling loop calls every weight once per
+    token, so under inference mode bf16 sampling re-casts the whole model at every step (2 CPU threads, a
+    32,000 × 512 LM head on 32 rows: 16 ms per call against 8 ms with the cache). Clearing the cache at the
+    end frees those copies before the scoring forwards (and drops any cast an enclosing region cached).
+    """
+    if not torch.is_autocast_enabled(device_type):
+        with torch.inference_mode():
+            yield
+        return
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    finally:
+        torch.clear_autocast_cache()
 
 
 def require_sampling_temperature(temperature: float) -> None:
@@ -179,7 +203,7 @@ class CachedSampler:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         require_sampling_temperature(temperature)
-        with torch.inference_mode():
+        with sampling_mode(prompt_ids.device.type):
             return self._sample(prompt_ids, attention_mask.long(), max_new_tokens, temperature, generator)
 
     def _sample(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:

@@ -20,11 +20,12 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
+from instructrl.models.kernels import gradient_into_grad
 from instructrl.models.reward import last_token_scores, position_ids_from_mask, reward_bias, token_values
 from instructrl.rl import (
     entropy_from_logits,
@@ -85,15 +86,24 @@ FUSED_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"
 :func:`response_logprobs` may apply the head itself. Others take the straightforward path."""
 
 
-def fused_lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight, bias)`` of the LM head when :func:`response_logprobs` can apply it itself, else None."""
+class FusedHead(NamedTuple):
+    """An LM head that :func:`response_logprobs` applies itself (:func:`instructrl.rl.lm_head_logprobs`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grad_into_weight: bool
+    """Its weight gradient goes straight into ``.grad`` (:func:`instructrl.models.kernels.gradient_into_grad`)."""
+
+
+def fused_lm_head(model) -> FusedHead | None:
+    """The LM head when :func:`response_logprobs` can apply it itself, else None."""
     inner = getattr(model, "module", model)  # DDP keeps the wrapped module in .module
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if getattr(inner.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or not isinstance(
         head, torch.nn.Linear
     ):
         return None
-    return head.weight, head.bias
+    return FusedHead(head.weight, head.bias, gradient_into_grad(inner))
 
 
 def final_hidden_states(model, **inputs) -> torch.Tensor:
@@ -139,10 +149,11 @@ def response_logprobs(
         model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     )
     hidden = hidden[:, -width - 1 : -1]  # (B, R, d): positions Q − 1 … Q + R − 2
-    weight, bias = head
     if with_entropy:
-        return lm_head_logprobs_and_entropy(hidden, weight, response, temperature, bias)
-    return lm_head_logprobs(hidden, weight, response, temperature, bias)
+        return lm_head_logprobs_and_entropy(hidden, head.weight, response, temperature, head.bias)
+    return lm_head_logprobs(
+        hidden, head.weight, response, temperature, head.bias, weight_grad_into_grad=head.grad_into_weight
+    )
 
 
 def response_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
@@ -606,8 +617,9 @@ def ptx_logprobs(policy, windows: torch.Tensor) -> torch.Tensor:
         logits = policy(input_ids=windows, use_cache=False).logits[:, :-1]
         return logprobs_from_logits(logits, windows[:, 1:], 1.0)
     hidden = final_hidden_states(policy, input_ids=windows)[:, :-1]  # (B, L − 1, d): predicting x_1 … x_{L−1}
-    weight, bias = head
-    return lm_head_logprobs(hidden, weight, windows[:, 1:], 1.0, bias)
+    return lm_head_logprobs(
+        hidden, head.weight, windows[:, 1:], 1.0, head.bias, weight_grad_into_grad=head.grad_into_weight
+    )
 
 
 def accumulate_ptx_gradients(

@@ -84,8 +84,9 @@ def use_fused_kernels(
         float32_cpu_attention(model)
     if world_size > 1:
         return frozenset()
-    tied_embedding_rows_into_grad(policy)
-    kept = (sparse_untied_embedding_gradient(model) for model in (policy, *others))
+    kept = [sparse_untied_embedding_gradient(model) for model in (policy, *others)]
+    if tied_embedding_rows_into_grad(policy):  # the LM head's gradient then goes into the same kept buffer
+        kept.append(policy.get_input_embeddings().weight)
     return frozenset(weight for weight in kept if weight is not None)
 
 
