@@ -122,6 +122,7 @@ MISSING_EOS_PENALTY = 1.0
 replacement, not a subtraction: same cost, and both exercise the rule)."""
 LR = 1e-5
 VARIANTS = {"plain": "fused_kernels=false", "sequential": "overlap_models=false"}
+OVERLAP_WORDS = {"overlap": "at once", "sequential": "one after the other"}
 """``--precisions`` suffixes (``fp32:plain``, ``bf16:plain+sequential``): our PPO with an optimization off."""
 
 
@@ -371,8 +372,11 @@ def run_ours(
             }
         )
     del torch
+    runner = session.runner  # overlap_models: what ran (auto's choice, once made)
+    overlap = getattr(runner, "chosen", None) or ("overlap" if runner.concurrent else "sequential")
     return {"iterations": rows[warmup:], "rss_before_mib": memory_before,
-            "peak_rss_mib": peak_memory_mib(device, reset_worked), "peak_reset": reset_worked}  # fmt: skip
+            "peak_rss_mib": peak_memory_mib(device, reset_worked), "peak_reset": reset_worked,
+            "overlap": overlap}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the peer
@@ -564,6 +568,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
             **worst,
             "iterations": [row for r in results for row in r["iterations"]],
             "round_totals": [summarize(r["iterations"])["total"] for r in results],
+            "overlap_rounds": [r.get("overlap") for r in results],
         }
     return merged
 
@@ -687,6 +692,10 @@ def print_shape(shape: Shape, sides: dict, generation: dict, peak: dict, device:
                 ratios = [ours / theirs for ours, theirs in zip(result["round_totals"], peer_rounds)]
                 print(f"{side}: ratio per round {' '.join(f'{r:.2f}' for r in ratios)} "
                       f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
+    for side, result in sides.items():  # overlap_models=auto chooses per run: say what each round ran
+        modes = result.get("overlap_rounds") or [result.get("overlap")]
+        if side.startswith("ours ") and any(modes):
+            print(f"{side}: policy and value work {', '.join(OVERLAP_WORDS.get(m, str(m)) for m in modes)}")
     base = generation.get("model.generate")
     for name, g in generation.items():
         ratio = f", {g['seconds'] / base['seconds']:.2f}× model.generate's time" if name != "model.generate" else ""

@@ -12,7 +12,14 @@ import torch
 
 from instructrl.stages.ppo_parts import compute_advantages
 from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step, train_iteration
-from instructrl.utils.overlap import AutoRunner, OverlapRunner, SequentialRunner, make_runner
+from instructrl.utils.overlap import (
+    AutoRunner,
+    OverlapRunner,
+    SequentialRunner,
+    add_claim_points,
+    claim_idle_threads,
+    make_runner,
+)
 from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
 
 
@@ -44,6 +51,78 @@ def test_tasks_run_at_the_same_time_each_on_its_share_of_threads():
         finally:
             runner.close()
     assert results == [("a", 2, False), ("b", 1, False)]  # in order; 3 threads split 2 + 1
+
+
+def other_side_done_then(work):
+    """Two tasks for a 2-thread runner: ``work(finish_other)``, where ``finish_other()`` lets the other task
+    return and waits until its worker has handed its thread over, and that other task."""
+    release, done = threading.Event(), threading.Event()
+
+    def other():
+        assert release.wait(timeout=10)
+        threading.Timer(0.05, done.set).start()  # its worker hands over as this returns
+
+    def finish_other():
+        release.set()
+        assert done.wait(timeout=10)
+
+    return lambda: work(finish_other), other
+
+
+@pytest.mark.parametrize("lend", [True, False])
+def test_a_finished_task_hands_its_threads_to_the_one_still_running(lend):
+    def long(finish_other):
+        before = torch.get_num_threads()
+        finish_other()
+        claim_idle_threads()
+        return before, torch.get_num_threads()
+
+    with torch_threads(2):
+        runner = OverlapRunner(2, lend_idle_threads=lend)
+        try:
+            claimed, _ = runner.run(*other_side_done_then(long))
+            assert torch.get_num_threads() == 2  # the caller's setting is back
+            again = runner.run(torch.get_num_threads, torch.get_num_threads)  # each run starts from the shares
+        finally:
+            runner.close()
+        claim_idle_threads()  # outside a worker: nothing happens
+        assert torch.get_num_threads() == 2
+    assert claimed == (1, 2 if lend else 1)
+    assert again == [1, 1]
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_claim_points_pick_up_handed_over_threads_between_layers(tiny_tokenizer, phase):
+    """Before a layer's forward, and after a layer's backward, work on a model with claim points takes the
+    thread that the finished side handed over."""
+    from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+
+    model = build_causal_lm(ModelSpec(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=32), tiny_tokenizer)
+    assert add_claim_points(model) == 2
+    threads_in_last_layer = []
+    model.model.layers[1].register_forward_hook(lambda *_: threads_in_last_layer.append(torch.get_num_threads()))
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def work(finish_other):
+        if phase == "forward":
+            finish_other()
+        loss = model(input_ids=ids).logits.sum()
+        during_forward = torch.get_num_threads()
+        if phase == "backward":
+            finish_other()
+        loss.backward()
+        return during_forward, torch.get_num_threads()
+
+    with torch_threads(2):
+        runner = OverlapRunner(2)
+        try:
+            (during_forward, after_backward), _ = runner.run(*other_side_done_then(work))
+        finally:
+            runner.close()
+    if phase == "forward":
+        assert threads_in_last_layer == [2] and during_forward == 2
+    else:  # only the backward's hooks ran after the other side was done
+        assert threads_in_last_layer == [1] and during_forward == 1 and after_backward == 2
 
 
 def test_the_context_is_entered_in_every_worker_thread():
@@ -183,6 +262,8 @@ def test_overlapped_runs_are_deterministic(env, tmp_path):  # noqa: F811
             torch.manual_seed(0)
             session = build_session(cfg)
             assert isinstance(session.runner, OverlapRunner)
+            session.runner.close()  # repeatable to the bit without handing threads over (see the next tests)
+            session.runner = OverlapRunner(2, lend_idle_threads=False)
             metrics, _, _ = train_iteration(session)
             session.runner.close()
             weights.append((params(session.policy), params(session.value_model), metrics))

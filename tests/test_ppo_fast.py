@@ -180,6 +180,41 @@ def test_cached_sampler_with_multinomial_draws_returns_exactly_what_generate_ret
     assert (ours == eos).any(), "the test should exercise EOS"
 
 
+@pytest.mark.parametrize("backend", [CachedSampler, HFGenerateBackend])
+def test_bf16_sampling_casts_each_weight_once_and_samples_what_inference_mode_samples(
+    tiny_tokenizer, backend, monkeypatch
+):
+    """Under autocast, sampling leaves inference mode so that autocast keeps its weight casts for the whole
+    loop: the LM head's weight is cast once instead of once per token, the tokens are the same, and the
+    enclosing inference mode and an empty cast cache are back afterwards."""
+    from torch.profiler import profile
+
+    from instructrl.rollout import sampler
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), tiny_tokenizer)
+    model.eval()
+    head_shape = list(model.get_output_embeddings().weight.shape)
+    pad = tiny_tokenizer.pad_token_id
+    query, query_mask = left_pad([[5, 6, 7], [8, 9]], pad)
+    eos = tiny_tokenizer.eos_token_id
+
+    def sample() -> tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(1)
+        with profile(record_shapes=True) as prof, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = backend(model, eos, pad).generate(query, query_mask, 6, 1.0, generator)
+            assert torch.is_inference_mode_enabled()
+        casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [head_shape]]
+        return tokens, len(casts)
+
+    ours, casts = sample()
+    assert casts == 1
+    monkeypatch.setattr(sampler, "sampling_mode", lambda device_type: torch.inference_mode())
+    theirs, per_token = sample()
+    assert per_token > 1  # without it: once per forward, i.e. per generated token
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_inverse_cdf_draw_matches_a_python_loop_and_never_draws_zero_probability_tokens():
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(64, 9, generator=g), dim=-1)

@@ -230,9 +230,9 @@ class Config:
     """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
     ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32 under bf16 on a CPU (where PyTorch's bf16
     attention kernel is slower), and (one process only) embedding gradients without a fresh (vocab × d)
-    buffer per step: the policy's tied embedding adds its rows straight into ``.grad``, the value model's
-    sends sparse rows into a dense ``.grad`` kept between steps. Results agree with false up to float
-    rounding; false runs the models exactly as loaded."""
+    buffer per step: the policy's tied embedding and its fused LM head add their gradients straight into a
+    ``.grad`` kept between steps, the value model's embedding sends sparse rows into one. Results agree with
+    false up to float rounding; false runs the models exactly as loaded."""
     overlap_models: bool | Literal["auto"] = "auto"
     """On a CPU, in one process, with 2+ torch threads: run the policy's work and the value model's work at the
     same time on two threads, each with half of the intra-op threads (``instructrl.utils.overlap``): in each

@@ -54,7 +54,7 @@ from instructrl.stages.ppo_parts import (
 )
 from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
-from instructrl.utils.overlap import Runner, SequentialRunner, make_runner
+from instructrl.utils.overlap import Runner, SequentialRunner, add_claim_points, make_runner
 from instructrl.utils.seed import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -368,6 +368,11 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
     sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.seed + 2))  # per rank
     training_policy, policy_optimizer = runtime.prepare(policy, policy_optimizer)
     training_value, value_optimizer = runtime.prepare(value_model, value_optimizer, forward=response_values)
+    runner = make_runner(cfg.overlap_models, device, runtime.world_size, report=_announce)
+    if not isinstance(runner, SequentialRunner):  # a side that is done hands its threads to the other
+        for model in (policy, ref_policy, reward_model, value_model):
+            if model is not None:
+                add_claim_points(model)
     return PPOSession(
         cfg=cfg,
         device=device,
@@ -394,7 +399,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         training_value=training_value,
         nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
         dense_grad_buffers=dense_grad_buffers,
-        runner=make_runner(cfg.overlap_models, device, runtime.world_size, report=_announce),
+        runner=runner,
     )
 
 
