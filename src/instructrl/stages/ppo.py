@@ -237,14 +237,16 @@ class Config:
     """On a CPU, in one process, with 2+ torch threads: run the policy's work and the value model's work at the
     same time on two threads, each with half of the intra-op threads (``instructrl.utils.overlap``): in each
     minibatch step the policy's gradients, ptx, clipping and optimizer step beside the value model's, and in
-    the rollout the policy + reference forwards beside the value forward + scoring. The two share nothing, so
-    the math is the same; results agree with false up to float rounding (a matmul split over fewer threads
-    adds in another order). It pays for small models, whose elementwise kernels scale poorly over threads
-    (S1 of benchmarks/ppo_throughput.py: training 0.85x the time in bf16; the demo's PPO updates 0.85x), and
-    costs where one side is much heavier: S2's 32k-vocabulary head 1.1x, the demo's PPO-ptx (8 pretraining
-    windows per episode on the policy's side) 1.5x. 'auto' times the first 3 minibatch steps each way and
-    keeps the faster (logged; kept on resume); true/false fix it, for bitwise repeatable runs. Ignored on a
-    GPU and under N processes."""
+    the rollout the policy + reference forwards beside the value forward + scoring. The side that finishes
+    first hands its threads to the other, which picks them up between decoder layers. The two share nothing,
+    so the math is the same; results agree with false up to float rounding (a kernel split over another
+    number of threads may add in another order; with the hand-over that number depends on timing, so only
+    false is bitwise repeatable). It pays for small models, whose elementwise kernels scale poorly over threads
+    (S1 of benchmarks/ppo_throughput.py: a training step 0.73x the time), and, with the hand-over, where the
+    policy's side is heavier (S2's 32k-vocabulary head: 0.80x fp32, 0.72x bf16); it can cost where one side
+    is much heavier (the demo's PPO-ptx, 8 pretraining windows per episode on the policy's side, measured
+    1.5x before the hand-over). 'auto' times the first 3 minibatch steps each way and keeps the faster
+    (logged; kept on resume). Ignored on a GPU and under N processes."""
     seed: int = 0
     """Seed for sampling, prompt order and minibatch shuffling."""
     threads: int = 0
