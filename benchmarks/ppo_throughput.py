@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,36 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0, device: str = "cpu") -> f
         synchronize(device)
         best = max(best, 2 * n**3 * calls / (time.perf_counter() - start))
     return best
+
+
+def default_precisions(device: str, native_bf16: bool) -> str:
+    """Our precisions when ``--precisions`` is not given: bf16 only where matmuls run it natively."""
+    return "fp32" if device == "cpu" and not native_bf16 else "fp32,bf16"
+
+
+def describe_cpu() -> dict:
+    """This machine's CPU as torch sees it: model name (with family/model numbers, which tell a Zen 3 from a
+    Zen 4 where the name is only 'AMD EPYC'), the vector ISA of torch's kernels, and native bf16 matmuls."""
+    import torch
+
+    from instructrl.stages.common import cpu_has_native_bf16
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+
+    model = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+    }
 
 
 def synchronize(device: str) -> None:
@@ -592,9 +623,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--precisions",
-        default="fp32,bf16",
+        default=None,
         help="our precisions (the peer runs fp32); append :plain (no fused_kernels), :sequential "
-        "(no overlap_models), or :plain+sequential",
+        "(no overlap_models), or :plain+sequential. Default fp32,bf16; fp32 alone on a CPU without native "
+        "bf16 matrix multiplies (bf16 would run in software there)",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip TRL (e.g. when it is not installed)")
     parser.add_argument(
@@ -629,6 +661,15 @@ def main(argv: list[str] | None = None) -> dict:
     per_round = f" in each of {ns.rounds} rounds" if ns.rounds > 1 else ""
     print(f"instructrl PPO vs TRL PPOTrainer: torch {torch.__version__}, {where}, "
           f"median of {ns.iterations} iterations after {ns.warmup} warm-up{per_round}", flush=True)  # fmt: skip
+    if ns.device == "cpu":
+        report["cpu"] = describe_cpu()
+        print(f"cpu: {report['cpu']['model']}, torch kernels {report['cpu']['capability']}, "
+              f"native bf16 matmul {'yes' if report['cpu']['native_bf16'] else 'no'}")  # fmt: skip
+    if ns.precisions is None:
+        ns.precisions = default_precisions(ns.device, report.get("cpu", {}).get("native_bf16", True))
+        if "bf16" not in ns.precisions:
+            print("bf16 left out: this CPU has no native bf16 matrix multiply (AVX512-BF16 or AMX), so PyTorch "
+                  "would multiply bf16 in software (--precisions fp32,bf16 runs it anyway)")  # fmt: skip
     peak = spawn("peak", ns)
     report["matmul_peak"] = peak
     print(f"measured matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")

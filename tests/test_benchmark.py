@@ -35,28 +35,33 @@ def test_benchmark_script_runs_at_a_tiny_shape(tmp_path):
     assert all(len(side["iterations"]) == 2 and len(side["round_totals"]) == 2 for side in sides.values())
     assert ("ratio per round" in proc.stdout) == HAVE_TRL
     assert ("ours bf16:plain vs peer bf16: ratio" in proc.stdout) == HAVE_TRL
+    assert f"torch kernels {report['cpu']['capability']}, native bf16 matmul" in proc.stdout
 
 
-def test_peer_precisions_must_start_with_fp32(capsys):
-    spec = importlib.util.spec_from_file_location("ppo_throughput_args", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    try:
-        spec.loader.exec_module(bench)
-        for bad in ("bf16", "fp32,fp16"):
-            with pytest.raises(SystemExit):
-                bench.main(["--peer-precisions", bad])
-            assert "--peer-precisions" in capsys.readouterr().err
-    finally:
-        del sys.modules[spec.name]
-
-
-def test_rounds_pool_the_iterations_and_keep_each_rounds_median(monkeypatch):
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark script as a module (registered in sys.modules: its dataclasses look their module up)."""
     spec = importlib.util.spec_from_file_location("ppo_throughput", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_bf16_runs_by_default_only_where_matmuls_run_it_natively(bench):
+    assert bench.default_precisions("cpu", native_bf16=True) == "fp32,bf16"
+    assert bench.default_precisions("cpu", native_bf16=False) == "fp32"
+    assert bench.default_precisions("cuda", native_bf16=False) == "fp32,bf16"
+
+
+def test_peer_precisions_must_start_with_fp32(bench, capsys):
+    for bad in ("bf16", "fp32,fp16"):
+        with pytest.raises(SystemExit):
+            bench.main(["--peer-precisions", bad])
+        assert "--peer-precisions" in capsys.readouterr().err
+
+
+def test_rounds_pool_the_iterations_and_keep_each_rounds_median(bench):
     def result(totals, peak):
         return {"iterations": [{"total": t} for t in totals], "peak_rss_mib": peak, "rss_before_mib": 1.0}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,3 +86,22 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     assert main(["pretrain", "--set", "max_steps=8", *common]) == 0
     assert main(["pretrain", "--set", "max_steps=8", "--set", "lr=0.01", *common]) == 1
     assert "changed: lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_matmuls_warns_once(monkeypatch, native):
+    from instructrl.stages import common
+
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    common._warn_software_bf16.cache_clear()
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with common.mixed_precision(cpu, torch.bfloat16):
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with common.mixed_precision(cpu, None):  # fp32: never a warning
+            pass
+    software = [w for w in caught if "bf16 in software" in str(w.message)]
+    assert len(software) == (0 if native else 1)
+    common._warn_software_bf16.cache_clear()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -73,7 +75,32 @@ def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextl
     """
     if dtype is None:
         return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        _warn_software_bf16()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX, as oneDNN sees it).
+
+    Without it PyTorch runs bf16 matmuls in a software path: on an AVX2-only AMD EPYC (2 threads) a
+    (384 × 1376) · (1376 × 512) product took 28 ms in bf16 against 3.5 ms in float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+@functools.cache
+def _warn_software_bf16() -> None:
+    warnings.warn(
+        "precision=bf16 on a CPU without native bf16 matrix multiplies (no AVX512-BF16 or AMX): PyTorch "
+        "multiplies bf16 in software here, several times slower than float32. Use precision=fp32 on this "
+        "machine.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
