@@ -158,12 +158,15 @@ def iteration_flops(shape: Shape, response_len: int | None = None) -> dict[str, 
 
 def matmul_peak(dtype_name: str, seconds: float = 3.0, device: str = "cpu") -> float:
     """Best FLOP/s of square ``torch.mm`` calls in ``dtype_name`` (sizes 512…2048 on this process's CPU
-    threads; 2048…8192 on a GPU, synchronized before each clock reading)."""
+    threads; 2048…8192 on a GPU, synchronized before each clock reading); larger sizes are skipped once
+    ``seconds`` have passed."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    best = 0.0
+    best, began = 0.0, time.perf_counter()
     for n in (512, 1024, 2048) if device == "cpu" else (2048, 4096, 8192):
+        if best and time.perf_counter() - began > seconds:  # e.g. bf16 in software: ~1 GFLOP/s, 17 s per 2048³
+            break
         a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         torch.mm(a, b)  # warm-up (oneDNN primitive creation / cuBLAS handle and heuristics)
         synchronize(device)
