@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # CPU build of torch: on this kind of machine pip takes it from local disk; it never pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.instructrl-installed
+# `make test` leaves out the tests marked slow (the many-kill resume runs); `make test-slow` runs only those.
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test lint format env clean
+.PHONY: demo test test-slow lint format env clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,9 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
