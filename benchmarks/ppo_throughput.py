@@ -198,9 +198,8 @@ def describe_cpu() -> dict:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
-    except OSError:
+    except OSError:  # not Linux: the name alone
         pass
-
     model = fields.get("model name") or platform.processor() or "unknown"
     if "cpu family" in fields and "model" in fields:
         model += f" (family {fields['cpu family']}, model {fields['model']})"
