@@ -100,8 +100,8 @@ def test_bf16_on_a_cpu_without_native_bf16_matmuls_warns_once(monkeypatch, nativ
         for _ in range(3):
             with common.mixed_precision(cpu, torch.bfloat16):
                 assert torch.get_autocast_dtype("cpu") == torch.bfloat16
-        with common.mixed_precision(cpu, None):  # fp32: never a warning
-            pass
+        with common.mixed_precision(cpu, None):  # fp32: no autocast, never a warning
+            assert not torch.is_autocast_enabled("cpu")
     software = [w for w in caught if "bf16 in software" in str(w.message)]
     assert len(software) == (0 if native else 1)
     common._warn_software_bf16.cache_clear()
