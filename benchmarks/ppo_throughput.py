@@ -525,11 +525,13 @@ def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu"
     import torch
 
     from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
+    from instructrl.models.kernels import few_rows_cpu_lm_head
     from instructrl.rollout.sampler import CachedSampler, HFGenerateBackend
 
     tokenizer = load_tokenizer(assets["lm_dir"])
     model = load_causal_lm(assets["lm_dir"], tokenizer).to(device)
     disable_dropout(model)
+    few_rows_cpu_lm_head(model)  # as the PPO session's policy (fused_kernels): both samplers share the model
     model.eval().requires_grad_(False)
     query = torch.tensor(assets["prompts"], device=device)
     mask = torch.ones_like(query)

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
+from instructrl.models import kernels
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm
 from instructrl.models.kernels import (
     FLOAT32_CPU_ATTENTION,
+    few_rows_cpu_lm_head,
     float32_cpu_attention,
     fuse_activations,
     sparse_untied_embedding_gradient,
@@ -175,6 +177,7 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
         assert bool(activations) == (policy == "gpt2")
         assert (type(session.policy.get_input_embeddings()) is not torch.nn.Embedding) == fused
         assert session.value_model.get_input_embeddings().sparse == fused
+        assert (type(session.policy.get_output_embeddings()) is not torch.nn.Linear) == fused
         kernels = {m.config._attn_implementation for m in (session.policy, session.ref_policy, session.value_model)}
         assert kernels == {FLOAT32_CPU_ATTENTION if fused else "sdpa"}
         rollout, _ = collect_rollout(session)
@@ -208,3 +211,74 @@ def test_several_processes_keep_the_dense_embedding(tiny_tokenizer):
     assert type(policy.get_input_embeddings()) is not torch.nn.Embedding  # rows into .grad
     assert type(other.get_input_embeddings()) is torch.nn.Embedding  # not the policy
     assert value.get_input_embeddings().sparse and not frozen.get_input_embeddings().sparse
+
+
+def count_mm(monkeypatch) -> list[int]:
+    """Counts calls of ``torch.mm`` (the few-rows head's product; ``F.linear`` does not call it)."""
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args, **kwargs: calls.append(1) or mm(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_few_rows_head_computes_what_linear_computes_and_only_where_it_is_faster(monkeypatch, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, kernels.LARGE_VOCABULARY, bias=bias)
+    plain = torch.nn.Linear(48, kernels.LARGE_VOCABULARY, bias=bias)
+    plain.load_state_dict(head.state_dict())
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert few_rows_cpu_lm_head(model)
+    assert not few_rows_cpu_lm_head(model)  # applied once
+    assert isinstance(head, torch.nn.Linear) and head.state_dict().keys() == plain.state_dict().keys()
+    calls = count_mm(monkeypatch)
+    for shape in [(1, 48), (5, 1, 48), (4, 16, 48), (2, 3, 1, 48)]:  # up to FEW_ROWS = 64 rows
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            out, expected = head(x), plain(x)
+        assert out.shape == expected.shape and out.is_contiguous()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4
+    x = torch.randn(kernels.FEW_ROWS + 1, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), plain(x), rtol=0, atol=0)  # too many rows: F.linear itself
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head(x[:4])  # autocast: F.linear
+        head.double()(x[:4].double())  # float64: F.linear
+    x = torch.randn(4, 48, requires_grad=True)
+    torch.testing.assert_close(head.float()(x), plain(x), rtol=0, atol=0)  # autograd: F.linear, training untouched
+    assert len(calls) == 4
+
+
+def test_a_small_vocabulary_keeps_linear(tiny_tokenizer, monkeypatch):
+    model = tiny(tiny_tokenizer, "llama").float()
+    assert model.config.vocab_size < kernels.LARGE_VOCABULARY
+    assert few_rows_cpu_lm_head(model)
+    calls = count_mm(monkeypatch)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(5, 200, (2, 4)))
+    assert not calls
+    assert not few_rows_cpu_lm_head(torch.nn.Linear(2, 2))  # no output embedding to swap
+
+
+def test_sampling_with_the_few_rows_head_draws_the_same_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instructrl.rollout.sampler import CachedSampler
+
+    config = LlamaConfig(
+        vocab_size=kernels.LARGE_VOCABULARY, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prompts = torch.randint(2, kernels.LARGE_VOCABULARY, (6, 5))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    responses = {}
+    for swapped in (False, True):
+        if swapped:
+            assert few_rows_cpu_lm_head(model)
+        sampler = CachedSampler(model, eos_token_id=1, pad_token_id=0)
+        responses[swapped] = sampler.generate(prompts, mask, 12, 0.9, torch.Generator().manual_seed(3))
+    assert torch.equal(responses[True], responses[False])

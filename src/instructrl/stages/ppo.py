@@ -229,7 +229,8 @@ class Config:
     fused_kernels: bool = True
     """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
     ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32 under bf16 on a CPU (where PyTorch's bf16
-    attention kernel is slower), and (one process only) embedding gradients without a fresh (vocab × d)
+    attention kernel is slower), the policy's LM head computed as (W · hᵀ)ᵀ for the sampler's few rows on a CPU
+    in float32, and (one process only) embedding gradients without a fresh (vocab × d)
     buffer per step: the policy's tied embedding and its fused LM head add their gradients straight into a
     ``.grad`` kept between steps, the value model's embedding sends sparse rows into one. Results agree with
     false up to float rounding; false runs the models exactly as loaded."""

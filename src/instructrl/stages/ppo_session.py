@@ -21,6 +21,7 @@ from instructrl.data.loading import load_prompts, load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
 from instructrl.models.kernels import (
+    few_rows_cpu_lm_head,
     float32_cpu_attention,
     fuse_activations,
     sparse_untied_embedding_gradient,
@@ -75,13 +76,15 @@ def _prepare(model: torch.nn.Module, device: torch.device, trainable: bool) -> t
 def use_fused_kernels(
     policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int
 ) -> frozenset[torch.Tensor]:
-    """``fused_kernels``: one-kernel activations and float32 attention under bf16 on a CPU in all four models;
-    in one process only (DDP/ZeRO would miss or misread these gradients), the policy's tied embedding rows
-    added straight into ``.grad`` and sparse rows for trainable untied embeddings (the value model). Returns the
-    weights whose dense gradient buffers :func:`instructrl.models.kernels.zero_gradients` must keep."""
+    """``fused_kernels``: one-kernel activations and float32 attention under bf16 on a CPU in all four models,
+    the policy's LM head on few rows as (W · hᵀ)ᵀ when sampling on a CPU in float32; in one process only
+    (DDP/ZeRO would miss or misread these gradients), the policy's tied embedding rows added straight into
+    ``.grad`` and sparse rows for trainable untied embeddings (the value model). Returns the weights
+    whose dense gradient buffers :func:`instructrl.models.kernels.zero_gradients` must keep."""
     for model in (policy, *others):
         fuse_activations(model)
         float32_cpu_attention(model)
+    few_rows_cpu_lm_head(policy)  # no-autograd calls only: the sampler's, never training's
     if world_size > 1:
         return frozenset()
     kept = [sparse_untied_embedding_gradient(model) for model in (policy, *others)]
