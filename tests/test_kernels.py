@@ -282,3 +282,18 @@ def test_sampling_with_the_few_rows_head_draws_the_same_tokens():
         sampler = CachedSampler(model, eos_token_id=1, pad_token_id=0)
         responses[swapped] = sampler.generate(prompts, mask, 12, 0.9, torch.Generator().manual_seed(3))
     assert torch.equal(responses[True], responses[False])
+
+
+def test_generate_responses_uses_the_few_rows_head_and_generates_the_same(tiny_tokenizer, monkeypatch):
+    from instructrl.eval.generate import generate_responses
+
+    monkeypatch.setattr(kernels, "LARGE_VOCABULARY", 1)  # the tiny vocabulary counts as large here
+    prompts = ["the cat", "a dog sat on", "x"]
+    calls = count_mm(monkeypatch)
+    swapped = generate_responses(tiny(tiny_tokenizer, "llama").float(), tiny_tokenizer, prompts, 8, temperature=0.7)
+    assert calls  # the prefill's and every decoding step's logits came from (W · hᵀ)ᵀ
+    calls.clear()
+    monkeypatch.setattr(kernels._FewRowsLinear, "forward", torch.nn.Linear.forward)  # the head as it was
+    plain = generate_responses(tiny(tiny_tokenizer, "llama").float(), tiny_tokenizer, prompts, 8, temperature=0.7)
+    assert not calls
+    assert plain == swapped

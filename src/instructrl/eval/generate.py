@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from instructrl.models.kernels import few_rows_cpu_lm_head
+
 
 @dataclass(frozen=True)
 class Generated:
@@ -29,10 +31,13 @@ def generate_responses(
     """Generate one response per prompt: greedy when ``temperature == 0``, else pure sampling at ``temperature``.
 
     Prompts are left-padded (transformers derives position ids from the attention mask); output order
-    matches ``prompts``. Text after the first EOS is dropped.
+    matches ``prompts``. Text after the first EOS is dropped. The model's LM head is switched to
+    :func:`~instructrl.models.kernels.few_rows_cpu_lm_head` (the same products, faster for a decoding step's few
+    rows on a CPU; every other call runs ``F.linear`` as before).
     """
     was_training = model.training
     model.eval()
+    few_rows_cpu_lm_head(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
