@@ -316,6 +316,7 @@ class TimedBackend:
         self.inner = inner
         self.device = device
         self.seconds = 0.0
+        self.takes_runner = getattr(inner, "takes_runner", False)  # so the rollout passes the inner one its runner
 
     def generate(self, *args, **kwargs):
         synchronize(self.device)
@@ -339,7 +340,7 @@ def run_ours(
     from instructrl.config import load_config
     from instructrl.stages import ppo
     from instructrl.stages.ppo_parts import PromptSampler
-    from instructrl.stages.ppo_session import build_session, make_generation_backend, train_iteration
+    from instructrl.stages.ppo_session import build_session, train_iteration
 
     prompts_file = out_dir / "prompts.jsonl"
     prompts_file.write_text('{"prompt": "placeholder"}\n')  # replaced by the exact token ids below
@@ -378,7 +379,7 @@ def run_ours(
         overrides.append(VARIANTS[variant])
     cfg = load_config(ppo.Config, overrides=overrides)
     session = build_session(cfg)
-    backend = TimedBackend(make_generation_backend(cfg, session.policy, session.tokenizer, session.runtime), device)
+    backend = TimedBackend(session.backend, device)  # the session's own sampler, timed
     session.backend = backend
     session.prompt_ids = [list(p) for p in assets["prompts"]]
     session.prompt_texts = [""] * len(session.prompt_ids)

@@ -4,6 +4,7 @@ precision against fp32, on tiny in-process models."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from instructrl.stages.ppo_parts import (
     response_logprobs,
 )
 from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step
+from test_overlap import torch_threads
 from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
 
 
@@ -213,6 +215,81 @@ def test_bf16_sampling_casts_each_weight_once_and_samples_what_inference_mode_sa
     theirs, per_token = sample()
     assert per_token > 1  # without it: once per forward, i.e. per generated token
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_sampler_draws_the_same_tokens_with_the_halves_sampled_at_once(tiny_tokenizer, precision):
+    """With a concurrent runner the two halves of the batch are sampled on two threads: same tokens (every row
+    has its own uniforms), rows that finish at different steps included, and the caller's autocast holds in
+    the worker threads too."""
+    from instructrl.utils.overlap import OverlapRunner, SequentialRunner
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), tiny_tokenizer)
+    model.eval()
+    with torch.no_grad():  # a peaked distribution: a frequent token to stop on
+        model.get_output_embeddings().weight.mul_(20.0)
+    pad = tiny_tokenizer.pad_token_id
+    g = torch.Generator().manual_seed(3)
+    query, query_mask = left_pad([torch.randint(5, 200, (n,), generator=g).tolist() for n in (2, 6, 4, 6, 1)], pad)
+    probe = CachedSampler(model, tiny_tokenizer.eos_token_id, pad).generate(query, query_mask, 12, 1.0, g)
+    eos = int(torch.mode(probe.flatten()).values)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    seen: list[tuple[str, bool]] = []  # (thread, autocast on) at every forward
+    model.register_forward_pre_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.is_autocast_enabled("cpu")))
+    )
+
+    def sample(runner) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(7)
+        with torch.inference_mode(), autocast:
+            tokens = CachedSampler(model, eos, pad).generate(query, query_mask, 12, 0.9, generator, runner=runner)
+        return tokens, generator.get_state()
+
+    runner = OverlapRunner(2)
+    try:
+        with torch_threads(2):
+            (one, state_one), (halves, state_halves) = sample(SequentialRunner()), sample(runner)
+    finally:
+        runner.close()
+    torch.testing.assert_close(halves, one, rtol=0, atol=0)
+    assert torch.equal(state_one, state_halves)  # the same uniforms were drawn, (steps × rows) up front
+    in_workers = [autocast_on for thread, autocast_on in seen if thread.startswith("instructrl-overlap")]
+    assert len({thread for thread, _ in seen}) == 3  # the caller's thread and two workers
+    assert in_workers and all(on == (precision == "bf16") for on in in_workers)
+    lengths = (one != pad).sum(dim=1)
+    assert lengths.min() < lengths.max(), "rows should finish at different steps"
+
+
+def test_rollout_passes_its_runner_only_to_backends_that_take_one(env):  # noqa: F811
+    from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
+    from instructrl.models.reward import load_reward_model
+    from instructrl.stages.ppo_parts import RolloutSettings
+    from instructrl.utils.overlap import SequentialRunner
+
+    tok = load_tokenizer(env["policy"])
+    policy = load_causal_lm(env["policy"], tok).eval()
+    value = load_reward_model(env["rm"]).eval()
+    query, query_mask = left_pad([[5, 6, 7], [8, 9]], tok.pad_token_id)
+    calls = []
+
+    class Recording:
+        def __init__(self, takes_runner: bool):
+            self.takes_runner = takes_runner
+
+        def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None, **options):
+            calls.append(options)
+            return torch.full((prompt_ids.shape[0], max_new_tokens), tok.eos_token_id)
+
+        def sync_weights(self, model):
+            pass
+
+    runner = SequentialRunner()
+    settings = RolloutSettings(3, 1.0, tok.eos_token_id, tok.pad_token_id)
+    score = lambda q, qm, r, rm: torch.zeros(q.shape[0])  # noqa: E731
+    for takes in (True, False):
+        make_rollout(policy, policy, value, Recording(takes), score, query, query_mask, settings, None, runner)
+    assert calls == [{"runner": runner}, {}]
 
 
 def test_inverse_cdf_draw_matches_a_python_loop_and_never_draws_zero_probability_tokens():

@@ -11,6 +11,8 @@ Backends
       sampled response token ids, shape (B, max_new_tokens). Positions after a row's first EOS may hold
       anything (the HF backend fills them with PAD); :func:`truncate_after_eos` cleans them up.
     - ``sync_weights(model)`` is called after every policy update, before the next rollout.
+    - Optionally ``takes_runner = True``: then a rollout also passes ``generate`` its ``runner=``
+      (:mod:`instructrl.utils.overlap`), with which :class:`CachedSampler` samples two halves of the batch at once.
 
     :class:`HFGenerateBackend` runs ``model.generate`` with the KV cache on the live policy, so syncing is
     free. A vLLM (or any other inference-engine) backend plugs in here: ``generate`` calls the engine on
@@ -27,11 +29,15 @@ the RM reads its score there.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from transformers import GenerationConfig
+
+if TYPE_CHECKING:
+    from instructrl.utils.overlap import OverlapRunner, SequentialRunner
 
 
 @runtime_checkable
@@ -152,15 +158,23 @@ def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -
 
 
 def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row by inversion: the first v with F(v) > u · F(V), F the cumulative sum of ``probs``.
+    """One token per row by inversion (:func:`inverse_cdf_index`) with one uniform per row from ``generator``.
 
-    An exact draw from ``probs`` (token v is chosen iff u·F(V) ∈ [F(v − 1), F(v)), an interval of length
-    p_v / F(V)) with one uniform per row instead of :func:`sample_multinomial`'s V exponentials; the sum runs
-    in float64 so that rounding cannot shift the interval bounds measurably. Zero-probability tokens have
-    empty intervals and are never drawn. (B, V) -> (B,)."""
+    An exact draw from ``probs`` with one uniform per row instead of :func:`sample_multinomial`'s V
+    exponentials. (B, V) -> (B,)."""
+    u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=probs.device)  # (B,)
+    return inverse_cdf_index(probs, u)
+
+
+def inverse_cdf_index(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first v with F(v) > u · F(V), F the cumulative sum of ``probs`` over the last dimension.
+
+    With u uniform on [0, 1) this draws token v with probability p_v / F(V): v is chosen iff u·F(V) ∈
+    [F(v − 1), F(v)), an interval of that length. The sum runs in float64 so that rounding cannot shift the
+    interval bounds measurably. Zero-probability tokens have empty intervals and are never drawn.
+    (B, V) probabilities and (B,) float64 uniforms -> (B,) token ids."""
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)  # (B, 1)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)  # (B,)
+    index = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)  # (B,)
     return index.clamp_(max=probs.shape[1] - 1)  # u·F(V) rounding up to F(V) itself (p ≈ 2^-53)
 
 
@@ -176,9 +190,21 @@ class CachedSampler:
     re-preparation from the whole sequence so far); the random draws come from ``generator`` directly
     instead of a forked global RNG.
 
+    With the default draw, the uniforms of all steps are drawn up front, (steps × rows) in the order a
+    step-by-step loop would draw them, so a row's tokens do not depend on the rows it is sampled with. That
+    lets ``generate(..., runner=...)`` (:mod:`instructrl.utils.overlap`; PPO rollouts pass the ``overlap_models``
+    runner) sample the two halves of the batch at once on two threads when that runner is concurrent: a decoding step
+    on a CPU is a few small products and many small ops, which two threads split poorly, and one thread runs
+    its half's Python while the other runs kernels. On the benchmark's shapes (2 threads, no EOS, medians of 7
+    alternating): S1 (GPT-2, 64 rows × 48 tokens) 1.11 → 0.86 s, S2 (Llama, 32k vocabulary, 32 rows × 32
+    tokens) 3.37 → 2.41 s. The tokens are the same either way up to float rounding of the logits.
+
     Position ids skip the left padding (N detail 3): prompt positions are ``cumsum(mask) − 1`` and every new
     token takes the next position of its row.
     """
+
+    takes_runner = True
+    """``generate`` accepts ``runner=``: a rollout passes its runner to every backend that says so."""
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None):
         if eos_token_id == pad_token_id:
@@ -201,12 +227,37 @@ class CachedSampler:
         max_new_tokens: int,
         temperature: float,
         generator: torch.Generator | None = None,
+        runner: SequentialRunner | OverlapRunner | None = None,
     ) -> torch.Tensor:
+        """As :meth:`GenerationBackend.generate`; a concurrent ``runner`` samples the two halves of the batch at
+        once (with the default draw; the tokens are the same up to float rounding of the logits)."""
         require_sampling_temperature(temperature)
-        with sampling_mode(prompt_ids.device.type):
-            return self._sample(prompt_ids, attention_mask.long(), max_new_tokens, temperature, generator)
+        attention_mask = attention_mask.long()
+        device_type = prompt_ids.device.type
+        if self.draw is not sample_inverse_cdf:
+            with sampling_mode(device_type):
+                draw = lambda probs, step, rows: self.draw(probs, generator)  # noqa: E731
+                return self._sample(prompt_ids, attention_mask, max_new_tokens, temperature, draw)
+        batch, device = prompt_ids.shape[0], prompt_ids.device
+        uniforms = torch.rand(max_new_tokens, batch, generator=generator, dtype=torch.float64, device=device)
 
-    def _sample(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
+        def draw(probs: torch.Tensor, step: int, rows: slice) -> torch.Tensor:
+            return inverse_cdf_index(probs, uniforms[step, rows])
+
+        if runner is None or not runner.concurrent or batch < 2:
+            with sampling_mode(device_type):
+                return self._sample(prompt_ids, attention_mask, max_new_tokens, temperature, draw)
+        halves = (slice(0, batch // 2), slice(batch // 2, batch))
+        tasks = [
+            partial(self._sample, prompt_ids[rows], attention_mask[rows], max_new_tokens, temperature, draw, rows)
+            for rows in halves
+        ]
+        return torch.cat(runner.run(*tasks, context=_same_modes_as_here(device_type)), dim=0)
+
+    def _sample(
+        self, prompt_ids, attention_mask, max_new_tokens, temperature, draw, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """Sample rows ``rows`` of the batch (given as ``prompt_ids``); ``draw(probs, step, rows)`` picks tokens."""
         from transformers import DynamicCache
 
         cache_name = kv_cache_argument()
@@ -227,7 +278,7 @@ class CachedSampler:
             logits = out.logits[:, -1].float()  # (B, V), as generate: float32 before the temperature
             if temperature != 1.0:
                 logits = logits / temperature
-            tokens = self.draw(torch.softmax(logits, dim=-1), generator)  # (B,)
+            tokens = draw(torch.softmax(logits, dim=-1), step, rows)  # (B,)
             tokens = torch.where(unfinished, tokens, self.pad_token_id)
             responses[:, step] = tokens
             unfinished &= tokens != self.eos_token_id
@@ -243,6 +294,22 @@ class CachedSampler:
             )
             next_position = next_position + 1
         return responses  # (B, max_new_tokens)
+
+
+def _same_modes_as_here(device_type: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory for worker threads: the caller's autocast (thread-local, so not inherited) and
+    :func:`sampling_mode`."""
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        stack.enter_context(sampling_mode(device_type))
+        return stack
+
+    return context
 
 
 def kv_cache_argument() -> str:

@@ -237,8 +237,10 @@ class Config:
     overlap_models: bool | Literal["auto"] = "auto"
     """On a CPU, in one process, with 2+ torch threads: run the policy's work and the value model's work at the
     same time on two threads, each with half of the intra-op threads (``instructrl.utils.overlap``): in each
-    minibatch step the policy's gradients, ptx, clipping and optimizer step beside the value model's, and in
-    the rollout the policy + reference forwards beside the value forward + scoring. The side that finishes
+    minibatch step the policy's gradients, ptx, clipping and optimizer step beside the value model's, in the
+    rollout the policy + reference forwards beside the value forward + scoring, and (with the default 'cached'
+    sampler) the two halves of the rollout batch sampled at once: every row has its own uniforms, so the
+    tokens do not change (S1 sampling 1.15 -> 0.83 s, S2 2.66 -> 2.09 s per rollout). The side that finishes
     first hands its threads to the other, which picks them up between decoder layers. The two share nothing,
     so the math is the same; results agree with false up to float rounding (a kernel split over another
     number of threads may add in another order; with the hand-over that number depends on timing, so only

@@ -357,8 +357,12 @@ def _sample_and_score(
     generator,
     runner: SequentialRunner | OverlapRunner | None = None,
 ) -> dict[str, torch.Tensor]:
+    runner = runner or SequentialRunner()
+    options = {"runner": runner} if getattr(backend, "takes_runner", False) else {}  # e.g. CachedSampler's halves
     responses = [
-        backend.generate(query[rows], query_mask[rows], settings.max_new_tokens, settings.temperature, generator)
+        backend.generate(
+            query[rows], query_mask[rows], settings.max_new_tokens, settings.temperature, generator, **options
+        )
         for rows in _chunks(query.shape[0], settings.generation_batch_size)
     ]
     response, response_mask, has_eos = truncate_after_eos(
@@ -368,7 +372,6 @@ def _sample_and_score(
     response, response_mask = response[:, :width], response_mask[:, :width]
 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
-    runner = runner or SequentialRunner()
     for rows in _chunks(query.shape[0], settings.forward_batch_size):
         q, qm, r, rm = query[rows], query_mask[rows], response[rows], response_mask[rows]
         input_ids = torch.cat([q, r], dim=1)
