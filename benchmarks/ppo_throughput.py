@@ -522,12 +522,15 @@ def run_peer(
 def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu") -> dict:
     """Our rollout sampler vs ``model.generate`` on the same policy and prompts (tokens/s, median of repeats).
 
-    Both start from the same generator seed; tokens/s counts the tokens produced up to and including EOS."""
+    All start from the same generator seed; tokens/s counts the tokens produced up to and including EOS.
+    On a CPU with 2+ threads a third line, "ours, halves", samples the two halves of the batch at once on two
+    threads, as PPO's rollouts do when ``overlap_models`` chooses to overlap."""
     import torch
 
     from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
     from instructrl.models.kernels import few_rows_cpu_lm_head
     from instructrl.rollout.sampler import CachedSampler, HFGenerateBackend
+    from instructrl.utils.overlap import OverlapRunner, add_claim_points
 
     tokenizer = load_tokenizer(assets["lm_dir"])
     model = load_causal_lm(assets["lm_dir"], tokenizer).to(device)
@@ -536,24 +539,32 @@ def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu"
     model.eval().requires_grad_(False)
     query = torch.tensor(assets["prompts"], device=device)
     mask = torch.ones_like(query)
+    ours = CachedSampler(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
     samplers = {
-        "model.generate": HFGenerateBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id),
-        "ours": CachedSampler(model, tokenizer.eos_token_id, tokenizer.pad_token_id),
+        "model.generate": (HFGenerateBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id), {}),
+        "ours": (ours, {}),
     }
+    threads = torch.get_num_threads()
+    overlap = OverlapRunner(threads) if device == "cpu" and threads >= 2 else None
+    if overlap is not None:  # what PPO runs when overlap_models chooses to overlap: the two halves at once
+        add_claim_points(model)
+        samplers["ours, halves"] = (ours, {"runner": overlap})
     out = {}
-    for name, sampler in samplers.items():
+    for name, (sampler, options) in samplers.items():
         generator = torch.Generator(device=device).manual_seed(0)
-        sampler.generate(query, mask, shape.response_len, 1.0, generator)  # warm-up
+        sampler.generate(query, mask, shape.response_len, 1.0, generator, **options)  # warm-up
         times, tokens = [], []
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
-            response = sampler.generate(query, mask, shape.response_len, 1.0, generator)
+            response = sampler.generate(query, mask, shape.response_len, 1.0, generator, **options)
             synchronize(device)
             times.append(time.perf_counter() - start)
             tokens.append(int((response != tokenizer.pad_token_id).sum()))
         k = times.index(statistics.median(times)) if repeats % 2 else 0
         out[name] = {"seconds": statistics.median(times), "tokens": tokens[k], "tokens_per_s": tokens[k] / times[k]}
+    if overlap is not None:
+        overlap.close()
     return out
 
 

@@ -71,3 +71,19 @@ def test_rounds_pool_the_iterations_and_keep_each_rounds_median(bench):
     assert sorted(r["total"] for r in merged["iterations"]) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert bench.summarize(merged["iterations"])["total"] == 3.5
     assert merged["peak_rss_mib"] == 12.0
+
+
+def test_generation_benchmark_times_the_halves_at_once_on_two_threads(bench, tmp_path):
+    import torch
+
+    shape = bench.SHAPES["tiny"]
+    assets = bench.build_assets(shape, tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = bench.run_generation(shape, assets, repeats=1)
+    finally:
+        torch.set_num_threads(before)
+    assert set(result) == {"model.generate", "ours", "ours, halves"}
+    assert result["ours, halves"]["tokens"] == result["ours"]["tokens"]  # the same rows' uniforms: same tokens
+    assert all(r["seconds"] > 0 for r in result.values())
