@@ -522,7 +522,8 @@ def run_peer(
 def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu") -> dict:
     """Our rollout sampler vs ``model.generate`` on the same policy and prompts (tokens/s, median of repeats).
 
-    All start from the same generator seed; tokens/s counts the tokens produced up to and including EOS.
+    All start from the same generator seed and take turns (a warm-up turn, then ``repeats`` timed ones); tokens/s
+    counts the tokens produced up to and including EOS.
     On a CPU with 2+ threads a third line, "ours, halves", samples the two halves of the batch at once on two
     threads, as PPO's rollouts do when ``overlap_models`` chooses to overlap."""
     import torch
@@ -549,20 +550,23 @@ def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu"
     if overlap is not None:  # what PPO runs when overlap_models chooses to overlap: the two halves at once
         add_claim_points(model)
         samplers["ours, halves"] = (ours, {"runner": overlap})
-    out = {}
-    for name, (sampler, options) in samplers.items():
-        generator = torch.Generator(device=device).manual_seed(0)
-        sampler.generate(query, mask, shape.response_len, 1.0, generator, **options)  # warm-up
-        times, tokens = [], []
-        for _ in range(repeats):
+    generators = {name: torch.Generator(device=device).manual_seed(0) for name in samplers}
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    tokens: dict[str, list[int]] = {name: [] for name in samplers}
+    for repeat in range(repeats + 1):  # the samplers take turns, so the machine's drift reaches each alike
+        for name, (sampler, options) in samplers.items():
             synchronize(device)
             start = time.perf_counter()
-            response = sampler.generate(query, mask, shape.response_len, 1.0, generator, **options)
+            response = sampler.generate(query, mask, shape.response_len, 1.0, generators[name], **options)
             synchronize(device)
-            times.append(time.perf_counter() - start)
-            tokens.append(int((response != tokenizer.pad_token_id).sum()))
-        k = times.index(statistics.median(times)) if repeats % 2 else 0
-        out[name] = {"seconds": statistics.median(times), "tokens": tokens[k], "tokens_per_s": tokens[k] / times[k]}
+            if repeat > 0:  # the first turn is a warm-up
+                times[name].append(time.perf_counter() - start)
+                tokens[name].append(int((response != tokenizer.pad_token_id).sum()))
+    out = {}
+    for name in samplers:
+        k = times[name].index(statistics.median(times[name])) if repeats % 2 else 0
+        seconds = statistics.median(times[name])
+        out[name] = {"seconds": seconds, "tokens": tokens[name][k], "tokens_per_s": tokens[name][k] / times[name][k]}
     if overlap is not None:
         overlap.close()
     return out
