@@ -195,9 +195,9 @@ class CachedSampler:
     lets ``generate(..., runner=...)`` (:mod:`instructrl.utils.overlap`; PPO rollouts pass the ``overlap_models``
     runner) sample the two halves of the batch at once on two threads when that runner is concurrent: a decoding step
     on a CPU is a few small products and many small ops, which two threads split poorly, and one thread runs
-    its half's Python while the other runs kernels. On the benchmark's shapes (2 threads, no EOS, medians of 7
-    alternating): S1 (GPT-2, 64 rows × 48 tokens) 1.11 → 0.86 s, S2 (Llama, 32k vocabulary, 32 rows × 32
-    tokens) 3.37 → 2.41 s. The tokens are the same either way up to float rounding of the logits.
+    its half's Python while the other runs kernels. On the benchmark's shapes (2 threads, no EOS, alternating
+    medians): S1 (GPT-2, 64 rows × 48 tokens) 1.11 → 0.86 s, S2 (Llama, 32k vocabulary, 32 rows × 32 tokens)
+    3.00 → 2.18 s. The tokens are the same either way up to float rounding of the logits.
 
     Position ids skip the left padding (N detail 3): prompt positions are ``cumsum(mask) − 1`` and every new
     token takes the next position of its row.
