@@ -234,16 +234,16 @@ class CachedSampler:
         require_sampling_temperature(temperature)
         attention_mask = attention_mask.long()
         device_type = prompt_ids.device.type
-        if self.draw is not sample_inverse_cdf:
-            with sampling_mode(device_type):
-                draw = lambda probs, step, rows: self.draw(probs, generator)  # noqa: E731
-                return self._sample(prompt_ids, attention_mask, max_new_tokens, temperature, draw)
         batch, device = prompt_ids.shape[0], prompt_ids.device
-        uniforms = torch.rand(max_new_tokens, batch, generator=generator, dtype=torch.float64, device=device)
+        if self.draw is sample_inverse_cdf:
+            uniforms = torch.rand(max_new_tokens, batch, generator=generator, dtype=torch.float64, device=device)
 
-        def draw(probs: torch.Tensor, step: int, rows: slice) -> torch.Tensor:
-            return inverse_cdf_index(probs, uniforms[step, rows])
+            def draw(probs: torch.Tensor, step: int, rows: slice) -> torch.Tensor:
+                return inverse_cdf_index(probs, uniforms[step, rows])
 
+        else:  # another draw takes the generator step by step, so its rows cannot be sampled apart
+            draw = lambda probs, step, rows: self.draw(probs, generator)  # noqa: E731
+            runner = None
         if runner is None or not runner.concurrent or batch < 2:
             with sampling_mode(device_type):
                 return self._sample(prompt_ids, attention_mask, max_new_tokens, temperature, draw)
