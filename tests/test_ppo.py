@@ -518,3 +518,16 @@ def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path):
     assert before < 0.1 and after > 0.4
     session.save_policy(tmp_path / "policy")
     assert (tmp_path / "policy" / "model.safetensors").exists()
+
+
+def test_a_batch_of_one_response_that_is_only_eos_trains_without_error(env, tmp_path, tiny_tokenizer):
+    """batch_size=1 and EOS sampled first leave one response token: whitening has no spread to divide by, and
+    the iteration must still run (advantage 0, finite losses), not stop on an undefined variance."""
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    cfg = make_cfg(env, tmp_path, "batch_size=1", "minibatch_size=1", "micro_batch_size=1", "ptx.coef=0")
+    responses = torch.tensor([[eos] + [pad] * 5])
+    session = build_session(cfg, backend=ScriptedBackend(responses))
+    metrics, rollout, _ = train_iteration(session)
+    assert int(rollout.response_mask.sum()) == 1
+    assert torch.equal(rollout.advantages, torch.zeros_like(rollout.advantages))
+    assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["loss/value"])

@@ -373,3 +373,66 @@ def test_bf16_rollout_has_ratio_one_on_its_first_minibatch(env, tmp_path):  # no
     rollout, _ = collect_rollout(session)
     first = ppo_update(session, compute_advantages(rollout, session.kl_controller.value))[0]
     assert abs(first["policy/ratio_max"] - 1.0) < 1e-2
+
+
+def plain_autocast_logprobs(model, input_ids, attention_mask, response, temperature):
+    """log softmax(model(...).logits / T) gathered at the response, under bf16 autocast, no fused head, no cache."""
+    from instructrl.models.reward import position_ids_from_mask
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask)).logits  # fmt: skip
+    logits = logits[:, -response.shape[1] - 1 : -1].float() / temperature  # (B, R, V)
+    return torch.log_softmax(logits, dim=-1).gather(-1, response[..., None])[..., 0]
+
+
+def test_bf16_ppo_logprobs_in_iteration_two_are_those_of_the_current_policy(env, tmp_path, monkeypatch):  # noqa: F811
+    """After a bf16 iteration's fused-AdamW steps, the next iteration's rollout and training log-probs (fused head)
+    equal a plain autocast forward of the policy as it is at that moment, within bf16 rounding."""
+    from instructrl.stages.ppo_session import train_iteration
+
+    cfg = make_cfg(env, tmp_path, "precision=bf16", "ptx.coef=0", "lr=0.01", "warmup_iterations=0",
+                   "generation.temperature=0.8")  # fmt: skip
+    session = build_session(cfg)
+    checked = {"rollout": [], "training": []}
+    original = ppo_parts.response_logprobs
+
+    def checking(model, input_ids, attention_mask, response, temperature, with_entropy=False):
+        out = original(model, input_ids, attention_mask, response, temperature, with_entropy)
+        if session.iteration == 1 and getattr(model, "module", model) is session.policy:
+            kind = "training" if torch.is_grad_enabled() else "rollout"
+            got = (out[0] if with_entropy else out).detach()
+            want = plain_autocast_logprobs(session.policy, input_ids, attention_mask, response, temperature)
+            checked[kind].append((got - want).abs().max().item())
+        return out
+
+    monkeypatch.setattr(ppo_parts, "response_logprobs", checking)
+    train_iteration(session)
+    train_iteration(session)
+    assert checked["rollout"] and checked["training"]
+    assert max(checked["rollout"]) < 2e-2, checked["rollout"]
+    assert checked["training"][0] < 2e-2, checked["training"]  # the first minibatch of iteration 2
+
+
+@pytest.mark.parametrize("backend", [CachedSampler, HFGenerateBackend])
+def test_bf16_sampling_after_fused_adamw_steps_samples_from_the_current_weights(tiny_tokenizer, backend):
+    """Autocast's cast cache (the sampler's bf16 weight copies) never outlives a sampling call: after fused-AdamW
+    steps, which do not bump version counters, the sampler draws what a fresh copy of the stepped model draws."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), tiny_tokenizer).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    query, mask = left_pad([[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+
+    def sample(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return backend(m, eos, pad).generate(query, mask, 8, 1.0, torch.Generator().manual_seed(3))
+
+    sample(model)  # a first call under autocast, as the previous rollout was
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=query, attention_mask=mask, labels=query).loss.backward()
+        optimizer.step()
+        assert torch.equal(sample(model), sample(copy.deepcopy(model)))

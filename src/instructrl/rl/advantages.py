@@ -37,12 +37,14 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     ``torch.var`` is unbiased by default while TF's ``tf.moments`` (used by lm-human-preferences) is biased;
     N detail 18 notes the difference, hence the explicit flag. Counting the entries costs one device sync.
 
-    Raises:
-        ValueError: if fewer than 2 entries are selected (unbiased) or none (biased): the variance is undefined.
+    With fewer entries than the estimator needs (n < 2 unbiased, n = 0 biased) the spread is unknown and 0 is
+    returned, the biased estimate of one entry. A valid run reaches this: ``batch_size=1`` with EOS sampled
+    first leaves one response token. Whitening then only centres (:func:`masked_whiten`), so that lone token's
+    advantage is 0 and the batch gives no policy gradient rather than an error.
     """
     n = int(_as_bool(mask).sum().item())
     if n < (2 if unbiased else 1):
-        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} selected entries, got {n}")
+        return torch.zeros((), dtype=x.dtype, device=x.device)
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return var * (n / (n - 1)) if unbiased else var

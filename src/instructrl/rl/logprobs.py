@@ -16,9 +16,6 @@ rollout-time calls under ``torch.no_grad`` keep nothing beyond the (B, T) result
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 
 
@@ -113,46 +110,13 @@ def matmul_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-class _CastCache:
-    """Low-precision copies of trainable weights, refreshed in place when the weight has changed.
+def _cast_for_matmul(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in the matmul dtype, cast afresh at every call.
 
-    Under bf16 autocast the fused head casts the (V, d) weight at every training forward. Into a new tensor
-    that is 32 MiB of fresh pages per step at V = 32,000, d = 512 (written in 14 ms; an existing buffer in
-    4). The copy is keyed by the weight's identity and checked against its storage and version counter, so
-    any change to the weight (an optimizer step, ``load_state_dict``) refreshes it before use; a copy is
-    dropped with its weight. Only weights that require gradients are cached (they change every step and are
-    cast every step); a frozen reference head is cast once per rollout and keeps no second copy alive. Under
-    inference mode an existing copy is used (refreshed if needed) but none is made: an inference tensor could
-    not be refreshed or saved for backward later.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """(``weight`` in ``dtype``, whether it is a cached copy that must be saved for backward)."""
-        if weight.dtype == dtype or not weight.requires_grad:
-            return weight.detach().to(dtype), False
-        with self._lock:
-            entry = self._entries.get(id(weight))
-            alive = entry is not None and entry[0]() is weight
-            if alive and entry[3].dtype == dtype and entry[3].shape == weight.shape:
-                _, version, pointer, copy = entry
-                if version != weight._version or pointer != weight.data_ptr():
-                    copy.copy_(weight.detach())
-            elif torch.is_inference_mode_enabled():  # a copy made here could not be refreshed or saved outside
-                return weight.detach().to(dtype), False
-            else:
-                copy = weight.detach().to(dtype)
-                key = id(weight)
-                if not alive:
-                    weakref.finalize(weight, self._entries.pop, key, None)
-            self._entries[id(weight)] = (weakref.ref(weight), weight._version, weight.data_ptr(), copy)
-            return copy, True
-
-
-_cast_cache = _CastCache()
+    No copy is kept between calls: a kept copy would have to notice every writer of the weight, and some do
+    not say that they wrote (a fused AdamW step updates parameters in place without bumping their version
+    counter). A fresh cast is correct by construction; its cost is in benchmarks/RESULTS.md."""
+    return weight.detach().to(dtype)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -227,7 +191,7 @@ class _LMHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, vocab_block, compute_dtype, weight_grad_into_grad):
         acc = _accumulate_dtype(compute_dtype)
-        w, cached = _cast_cache.get(weight, compute_dtype)  # (V, d)
+        w = _cast_for_matmul(weight, compute_dtype)  # (V, d)
         h = hidden.detach().to(compute_dtype)  # (N, d)
         positions, blocks = labels.shape[0], _vocab_blocks(w.shape[0], vocab_block)
         kept = torch.empty(w.shape[0], positions, dtype=compute_dtype, device=w.device)  # (V, N)
@@ -249,8 +213,7 @@ class _LMHeadLogprobs(torch.autograd.Function):
             if scratch is not None:
                 kept[start:end].copy_(z)
         lse, factors = _combine_blocks(maxima, sums)
-        # saved for autograd's in-place modification checks (a cached cast is refreshed in place)
-        ctx.save_for_backward(hidden, weight, labels, *([w] if cached else []))
+        ctx.save_for_backward(hidden, weight, labels)
         ctx.kept, ctx.factors, ctx.w = kept, factors, w
         ctx.bias, ctx.temperature, ctx.blocks, ctx.compute_dtype = bias, temperature, blocks, compute_dtype
         ctx.weight_grad_into_grad = weight_grad_into_grad
@@ -314,7 +277,7 @@ def _head_no_grad(hidden, weight, bias, labels, temperature, vocab_block, chunk_
     swept over the vocabulary blocks with an online log-sum-exp; only one (block, positions) scratch exists."""
     compute = matmul_dtype(hidden.device.type, weight.dtype)
     acc = _accumulate_dtype(compute)
-    w, h = _cast_cache.get(weight, compute)[0], hidden.to(compute)  # (V, d), (N, d)
+    w, h = _cast_for_matmul(weight, compute), hidden.to(compute)  # (V, d), (N, d)
     vocab, n = w.shape[0], labels.shape[0]
     blocks = _vocab_blocks(vocab, vocab_block)
     span = max(1, chunk_elements // max(1, min(vocab_block, vocab)))  # positions per sweep
