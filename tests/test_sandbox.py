@@ -11,9 +11,10 @@ import pytest
 
 from instructrl.data.loading import load_comparisons, load_demonstrations, load_prompts, load_texts
 from instructrl.data.records import Comparison
-from instructrl.sandbox import SandboxWorld, World, corpus, labelers, pairwise_agreement, synthetic_agreement, tasks
+from instructrl.sandbox import SandboxWorld, corpus, labelers, pairwise_agreement, synthetic_agreement, tasks
 from instructrl.sandbox.make import Config, run
 from instructrl.sandbox.tasks import CAPITALS, COLORS, SOUNDS, TaskSpec, gold_score, sample_spec, wrong_answer
+from instructrl.world import World
 
 ALL_KINDS = [kind for kinds in tasks.CATEGORY_KINDS.values() for kind in kinds]
 HARMLESS_KINDS = [k for k in ALL_KINDS if k != "harmful"]

@@ -30,14 +30,11 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from instructrl.sandbox.tasks import GOLD, REFUSALS, GoldWeights, TaskSpec, analyze, score_analysis, wrong_answer
-
-if TYPE_CHECKING:
-    from instructrl.sandbox.world import Task, World
+from instructrl.world import Ranking, Task, World
 
 DEFAULT_NOISE = 0.57
 """Base noise scale σ of labeler utilities (each labeler draws σ_l in [0.8σ, 1.25σ])."""
@@ -47,9 +44,6 @@ DEFAULT_TIE_THRESHOLD = 0.05
 
 DEMO_CHATTER = ("i hope this helps .", "let me know if you have more questions .", "have a nice day .")
 """Friendly filler some labelers add to their demonstrations (sentences of the corpus's chatter)."""
-
-Ranking = tuple[int | tuple[int, ...], ...]
-"""Response indices best first; a tuple element is a group of tied responses."""
 
 
 @dataclasses.dataclass(frozen=True)
