@@ -42,8 +42,8 @@ from instructrl.models.reward import reward_model_from_causal_lm
 from instructrl.models.scoring import RewardScorer
 from instructrl.rl.logprobs import logprobs_from_logits
 from instructrl.sandbox import SandboxWorld
-from instructrl.sandbox.world import Task
 from instructrl.stages.pretrain import stream_perplexity, token_stream
+from instructrl.world import Task
 
 
 @pytest.fixture(scope="module")

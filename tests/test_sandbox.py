@@ -9,11 +9,13 @@ import re
 import numpy as np
 import pytest
 
+from instructrl.agreement import agreement_report
 from instructrl.data.loading import load_comparisons, load_demonstrations, load_prompts, load_texts
 from instructrl.data.records import Comparison
-from instructrl.sandbox import SandboxWorld, World, corpus, labelers, pairwise_agreement, synthetic_agreement, tasks
+from instructrl.sandbox import SandboxWorld, corpus, labelers, pairwise_agreement, synthetic_agreement, tasks
 from instructrl.sandbox.make import Config, run
 from instructrl.sandbox.tasks import CAPITALS, COLORS, SOUNDS, TaskSpec, gold_score, sample_spec, wrong_answer
+from instructrl.world import World
 
 ALL_KINDS = [kind for kinds in tasks.CATEGORY_KINDS.values() for kind in kinds]
 HARMLESS_KINDS = [k for k in ALL_KINDS if k != "harmful"]
@@ -314,6 +316,23 @@ def test_pairwise_agreement_responds_to_noise():
         candidates = [w.synthetic_candidates(t, 6, rng) for t in ts]
         mean, _, _ = pairwise_agreement(w, ts, candidates, rng)
         assert lo <= mean <= hi
+
+
+def test_pairwise_agreement_is_the_shared_estimator_over_tasks(world):
+    # the sandbox reports what the labeling app would from the same rankings: pooled pairs, SE over tasks
+    ts = world.tasks("train")[:40]
+    rng = np.random.default_rng(3)
+    candidates = [world.synthetic_candidates(t, 5, rng) for t in ts]
+    mean, stderr, per_pair = pairwise_agreement(world, ts, candidates, np.random.default_rng(4))
+    gen = np.random.default_rng(4)
+    ranks_by_task: dict[int, dict[int, list[int]]] = {x: {} for x in range(len(ts))}
+    for labeler in world.labelers():  # labeler-major, as pairwise_agreement draws
+        for x, (t, c) in enumerate(zip(ts, candidates)):
+            ranks_by_task[x][labeler] = labelers.ranks_of(world.rank(t, c, labeler, gen), len(c)).tolist()
+    report = agreement_report(ranks_by_task)
+    assert (mean, stderr) == (report.overall.agreement, report.overall.stderr)
+    assert report.n_items == len(ts) and 0.8 * len(ts) < report.overall.n_units <= len(ts)  # units are tasks
+    assert per_pair == {pair: est.agreement for pair, est in report.per_pair.items()}
 
 
 def test_demonstrations_are_mostly_correct_and_refuse_harm(world):

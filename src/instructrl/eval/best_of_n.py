@@ -36,7 +36,8 @@ from instructrl.eval.overopt import (
     sample_responses,
 )
 from instructrl.eval.sandbox_eval import PolicyEval, policy_eval_from_responses
-from instructrl.sandbox.world import SandboxWorld, Task, World
+from instructrl.sandbox.world import SandboxWorld
+from instructrl.world import Task, World
 
 
 def bon_kl(n: int) -> float:

@@ -49,7 +49,7 @@ import numpy as np
 from instructrl.errors import UserFacingError
 from instructrl.eval.sandbox_eval import PolicyEval
 from instructrl.eval.stats import WinRate, outcome_win_rate
-from instructrl.sandbox.world import Task, World
+from instructrl.world import Task, World
 
 TIE_TOLERANCE = 1e-9
 """Scores closer than this are a tie."""

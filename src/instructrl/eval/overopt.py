@@ -37,8 +37,8 @@ from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_to
 from instructrl.models.scoring import max_positions
 from instructrl.rl.logprobs import logprobs_from_logits
 from instructrl.rollout.sampler import HFGenerateBackend, truncate_after_eos
-from instructrl.sandbox.world import Task, World
 from instructrl.stages.ppo_parts import left_pad, response_logits
+from instructrl.world import Task, World
 
 # --------------------------------------------------------------------------- fits
 

@@ -58,10 +58,11 @@ from instructrl.eval.sandbox_eval import (
 )
 from instructrl.eval.tax import TaxRow, measure_tax
 from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
-from instructrl.sandbox.world import SandboxWorld, Task
+from instructrl.sandbox.world import SandboxWorld
 from instructrl.stages.common import set_threads
 from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
 from instructrl.utils.seed import seed_everything
+from instructrl.world import Task
 
 JUDGES = ("gold", "labelers", "rm", "custom")
 REFERENCE = "reference"

@@ -1,4 +1,4 @@
-"""Evaluation on a :class:`~instructrl.sandbox.World`: responses of each policy to held-out prompts, judged.
+"""Evaluation on a :class:`~instructrl.world.World`: responses of each policy to held-out prompts, judged.
 
 The gold judgement plays the part of InstructGPT's human evaluators on held-out customers' prompts;
 behaviour flags (refusals of harmful requests, confidently wrong facts, toxic words, format constraints
@@ -15,7 +15,8 @@ import torch
 from instructrl.eval.generate import generate_responses
 from instructrl.eval.stats import WinRate, win_rate
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
-from instructrl.sandbox.world import SandboxWorld, Task
+from instructrl.sandbox.world import SandboxWorld
+from instructrl.world import Task
 
 
 @dataclass

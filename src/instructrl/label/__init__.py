@@ -16,5 +16,5 @@ Commands (each a module with ``Config`` and ``run(cfg)``)
 Internals: :mod:`~instructrl.label.db` (SQLite/WAL through SQLAlchemy 2), :mod:`~instructrl.label.migrations`
 (versioned schema), :mod:`~instructrl.label.auth` (secrets, sessions, CSRF tokens),
 :mod:`~instructrl.label.forms` (input validation), :mod:`~instructrl.label.tasks` (items, assignments,
-idempotent submissions), :mod:`~instructrl.label.agreement` (inter-labeler agreement).
+idempotent submissions). Inter-labeler agreement is :mod:`instructrl.agreement`, shared with the sandbox.
 """

@@ -1,6 +1,6 @@
 """``instructrl label stats``: progress per labeler, skip reasons and inter-labeler agreement.
 
-Agreement is the pairwise agreement of :mod:`instructrl.label.agreement` over comparison items ranked by
+Agreement is the pairwise agreement of :mod:`instructrl.agreement` over comparison items ranked by
 two or more labelers (the paper reports 72.6 ± 1.5% between training labelers, InstructGPT App. B.1),
 overall, per labeler (against everyone they overlap with) and per labeler pair. The admin page
 ``/admin/agreement`` shows the same numbers. Everything is read in one database snapshot.
@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from instructrl.label.agreement import agreement_report
+from instructrl.agreement import agreement_report
 from instructrl.label.db import Assignment, Item, Label, Labeler, Prompt, open_database
 from instructrl.label.forms import ranking_to_ranks
 from instructrl.utils.io import atomic_write_json

@@ -13,7 +13,8 @@ import hashlib
 import numpy as np
 
 from instructrl.data.records import Demonstration, PromptRecord
-from instructrl.sandbox.world import SandboxWorld, Task
+from instructrl.sandbox.world import SandboxWorld
+from instructrl.world import Task
 
 STAGE_SHARES = {"sft": 0.4, "rm": 0.35, "ppo": 0.25}
 """Fraction of train-split tasks in each stage's pool."""

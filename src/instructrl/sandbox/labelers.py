@@ -17,27 +17,24 @@ rates, pads some answers ("the answer is 5 ."), ends some with a friendly filler
 demonstrations, and only the comparisons say that people prefer it concise.
 
 :data:`DEFAULT_NOISE` was tuned so that :func:`pairwise_agreement` over synthetic candidates with K = 4-9
-lands near the paper's 72.6%: 72.5 ± 0.3% on 400 train prompts of the seed-0 world (``instructrl sandbox make``
-writes the measurement to ``agreement.json``). Responses of equal quality to a labeler (noise-free utilities
-within the tie threshold) are tied rather than ordered by noise, as a person would; agreement counts only
-pairs neither labeler tied, so it depends on how different the ranked responses are: on samples of a
-sandbox SFT policy it measured 85.7%.
+lands near the paper's 72.6%: ``instructrl sandbox make`` measures 71.7 ± 0.5% (standard error over prompts) on
+400 train prompts of the seed-0 world and writes it to ``agreement.json``. Responses of equal quality to a
+labeler (noise-free utilities within the tie threshold) are tied rather than ordered by noise, as a person would;
+agreement counts only pairs neither labeler tied, so it depends on how different the ranked responses are: on
+samples of a sandbox SFT policy it measured 85.7%.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from instructrl.agreement import agreement_report
 from instructrl.sandbox.tasks import GOLD, REFUSALS, GoldWeights, TaskSpec, analyze, score_analysis, wrong_answer
-
-if TYPE_CHECKING:
-    from instructrl.sandbox.world import Task, World
+from instructrl.world import Ranking, Task, World
 
 DEFAULT_NOISE = 0.57
 """Base noise scale σ of labeler utilities (each labeler draws σ_l in [0.8σ, 1.25σ])."""
@@ -47,9 +44,6 @@ DEFAULT_TIE_THRESHOLD = 0.05
 
 DEMO_CHATTER = ("i hope this helps .", "let me know if you have more questions .", "have a nice day .")
 """Friendly filler some labelers add to their demonstrations (sentences of the corpus's chatter)."""
-
-Ranking = tuple[int | tuple[int, ...], ...]
-"""Response indices best first; a tuple element is a group of tied responses."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,13 +200,11 @@ def pairwise_agreement(
 ) -> tuple[float, float, dict[tuple[int, int], float]]:
     """Inter-labeler agreement: how often two labelers order a pair of responses the same way.
 
-    Every labeler ranks every task's candidates. For labelers ``a < b`` the agreement is
-
-        agree(a, b) = #{pairs (i, j) ordered the same by a and b} / #{pairs untied by both a and b}
-
-    over all response pairs of all tasks (pairs either labeler ties are excluded). Returns
-    ``(mean, stderr, per_labeler_pair)``: the mean over labeler pairs, the standard error of that mean
-    (standard deviation over labeler pairs / sqrt(number of pairs)), and ``{(a, b): agree(a, b)}``.
+    Every labeler ranks every task's candidates; :func:`instructrl.agreement.agreement_report` (the estimator
+    the labeling app uses too) pools the pairs neither labeler tied. Returns ``(mean, stderr, per_labeler_pair)``:
+    the pooled agreement p̂ = Σ_x a_x / Σ_x n_x over all labeler pairs, its standard error over tasks (the
+    independent unit; NaN with fewer than two), and ``{(a, b): agreement of labelers a < b}`` (NaN for a pair
+    without a compared response pair).
     """
     if len(tasks) != len(candidates_per_task):
         raise ValueError(f"got {len(tasks)} tasks but {len(candidates_per_task)} candidate lists")
@@ -220,25 +212,19 @@ def pairwise_agreement(
     labelers = world.labelers()
     if len(labelers) < 2:
         raise ValueError("agreement needs at least two labelers")
-    # ranks[l][t]: (K_t,) group ranks of task t's candidates by labeler l
-    ranks = {
-        labeler: [ranks_of(world.rank(t, c, labeler, gen), len(c)) for t, c in zip(tasks, candidates_per_task)]
-        for labeler in labelers
-    }
-    per_pair: dict[tuple[int, int], float] = {}
-    for a, b in itertools.combinations(labelers, 2):
-        agree = counted = 0
-        for ra, rb in zip(ranks[a], ranks[b]):
-            i, j = np.triu_indices(len(ra), k=1)
-            da, db = np.sign(ra[i] - ra[j]), np.sign(rb[i] - rb[j])
-            untied = (da != 0) & (db != 0)
-            counted += int(untied.sum())
-            agree += int((untied & (da == db)).sum())
-        per_pair[(a, b)] = agree / counted if counted else float("nan")
-    values = np.array(list(per_pair.values()))
-    mean = float(np.nanmean(values))
-    stderr = float(np.nanstd(values, ddof=1) / np.sqrt(np.sum(~np.isnan(values)))) if len(values) > 1 else 0.0
-    return mean, stderr, per_pair
+    # ranks_by_task[t][l]: (K_t,) group ranks of task t's candidates by labeler l; labeler-major draws keep the
+    # rankings (and so every sandbox output) a function of the seed exactly as they always were.
+    ranks_by_task: list[dict[int, list[int]]] = [{} for _ in tasks]
+    for labeler in labelers:
+        for per_labeler, task, candidates in zip(ranks_by_task, tasks, candidates_per_task):
+            per_labeler[labeler] = ranks_of(world.rank(task, candidates, labeler, gen), len(candidates)).tolist()
+    report = agreement_report(dict(enumerate(ranks_by_task)))
+    per_pair = {pair: _or_nan(est.agreement) for pair, est in report.per_pair.items()}
+    return _or_nan(report.overall.agreement), _or_nan(report.overall.stderr), per_pair
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def synthetic_agreement(

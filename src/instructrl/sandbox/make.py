@@ -28,8 +28,9 @@ import numpy as np
 from instructrl.config import require, require_positive, save_config
 from instructrl.sandbox.datasets import STAGE_SHARES, stage_tasks
 from instructrl.sandbox.labelers import synthetic_agreement
-from instructrl.sandbox.world import SandboxWorld, Task
+from instructrl.sandbox.world import SandboxWorld
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
+from instructrl.world import Task
 
 PAPER_AGREEMENT = (0.726, 0.015)
 """InstructGPT training labelers' agreement with each other, mean and ± (Ouyang et al. 2022, §5.2)."""

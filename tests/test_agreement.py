@@ -1,4 +1,4 @@
-"""Inter-labeler agreement: pairwise definition, pooling and standard errors, worked by hand."""
+"""Inter-labeler agreement (the one estimator of the labeling app and the sandbox): definition, pooling, SE by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from instructrl.label.agreement import agreement_report, pair_agreement, pooled_estimate
+from instructrl.agreement import agreement_report, pair_agreement, pooled_estimate
 
 
 def test_identical_rankings_agree_on_every_pair():
@@ -72,13 +72,41 @@ def test_report_per_labeler_and_pair():
     }
     report = agreement_report(ranks)
     assert report.n_items == 2
+    # one unit per item, summed over its labeler pairs: item 1 (6, 18), item 2 (6, 6); p = 1/2
     assert report.overall.agreement == pytest.approx((5 + 0 + 1 + 6) / 24)
-    assert report.overall.n_units == 4
+    assert report.overall.n_units == 2
+    assert report.overall.stderr == pytest.approx(math.sqrt(2 / 1 * ((6 - 9) ** 2 + (6 - 3) ** 2)) / 24)
     assert report.per_pair[("alice", "bob")].agreement == pytest.approx(11 / 12)
     assert report.per_pair[("alice", "carol")].agreement == 0
+    # alice's units: item 1 (5 + 0, 12), item 2 (6, 6)
     assert report.per_labeler["alice"].agreement == pytest.approx((5 + 0 + 6) / 18)
+    assert report.per_labeler["alice"].n_units == 2
     assert report.per_labeler["carol"].agreement == pytest.approx(1 / 12)
     assert "alice" in report.per_labeler and set(report.per_labeler) == {"alice", "bob", "carol"}
+
+
+def test_standard_error_resamples_items_not_labeler_pairs():
+    # Three labelers per item. Items 1-2: all agree (each pair 6/6). Items 3-4: c reverses a and b, so two of
+    # the item's three labeler pairs disagree together: they are one draw, not two.
+    same, reverse = [0, 1, 2, 3], [3, 2, 1, 0]
+    ranks = {x: {"a": same, "b": same, "c": same} for x in (1, 2)} | {
+        x: {"a": same, "b": same, "c": reverse} for x in (3, 4)
+    }
+    report = agreement_report(ranks)
+    # items (18, 18), (18, 18), (6, 18), (6, 18): p = 48/72, residuals ±6
+    assert report.overall.agreement == pytest.approx(2 / 3)
+    by_hand = math.sqrt(4 / 3 * 4 * 6**2) / 72
+    assert report.overall.stderr == pytest.approx(by_hand)
+    # (item, labeler pair) units would count 12 independent samples and understate the error
+    pair_units = [pair_agreement(r[a], r[b]) for r in ranks.values() for a, b in itertools.combinations("abc", 2)]
+    assert pooled_estimate(pair_units).stderr < 0.75 * by_hand
+
+
+def test_labeler_ids_keep_their_natural_order():
+    # integer ids (the sandbox's) sort as numbers, so pair (2, 10) is not turned into (10, 2)
+    report = agreement_report({1: {10: [0, 1], 2: [0, 1]}, 2: {2: [1, 0], 10: [0, 1]}})
+    assert list(report.per_pair) == [(2, 10)] and list(report.per_labeler) == [2, 10]
+    assert report.per_pair[(2, 10)].agreement == 0.5
 
 
 def test_describe_formats_percent():
