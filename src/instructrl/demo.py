@@ -48,30 +48,31 @@ class Config:
     eval_prompts: int = 300
     """Held-out test prompts used for the win rates."""
     kl_coef: float = 0.1
-    """β of both PPO runs. With the paper's 0.02 the sandbox policy exploited its small reward model (gold win rate
-    vs SFT 41-49%: empty responses to harmful requests, one-word answers to "repeat" tasks); measured with PPO,
-    100 iterations: β 0.05 → 54.7%, β 0.1 → 60.5%, which also removed 97% of the SFT policy's filler words."""
+    """β of both PPO runs. With the paper's 0.02 the sandbox policy exploited its small reward model and lost to
+    SFT on the gold judge (empty responses to harmful requests, one-word answers to "repeat" tasks); of the
+    larger values tried, 0.1 won most often against SFT and also removed most of the SFT policy's filler words
+    (measurements: benchmarks/RESULTS.md)."""
     ptx_batch_ratio: float = 2.0
     """Pretraining windows per RL episode in PPO-ptx (paper: 8 sequences per episode). A sandbox episode is ~40
-    tokens and a window 64, so 2 windows already give 3× as many pretraining tokens as RL tokens; measured on 2
-    CPU cores: PPO 170 s, PPO-ptx 269 s at ratio 2 (100 iterations)."""
+    tokens and a window 64, so 2 windows already give 3× as many pretraining tokens as RL tokens, at a fraction
+    of the paper ratio's cost in time (measurements: benchmarks/RESULTS.md)."""
     large_model: bool = False
     """Also pretrain and fine-tune a larger model, the larger-SFT baseline of the headline table (row 2). Off by
-    default: on 2 CPU cores it adds ~11.5 minutes (3.4M parameters: pretraining 576 s for 900 steps, SFT 113 s),
-    which would take the demo past 20 minutes. Measured with seed 0: small PPO-ptx vs this SFT model 57.2%
-    [51.5, 62.6] (gold, 300 prompts); this SFT model vs the small one 51.5%."""
+    default: pretraining and fine-tuning it adds many minutes to the demo on a CPU (timings and the win rates
+    measured with it: benchmarks/RESULTS.md)."""
     large_d_model: int = 256
     """Width of the larger model (the small one is 128 wide, 4 layers: 0.94M parameters). 320 × 8 layers would be
-    the ~10× of the paper's comparison (10.2M parameters) but takes ~40 minutes to pretrain on 2 CPU cores."""
+    the ~10× of the paper's comparison (10.2M parameters) but takes several times as long to pretrain."""
     large_n_layers: int = 4
     """Blocks of the larger model (256 × 4: 3.4M parameters, 3.6× the small one)."""
     large_pretrain_steps: int = 900
     """Pretraining steps of the larger model."""
     rm_from_large: bool = False
     """Initialize the reward model from the larger SFT model (InstructGPT used one 6B RM for policies of
-    1.3B-175B) instead of the small one; it still ranks the small policy's samples. Measured on a GPU with a
-    10.2M-parameter RM: validation accuracy 72.0% vs 61.3%, but held-out labelers 62.4% vs 64.9% and no better
-    PPO, while PPO's value model (initialized from the RM) becomes 11× costlier."""
+    1.3B-175B) instead of the small one; it still ranks the small policy's samples. Off by default: a
+    10.2M-parameter RM gained validation accuracy but not accuracy on held-out labelers, and gave no better PPO,
+    while PPO's value model (initialized from the RM) became many times costlier (measurements:
+    benchmarks/RESULTS.md)."""
     resume: bool = True
     """Skip finished stages and resume interrupted ones from their checkpoints; false reruns every stage."""
     force_resume: bool = False
@@ -164,7 +165,7 @@ def plan(cfg: Config) -> list[Step]:
         )
     )
     # PPO-ptx uses 64-token windows (sandbox documents average ~40 tokens); with the paper's 8 windows per episode
-    # of 128 tokens it ran 6x slower than PPO on a 2-core CPU (847 s vs 139 s), see ``ptx_batch_ratio``.
+    # of 128 tokens it ran several times slower than PPO on a CPU, see ``ptx_batch_ratio``.
     ptx_settings = ("ptx.seq_len=64", f"ptx.batch_ratio={cfg.ptx_batch_ratio}")
     for name, out, ptx in (("ppo", ppo, ("ptx.coef=0.0",)), ("ppo_ptx", ppo_ptx, ptx_settings)):
         steps.append(

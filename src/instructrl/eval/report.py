@@ -232,8 +232,12 @@ def build_headline(
     rm: RMAccuracy | None,
     parameters: dict[str, int] | None = None,
 ) -> list[HeadlineRow]:
-    """The issue's five headline claims, each measured in this run (n/a where a model was not evaluated).
+    """InstructGPT's five headline claims, each measured in this run (n/a where a model was not evaluated).
 
+    Rows are numbered by claim: 1 labelers prefer PPO-ptx to SFT (1b: the labeler judge, as held-out labelers
+    would); 2 a small PPO-ptx policy beats a larger SFT model; 3a-3d the alignment tax (held-out perplexity of
+    base, SFT, PPO, PPO-ptx); 4a-4d RM accuracy on trained-on and held-out labelers beside inter-labeler
+    agreement; 5a-5d behaviour of SFT and PPO-ptx (harmful requests refused, confident wrong facts).
     ``parameters`` (model name -> parameter count) annotates the small-vs-large comparison.
     """
     rows: list[HeadlineRow] = []

@@ -123,7 +123,7 @@ def load_causal_lm(
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (N detail 13): log-probs become deterministic, the first PPO
+    """Set every dropout probability to 0 [ppo-details: dropout-off]: log-probs become deterministic, the first PPO
     ratio is exactly 1 and the KL estimate is exact."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -1,46 +1,42 @@
 """Faster equivalents of five slow spots in Hugging Face decoders, swapped into a loaded model in place.
 
 All keep the model's math and its saved form (no parameter, buffer or saved config changes); they only
-change which kernels compute it. Measured on 2 CPU threads, one training step (forward, backward, fused
-AdamW):
+change which kernels compute it. Each was measured on a training step or a sampling step on CPU threads;
+the figures are in ``benchmarks/RESULTS.md``.
 
 * **GPT-2's activation.** ``gelu_new`` (:class:`transformers.activations.NewGELUActivation`) is the tanh
   approximation of GELU written as six elementwise Python ops, each a pass over the (tokens × 4·d) MLP
   activations forward and more backward. ``torch.nn.functional.gelu(approximate="tanh")`` computes the same
-  formula in one kernel each way (float64 difference ≤ 5e-16). A GPT-2 with 4 layers, width 256, 16 × 64
-  tokens: 163 → 146 ms per step (0.85-0.90×). Llama's SiLU is already one kernel.
+  formula in one kernel each way (float64 difference ≤ 5e-16). Llama's SiLU is already one kernel.
 * **A tied embedding's gradient.** With tied input/output embeddings, the input embedding's backward
   builds a (vocab × d) gradient that autograd then adds to the LM head's dense gradient: a zero fill and
   an add (dense rows), or a fresh copy of the LM head's gradient plus the rows (``sparse=True``, which
   autograd sums out of place). :func:`tied_embedding_rows_into_grad` makes the lookup's backward add its
-  rows straight into the weight's ``.grad`` instead, so the LM head's gradient becomes ``.grad`` as it is.
-  A Llama with a 32k vocabulary, width 512, 6 layers, 8 × 48 tokens: 508 ms per step against 523 (dense)
-  and 532 (sparse), with half the page faults (16k vs 32k per step). The fused LM head then adds its part
+  rows straight into the weight's ``.grad`` instead, so the LM head's gradient becomes ``.grad`` as it is,
+  which halves the page faults of a fresh (vocab × d) buffer. The fused LM head then adds its part
   into the same ``.grad`` too (:func:`gradient_into_grad`), which stays a buffer zeroed in place between
-  steps, so no (vocab × d) gradient is allocated at all (the other 16k page faults per step).
+  steps, so no (vocab × d) gradient is allocated at all.
 * **An untied embedding's gradient (the value model).** Its dense backward allocates and zero-fills a fresh
-  (vocab × d) gradient every step, only to add the few hundred looked-up rows: with a 32k vocabulary and
-  width 512, about 15% of a value-model step, most of it page faults on the fresh 64 MiB.
+  (vocab × d) gradient every step, only to add the few hundred looked-up rows; at a large vocabulary that is
+  a sizeable share of a value-model step, most of it page faults on the fresh buffer.
   :func:`sparse_untied_embedding_gradient` sends only the rows backward and keeps the ``.grad`` a dense
   buffer that :func:`zero_gradients` zeroes in place, so the rows are added into it (same sums, as AdamW
   needs a dense gradient: its moments move every row).
-* **Attention under bf16 autocast on a CPU.** PyTorch's CPU flash-attention kernel is about twice as slow in
-  bf16 as in float32 (forward + backward of 8 × 8 heads × 48 positions × 64: 5.5 ms vs 2.4 ms with the
-  casts; GPT-2 at 16 × 4 × 64 × 64: 7.7 vs 5.2 ms), and it dominated a bf16 PPO step's non-matmul time.
+* **Attention under bf16 autocast on a CPU.** PyTorch's CPU flash-attention kernel is slower in bf16 than in
+  float32, even counting the casts, and it dominated a bf16 PPO step's non-matmul time.
   :func:`float32_cpu_attention` registers Hugging Face's SDPA attention with q, k and v upcast to float32
   (output cast back) when the inputs are bf16/fp16 on a CPU; on other devices, or in float32, it is SDPA
   unchanged. Upcasting can only make attention more accurate.
 
 * **The LM head on a few rows, on a CPU in float32.** Sampling calls the head on one position per row: a (rows ×
   d) · (d × V) product whose oneDNN/MKL kernel is slow when rows are few and V is large. The same product
-  computed as (W · hᵀ)ᵀ runs the kernel with V as the long dimension. Module calls, logits made contiguous (a
-  transposed view made the softmax after it slower than the saving), 2 threads of an AVX2 AMD Zen 3, medians of
-  40 alternating: 32,000 × 512 on 4 rows 13.9 → 5.0 ms, on 32 rows 20.3 → 14.4 ms, on 64 rows 32.0 → 25.7 ms, on
-  128 rows 45.4 vs 44.7 ms (and 13% slower on 256); GPT-2's 50,257 × 768 on 8 rows 35.9 → 19.9 ms; a 512-token
-  vocabulary 10-60% slower. So :func:`few_rows_cpu_lm_head` uses it for at most :data:`FEW_ROWS` rows and
-  :data:`LARGE_VOCABULARY` outputs, and keeps ``F.linear`` otherwise (and with autograd, autocast, another dtype
-  or device). The logits are the same dot products, equal to ``F.linear``'s within float32 rounding (on this CPU
-  bitwise from 16 rows on). The benchmark's S2 rollout (32 rows, 32 tokens): 2.21 → 1.99 s, the same tokens.
+  computed as (W · hᵀ)ᵀ runs the kernel with V as the long dimension; the logits are then made contiguous
+  (a transposed view made the softmax after it slower than the saving). The gain shrinks as rows grow, is
+  gone at 128 rows and turns into a loss beyond, and a small vocabulary is slower this way. So
+  :func:`few_rows_cpu_lm_head` uses it for at most :data:`FEW_ROWS` rows and :data:`LARGE_VOCABULARY`
+  outputs, and keeps ``F.linear`` otherwise (and with autograd, autocast, another dtype or device). The
+  logits are the same dot products, equal to ``F.linear``'s within float32 rounding (bitwise from 16 rows on,
+  on the CPU measured); the sampler draws the same tokens with it (tested).
 
 Both embedding changes (and the head's gradient into ``.grad``) are for one process only: DDP and DeepSpeed
 treat an ``nn.Embedding`` with ``sparse=True`` as a sparse-gradient parameter, and gradients written into
@@ -173,9 +169,9 @@ def float32_cpu_attention(model: torch.nn.Module) -> bool:
 
 
 FEW_ROWS = 64
-"""Most rows for which :class:`_FewRowsLinear` computes (W · hᵀ)ᵀ (measured: no gain from 128 rows on)."""
+"""Most rows for which :class:`_FewRowsLinear` computes (W · hᵀ)ᵀ (from 128 rows on it was no faster)."""
 LARGE_VOCABULARY = 8192
-"""Fewest output features for which it does (measured: slower on a 512-token vocabulary)."""
+"""Fewest output features for which it does (on a 512-token vocabulary it was slower)."""
 
 
 class _FewRowsLinear(torch.nn.Linear):

@@ -2,12 +2,12 @@
 
 We use transformers' ``AutoModelForSequenceClassification`` with ``num_labels=1`` so a saved reward model
 loads with plain transformers. Its ``score`` head has no bias, so the InstructGPT normalization bias (the
-constant that makes labeler demonstrations score mean 0) is stored in the model config as
-``instructrl_reward_bias`` and applied by :func:`load_reward_model` / :func:`last_token_scores`.
+constant that makes labeler demonstrations score mean 0) [ppo-details: rm-demonstration-bias] is stored in the
+model config as ``instructrl_reward_bias`` and applied by :func:`load_reward_model` / :func:`last_token_scores`.
 One-line loader: ``instructrl.models.reward.load_reward_model(path)``.
 
-Reading positions: the reward is read at the **last response token** (the EOS) of each sequence (N detail 7,
-N+ detail 12); the value model reads the same head at every position (N detail 1).
+Reading positions: the reward is read at the **last response token** (the EOS) of each sequence [ppo-details:
+reward-at-eos]; the value model reads the same head at every position [ppo-details: value-per-token].
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ BIAS_KEY = "instructrl_reward_bias"
 
 
 def init_scalar_head(model: PreTrainedModel, zero: bool = False) -> None:
-    """Reward head init N(0, std = 1/√(d_model+1)) (N detail 8); ``zero=True`` for a value head (N detail 11)."""
+    """Reward head init N(0, std = 1/√(d_model+1)) [ppo-details: reward-head-init]; ``zero=True`` for a value head
+    [ppo-details: value-head-zero-init]."""
     head = model.score
     with torch.no_grad():
         if zero:
@@ -68,7 +69,8 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (N detail 3): 0 at the first real token of each row."""
+    """Positions that skip left padding, 0 at the first real token of each row [ppo-details:
+    left-pad-position-ids]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

@@ -5,7 +5,7 @@ A completion is encoded exactly as ``instructrl rm`` trains on it and as ``sft``
     prompt tokens ⊕ response tokens ⊕ EOS,   right-padded with PAD,
 
 each part tokenized on its own without special tokens, and the reward is read at the EOS, the last real
-token (N detail 7, N+ detail 12). Scores at other positions are meaningless (N+ detail 13).
+token, and only there: scores at other positions are meaningless [ppo-details: reward-at-eos].
 
 :class:`RewardScorer` is the one-call API other stages use (SFT model selection, PPO rewards, evaluation)::
 

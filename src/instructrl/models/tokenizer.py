@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer with Hugging Face ``tokenizers`` and wrap it for ``transformers``.
 
-PAD and EOS are distinct tokens (N detail 2, N+ detail 3): if PAD equalled EOS, masking padding would
+PAD and EOS are distinct tokens [ppo-details: pad-not-eos]: if PAD equalled EOS, masking padding would
 also mask the real end of a response and the model would never learn to stop.
 """
 

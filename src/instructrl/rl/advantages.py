@@ -34,8 +34,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of the masked entries: Σ mask·(x − μ)² / (n − 1) if ``unbiased`` else / n, with n = Σ mask.
 
-    ``torch.var`` is unbiased by default while TF's ``tf.moments`` (used by lm-human-preferences) is biased;
-    N detail 18 notes the difference, hence the explicit flag. Counting the entries costs one device sync.
+    ``torch.var`` is unbiased by default while TF's ``tf.moments`` (used by lm-human-preferences) is biased:
+    the original's whitening used the biased one [ppo-details: reward-whitening], hence the explicit flag.
+    Counting the entries costs one device sync.
 
     With fewer entries than the estimator needs (n < 2 unbiased, n = 0 biased) the spread is unknown and 0 is
     returned, the biased estimate of one entry. A valid run reaches this: ``batch_size=1`` with EOS sampled
@@ -55,9 +56,9 @@ def masked_whiten(
 ) -> torch.Tensor:
     """Whiten the masked entries: (x − μ) / sqrt(σ² + eps), plus μ again when ``shift_mean`` is False.
 
-    - ``shift_mean=True`` (advantages, N detail 18 / N+ 25): result has masked mean 0 and std 1.
-    - ``shift_mean=False`` (rewards, N detail 18): only the scale changes; the masked mean stays μ, so
-      whitening does not turn a uniformly positive reward into a partly negative one.
+    - ``shift_mean=True`` (advantages) [ppo-details: advantage-whitening]: result has masked mean 0 and std 1.
+    - ``shift_mean=False`` (rewards) [ppo-details: reward-whitening]: only the scale changes; the masked
+      mean stays μ, so whitening does not turn a uniformly positive reward into a partly negative one.
 
     μ, σ² are taken over the masked entries only. Masked-out entries of the result are 0.
     """
@@ -83,7 +84,7 @@ def gae(
         R_t = A_t + V_t                     (the value target, "returns")
 
     with V_{t+1} = 0 and A_{t+1} = 0 beyond the last valid token of a row: the episode ends at EOS
-    (InstructGPT's bandit setting, γ = 1 per App. C.4 / N detail 15, λ = 0.95).
+    (InstructGPT's bandit setting, γ = 1 per App. C.4, λ = 0.95) [ppo-details: no-discount].
 
     The recursion is a python loop over T, vectorised over the batch. ``response_mask`` must be a prefix
     mask (ones, then zeros); a 0 acts as the end of the episode. Pass detached rollout values: the

@@ -9,8 +9,8 @@ http://joschu.net/blog/kl-approx.html):
     k2 = ½ (log π − log π_ref)²                  biased, low variance, ≥ 0
     k3 = (r − 1) − log r,  r = π_ref / π         unbiased, low variance, ≥ 0
 
-Where the KL lives: in the *reward* (``shaped_rewards``), per token, as InstructGPT / Ziegler do (N detail
-17). It is not a separate loss term here.
+Where the KL lives: in the *reward* (``shaped_rewards``), per token, as InstructGPT / Ziegler do
+[ppo-details: kl-in-reward]. It is not a separate loss term here.
 """
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ def shaped_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token reward of InstructGPT Eq. 2: R(x, y) = r_θ(x, y) − β · log(π^RL(y|x) / π^SFT(y|x)).
 
-    The sequence-level log ratio is a sum over tokens, so it is spread over the response (N detail 17):
+    The sequence-level log ratio is a sum over tokens, so it is spread over the response [ppo-details: kl-in-reward]:
 
         kl_t         = log π(y_t) − log π_ref(y_t)              (k1, on response tokens; 0 elsewhere)
         non_score_t  = −β · kl_t
         reward_t     = non_score_t + [t = last valid token] · r_θ(x, y)
 
     The RM score r_θ arrives once, at the last token with ``response_mask`` = 1 (the EOS), which is where
-    the RM read it (N detail 7, N+ 12). Rows whose mask is all zero get no score: there is no token to carry it.
+    the RM read it [ppo-details: reward-at-eos]. Rows whose mask is all zero get no score: there is no token
+    to carry it.
 
     Args:
         scores: (B,) RM outputs r_θ(x, y).
@@ -107,7 +108,8 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Proportional controller steering β toward a target KL (Ziegler et al. 2019 §2.2), in its code form.
+    """Proportional controller steering β toward a target KL (Ziegler et al. 2019 §2.2), in its code form
+    [ppo-details: adaptive-kl].
 
         e = clip(KL_current / KL_target − 1, −0.2, 0.2)
         β ← β · (1 + e · n_steps / horizon)

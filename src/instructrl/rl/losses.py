@@ -52,7 +52,8 @@ def ranking_loss(
     num_groups: int,
     normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
-    """K-wise reward-model loss, InstructGPT Eq. 1, with all C(K,2) pairs of a prompt in one batch element.
+    """K-wise reward-model loss, InstructGPT Eq. 1, with all C(K,2) pairs of a prompt in one batch element
+    [ppo-details: rm-ranking-loss].
 
         loss(θ) = −(1 / C(K,2)) · E_{(x, y_w, y_l) ~ D} [ log σ(r_θ(x, y_w) − r_θ(x, y_l)) ]
 
@@ -171,7 +172,7 @@ def value_loss(
     clip_range: float = 0.2,
     normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
-    """Clipped value loss (openai/baselines ppo2, N detail 19), per response token:
+    """Clipped value loss (openai/baselines ppo2) [ppo-details: value-clipping], per response token:
 
         V_clip = V_rollout + clip(V − V_rollout, −ε, ε)
         L_t    = ½ · max((V_t − R_t)², (V_clip,t − R_t)²)
@@ -227,7 +228,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def ptx_loss(
     logprobs: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Stats]:
-    """Pretraining term of InstructGPT Eq. 2 as a loss.
+    """Pretraining term of InstructGPT Eq. 2 as a loss [ppo-details: ppo-ptx].
 
     The objective adds γ · E_{x ~ D_pretrain}[log π_φ^RL(x)]; as a loss that is
 

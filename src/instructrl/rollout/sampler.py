@@ -1,29 +1,30 @@
-"""Response generation for PPO rollouts: a small backend interface, the Hugging Face backend, EOS truncation.
+"""Response generation for PPO rollouts: a small backend interface, two samplers, EOS truncation.
 
 A rollout samples y ~ π_φ(·|x) for a batch of left-padded prompts x with **pure sampling** at temperature
-T (top_k = 0, top_p = 1, no repetition penalty; N detail 4): anything else would sample from a different
-distribution than the one PPO's log-probs describe.
+T (top_k = 0, top_p = 1, no repetition penalty) [ppo-details: pure-sampling]: anything else would sample from
+a different distribution than the one PPO's log-probs describe.
 
 Backends
     :class:`GenerationBackend` is the whole contract between the PPO loop and the sampler:
 
     - ``generate(prompt_ids, attention_mask, max_new_tokens, temperature, generator=None)`` returns the
       sampled response token ids, shape (B, max_new_tokens). Positions after a row's first EOS may hold
-      anything (the HF backend fills them with PAD); :func:`truncate_after_eos` cleans them up.
+      anything (the samplers here fill them with PAD); :func:`truncate_after_eos` cleans them up.
     - ``sync_weights(model)`` is called after every policy update, before the next rollout.
     - Optionally ``takes_runner = True``: then a rollout also passes ``generate`` its ``runner=``
       (:mod:`instructrl.utils.overlap`), with which :class:`CachedSampler` samples two halves of the batch at once.
 
-    :class:`HFGenerateBackend` runs ``model.generate`` with the KV cache on the live policy, so syncing is
-    free. A vLLM (or any other inference-engine) backend plugs in here: ``generate`` calls the engine on
-    the prompt token ids with ``SamplingParams(temperature=T, top_k=-1, top_p=1.0, max_tokens=...)``, and
-    ``sync_weights`` pushes ``model.state_dict()`` into the engine (e.g. ``llm.llm_engine.model_executor
-    .driver_worker.model_runner.model.load_weights(...)``). The PPO loop re-computes every log-prob with
-    its own forward pass, so an engine with slightly different numerics changes nothing but the samples.
+    :class:`CachedSampler` (PPO's default, ``generation.backend=cached``) is a plain KV-cache loop on the live
+    policy; :class:`HFGenerateBackend` (``hf``) runs ``model.generate`` on it. Both sample from the training
+    model object itself, so syncing is free. An inference engine plugs in here too:
+    :class:`instructrl.rollout.vllm_backend.VLLMBackend` (``vllm``) sends the prompt token ids to a vLLM
+    engine and loads the policy's weights into it in ``sync_weights``. The PPO loop re-computes every
+    log-prob with its own forward pass, so an engine with slightly different numerics changes nothing but
+    the samples.
 
-EOS handling (the "EOS trick", N+ detail 23): everything after the first EOS is replaced by PAD and masked;
-the response mask includes the EOS token itself, because emitting EOS is an action the policy took and
-the RM reads its score there.
+EOS handling [ppo-details: eos-trick]: everything after the first EOS is replaced by PAD and masked; the
+response mask includes the EOS token itself, because emitting EOS is an action the policy took and the RM
+reads its score there.
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ class HFGenerateBackend:
 
     ``generate`` stops early once every row has emitted EOS and pads finished rows with PAD; the output
     is right-padded with PAD to exactly ``max_new_tokens`` columns so every backend returns one shape.
-    Position ids are derived from the attention mask by ``generate`` itself (never pass them: N detail 3).
+    Position ids are derived from the attention mask by ``generate`` itself (never pass them:
+    [ppo-details: left-pad-position-ids]).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int):
         if eos_token_id == pad_token_id:
-            raise ValueError("EOS and PAD must be different tokens (N detail 2): masking PAD would mask EOS too")
+            # [ppo-details: pad-not-eos]
+            raise ValueError("EOS and PAD must be different tokens: masking PAD would mask EOS too")
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -129,9 +132,10 @@ def sampling_mode(device_type: str) -> Iterator[None]:
 
     Autocast keeps the low-precision copy of each float32 weight it casts until its region ends, but only
     outside inference mode; inside it every call casts again. A sampling loop calls every weight once per
-    token, so under inference mode bf16 sampling re-casts the whole model at every step (2 CPU threads, a
-    32,000 × 512 LM head on 32 rows: 16 ms per call against 8 ms with the cache). Clearing the cache at the
-    end frees those copies before the scoring forwards (and drops any cast an enclosing region cached).
+    token, so under inference mode bf16 sampling would re-cast the whole model at every step, which for a
+    large LM head on few rows costs as much as the product itself (see benchmarks/RESULTS.md). Clearing the
+    cache at the end frees those copies before the scoring forwards (and drops any cast an enclosing region
+    cached).
     """
     if not torch.is_autocast_enabled(device_type):
         with torch.inference_mode():
@@ -153,7 +157,7 @@ def require_sampling_temperature(temperature: float) -> None:
 def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row, ``torch.multinomial(probs, 1)``: what ``generate`` draws. (B, V) -> (B,).
 
-    On CPU this draws V exponential variates per row (an exponential race), ≈ 20 ms for 32 × 32k."""
+    On CPU this draws V exponential variates per row (an exponential race): costly at a large vocabulary."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -195,12 +199,11 @@ class CachedSampler:
     lets ``generate(..., runner=...)`` (:mod:`instructrl.utils.overlap`; PPO rollouts pass the ``overlap_models``
     runner) sample the two halves of the batch at once on two threads when that runner is concurrent: a decoding step
     on a CPU is a few small products and many small ops, which two threads split poorly, and one thread runs
-    its half's Python while the other runs kernels. On the benchmark's shapes (2 threads, no EOS, alternating
-    medians): S1 (GPT-2, 64 rows × 48 tokens) 1.11 → 0.86 s, S2 (Llama, 32k vocabulary, 32 rows × 32 tokens)
-    3.00 → 2.18 s. The tokens are the same either way up to float rounding of the logits.
+    its half's Python while the other runs kernels (measurements: benchmarks/RESULTS.md). The tokens are the
+    same either way up to float rounding of the logits.
 
-    Position ids skip the left padding (N detail 3): prompt positions are ``cumsum(mask) − 1`` and every new
-    token takes the next position of its row.
+    Position ids skip the left padding [ppo-details: left-pad-position-ids]: prompt positions are
+    ``cumsum(mask) − 1`` and every new token takes the next position of its row.
     """
 
     takes_runner = True
@@ -208,7 +211,8 @@ class CachedSampler:
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None):
         if eos_token_id == pad_token_id:
-            raise ValueError("EOS and PAD must be different tokens (N detail 2): masking PAD would mask EOS too")
+            # [ppo-details: pad-not-eos]
+            raise ValueError("EOS and PAD must be different tokens: masking PAD would mask EOS too")
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id

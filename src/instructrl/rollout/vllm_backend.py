@@ -5,8 +5,9 @@ the same GPU, ``generation.vllm_gpu_memory_utilization`` of its memory) and samp
 The contract is :class:`instructrl.rollout.sampler.GenerationBackend`'s:
 
 - ``generate`` sends each prompt's unpadded token ids with ``SamplingParams(temperature=T, top_k=-1, top_p=1,
-  max_tokens=max_new_tokens, stop_token_ids=[EOS])`` (pure sampling, N detail 4) and one seed per request drawn
-  from the rollout's generator, so rollouts are reproducible and resumable like the HF backend's.
+  max_tokens=max_new_tokens, stop_token_ids=[EOS])`` (pure sampling [ppo-details: pure-sampling]) and one
+  seed per request drawn from the rollout's generator, so rollouts are reproducible and resumable like the
+  other backends'.
 - ``sync_weights(policy)`` loads the policy's current weights into the engine after every policy update
   (and after a resume), then drops the engine's prefix cache, whose keys and values belong to the old weights.
 
@@ -85,7 +86,7 @@ class VLLMBackend:
         under_launcher: bool = False,
     ):
         if eos_token_id == pad_token_id:
-            raise ValueError("EOS and PAD must be different tokens (N detail 2)")
+            raise ValueError("EOS and PAD must be different tokens")  # [ppo-details: pad-not-eos]
         if not torch.cuda.is_available():
             raise RuntimeError("generation.backend=vllm needs a CUDA GPU; use generation.backend=cached or hf")
         # keep the engine in this process, so sync_weights can reach its model directly

@@ -219,7 +219,7 @@ UNSUPPORTED_ENGINE_HELP = (
     "the sft/rm/ppo loops run data-parallel with DDP only (configs/accelerate/multi_gpu_ddp.yaml or "
     "multi_node.yaml). {engine} is not wired in yet: the loops accumulate micro-batches themselves (DeepSpeed "
     "steps its engine inside every backward), read and save the plain module's weights (FSDP and ZeRO-3 shard "
-    "them) and sample with HF generate on the unwrapped policy. See README 'Scaling up'."
+    "them) and sample on the unwrapped policy. See README 'Scaling up'."
 )
 
 

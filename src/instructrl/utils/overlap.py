@@ -19,9 +19,8 @@ ways on the first steps and keeps the faster (as ``torch.backends.cudnn.benchmar
 When one task finishes first, its threads would idle until the other ends. So a worker that is done hands its
 intra-op threads to the ones still running: they pick them up at their next *claim point*
 (:func:`claim_idle_threads`), which :func:`add_claim_points` puts before every decoder layer's forward and
-after its backward. At S2 of the benchmark (the policy's side carries the 32k LM head) one training step took,
-on 2 threads: one after the other 1233 ms (fp32) / 796 ms (bf16), at once 1126 / 663, at once with the
-value side's thread handed over when it is done 981 / 572. The price: how many threads a kernel ran on now
+after its backward. This pays most where one side is heavier, e.g. the policy's side with a large-vocabulary
+LM head (measurements: benchmarks/RESULTS.md). The price: how many threads a kernel ran on now
 depends on which side finished first, and a reduction split over more threads adds in another order, so two
 runs may differ in the last bits (``overlap_models=false`` is bitwise repeatable).
 
@@ -252,7 +251,7 @@ def release_free_heap_memory() -> None:
     """Give freed heap pages back to the OS (glibc's ``malloc_trim``; nothing on other C libraries).
 
     glibc gives each thread that allocates its own arena and keeps what is freed there for reuse, so the
-    trial steps on the worker threads leave a few hundred MiB resident (S2 of the benchmark: ~290 MiB) even
+    trial steps on the worker threads leave a few hundred MiB resident at the benchmark's larger shape even
     when the choice is to run sequentially from then on. Trimming once, after the choice, returns it.
     """
     if not sys.platform.startswith("linux"):

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 RANK_SEED_STRIDE = 100_003
-"""Prime stride between ranks' seeds, so data-parallel workers sample different responses (N detail 6)."""
+"""Prime stride between ranks' seeds, so data-parallel workers sample different responses
+[ppo-details: per-rank-seed]."""
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:
