@@ -9,8 +9,8 @@ Run (after ``pip install -e '.[bench]'``)::
 
 ``--rounds N`` runs every side N times, alternating the order, pools the timed iterations and prints each
 round's ratio: this VM's speed drifts by 10-20% within minutes, more than many single changes are worth.
-A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.models.kernels``), one
-with ``:sequential`` with ``overlap_models=false`` (``instructrl.utils.overlap``); ``:plain+sequential`` both.
+A precision with ``:plain`` runs our PPO with ``fused_kernels=false`` (see ``instructrl.fast.kernels``), one
+with ``:sequential`` with ``overlap_models=false`` (``instructrl.fast.overlap``); ``:plain+sequential`` both.
 
 ``--device cuda`` runs every side on the GPU (``device=cuda`` for ours, ``use_cpu=False`` for TRL), times
 with ``torch.cuda.synchronize()`` at every clock reading, measures the matmul peak on the GPU, and reports the
@@ -33,8 +33,9 @@ sides cannot share caches, allocator state or thread pools, and each one's peak 
 What is printed, per shape:
   * s/iter: median wall seconds of one PPO iteration (rollout + update) after ``--warmup`` iterations;
     samples/s = batch / s/iter; ratio = ours / peer fp32.
-  * split: our time in generation (the sampler), scoring (the four rollout forwards, rewards, advantages)
-    and training (the PPO epochs).
+  * split: our time in generation (``run.sampler``'s ``generate`` calls), scoring (the rest of
+    ``train_iteration``'s steps 1-3: the four rollout forwards, rewards, advantages; its ``time/rollout``
+    minus generation) and training (the rest of the iteration: the PPO epochs and step 5).
   * peak RSS: the resident-set high-water mark (``VmHWM``) over the timed iterations, reset just before the
     first iteration through ``/proc/self/clear_refs`` (Linux); "+work" is that peak minus the resident set at
     the reset (models, optimizers and imports already loaded), i.e. what the iterations themselves add. On a
@@ -310,13 +311,12 @@ def build_assets(shape: Shape, root: Path, seed: int = 0) -> dict:
 
 
 class TimedBackend:
-    """Wraps a generation backend and adds up the seconds spent in ``generate``."""
+    """Wraps a rollout sampler and adds up the seconds spent in ``generate``."""
 
     def __init__(self, inner, device: str = "cpu"):
         self.inner = inner
         self.device = device
         self.seconds = 0.0
-        self.takes_runner = getattr(inner, "takes_runner", False)  # so the rollout passes the inner one its runner
 
     def generate(self, *args, **kwargs):
         synchronize(self.device)
@@ -339,8 +339,8 @@ def run_ours(
 
     from instructrl.config import load_config
     from instructrl.stages import ppo
-    from instructrl.stages.ppo_parts import PromptSampler
-    from instructrl.stages.ppo_session import build_session, train_iteration
+    from instructrl.stages.ppo_build import build_run
+    from instructrl.stages.ppo_data import PromptData, PromptSampler
 
     prompts_file = out_dir / "prompts.jsonl"
     prompts_file.write_text('{"prompt": "placeholder"}\n')  # replaced by the exact token ids below
@@ -378,36 +378,38 @@ def run_ours(
             raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected one of {VARIANTS}")
         overrides.append(VARIANTS[variant])
     cfg = load_config(ppo.Config, overrides=overrides)
-    session = build_session(cfg)
-    backend = TimedBackend(session.backend, device)  # the session's own sampler, timed
-    session.backend = backend
-    session.prompt_ids = [list(p) for p in assets["prompts"]]
-    session.prompt_texts = [""] * len(session.prompt_ids)
-    session.prompt_sampler = PromptSampler(len(session.prompt_ids), seed=0)
+    run = build_run(cfg)
+    sampler = TimedBackend(run.sampler, device)  # the run's own sampler (with its runner), timed
+    run.sampler = sampler
+    ids = [list(p) for p in assets["prompts"]]
+    run.prompts = PromptData(texts=[""] * len(ids), ids=ids, order=PromptSampler(len(ids), seed=0))
 
     rows = []
     memory_before, reset_worked = 0.0, False
-    for k in range(warmup + iterations):
-        if k == warmup:
-            memory_before, reset_worked = reset_peak_memory(device)
-        backend.seconds = 0.0
-        synchronize(device)
-        start = time.perf_counter()
-        metrics, _, _ = train_iteration(session)
-        synchronize(device)
-        total = time.perf_counter() - start
-        rows.append(
-            {
-                "total": total,
-                "generation": backend.seconds,
-                "scoring": metrics["time/rollout"] - backend.seconds,
-                "training": metrics["time/update"],
-                "response_len": metrics["response/length"],
-            }
-        )
+    try:
+        for k in range(warmup + iterations):
+            if k == warmup:
+                memory_before, reset_worked = reset_peak_memory(device)
+            sampler.seconds = 0.0
+            synchronize(device)
+            start = time.perf_counter()
+            metrics, _, _ = ppo.train_iteration(run)
+            synchronize(device)
+            total = time.perf_counter() - start
+            rows.append(
+                {
+                    "total": total,
+                    "generation": sampler.seconds,
+                    "scoring": metrics["time/rollout"] - sampler.seconds,  # steps 1-3 less the sampler
+                    "training": total - metrics["time/rollout"],  # the rest: steps 4-5
+                    "response_len": metrics["response/length"],
+                }
+            )
+        runner = run.models.side_by_side.__self__  # overlap_models: what ran (auto's choice, once made)
+        overlap = getattr(runner, "chosen", None) or ("overlap" if runner.concurrent else "sequential")
+    finally:
+        run.close()  # overlap_models' worker threads
     del torch
-    runner = session.runner  # overlap_models: what ran (auto's choice, once made)
-    overlap = getattr(runner, "chosen", None) or ("overlap" if runner.concurrent else "sequential")
     return {"iterations": rows[warmup:], "rss_before_mib": memory_before,
             "peak_rss_mib": peak_memory_mib(device, reset_worked), "peak_reset": reset_worked,
             "overlap": overlap}  # fmt: skip
@@ -528,36 +530,34 @@ def run_generation(shape: Shape, assets: dict, repeats: int, device: str = "cpu"
     threads, as PPO's rollouts do when ``overlap_models`` chooses to overlap."""
     import torch
 
+    from instructrl.fast.kernels import few_rows_cpu_lm_head
+    from instructrl.fast.overlap import OverlapRunner, add_claim_points
+    from instructrl.fast.sampler import CachedSampler
     from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
-    from instructrl.models.kernels import few_rows_cpu_lm_head
-    from instructrl.rollout.sampler import CachedSampler, HFGenerateBackend
-    from instructrl.utils.overlap import OverlapRunner, add_claim_points
+    from instructrl.rollout.sampler import HFGenerateBackend
 
     tokenizer = load_tokenizer(assets["lm_dir"])
     model = load_causal_lm(assets["lm_dir"], tokenizer).to(device)
     disable_dropout(model)
-    few_rows_cpu_lm_head(model)  # as the PPO session's policy (fused_kernels): both samplers share the model
+    few_rows_cpu_lm_head(model)  # as the PPO run's policy (fused_kernels): both samplers share the model
     model.eval().requires_grad_(False)
     query = torch.tensor(assets["prompts"], device=device)
     mask = torch.ones_like(query)
-    ours = CachedSampler(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    samplers = {
-        "model.generate": (HFGenerateBackend(model, tokenizer.eos_token_id, tokenizer.pad_token_id), {}),
-        "ours": (ours, {}),
-    }
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    samplers = {"model.generate": HFGenerateBackend(model, eos, pad), "ours": CachedSampler(model, eos, pad)}
     threads = torch.get_num_threads()
     overlap = OverlapRunner(threads) if device == "cpu" and threads >= 2 else None
     if overlap is not None:  # what PPO runs when overlap_models chooses to overlap: the two halves at once
         add_claim_points(model)
-        samplers["ours, halves"] = (ours, {"runner": overlap})
+        samplers["ours, halves"] = CachedSampler(model, eos, pad, runner=overlap)
     generators = {name: torch.Generator(device=device).manual_seed(0) for name in samplers}
     times: dict[str, list[float]] = {name: [] for name in samplers}
     tokens: dict[str, list[int]] = {name: [] for name in samplers}
     for repeat in range(repeats + 1):  # the samplers take turns, so the machine's drift reaches each alike
-        for name, (sampler, options) in samplers.items():
+        for name, sampler in samplers.items():
             synchronize(device)
             start = time.perf_counter()
-            response = sampler.generate(query, mask, shape.response_len, 1.0, generators[name], **options)
+            response = sampler.generate(query, mask, shape.response_len, 1.0, generators[name])
             synchronize(device)
             if repeat > 0:  # the first turn is a warm-up
                 times[name].append(time.perf_counter() - start)

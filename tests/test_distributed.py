@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from instructrl.cli import main
-from instructrl.rollout import CachedSampler
+from instructrl.fast.sampler import CachedSampler
 from instructrl.utils.checkpoint import list_checkpoints, load_latest_checkpoint
 from instructrl.utils.distributed import Runtime
 from instructrl.utils.io import read_jsonl_lenient
@@ -212,7 +212,7 @@ def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_d
 
 class PerRankSampling:
     """Samples a global batch the way N ranks do: rank r's contiguous share, its own left padding, its own
-    generator seeded with ``seed + 2 + r · RANK_SEED_STRIDE``. One process with this backend rolls out exactly
+    generator seeded with ``seed + 2 + r · RANK_SEED_STRIDE``. One process with this sampler rolls out exactly
     the responses of an N-process run, so every later statistic must match."""
 
     def __init__(self, policy_dir: Path, world_size: int, seed: int):
@@ -295,7 +295,8 @@ PPO_STATISTICS = [
 
 def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, ppo_env, tiny_lm_dir):
     from instructrl.config import load_config
-    from instructrl.stages import ppo, ppo_session
+    from instructrl.rl import AdaptiveKLController
+    from instructrl.stages import ppo
 
     launch_two_processes("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"))
     two = _metrics(tmp_path / "two")
@@ -315,7 +316,7 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
 
     # One process, same global batch, the ranks' sampling reproduced; capture the advantages it whitened.
     whitened = []
-    real_compute = ppo_session.compute_advantages
+    real_compute = ppo.compute_advantages  # the name train_iteration calls
 
     def recording(rollout, *args, **kwargs):
         out = real_compute(rollout, *args, **kwargs)
@@ -324,11 +325,11 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
 
     overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "one") if s != "--set"]
     cfg = load_config(ppo.Config, overrides=[*overrides, "iterations=1"])
-    ppo_session.compute_advantages = recording
+    ppo.compute_advantages = recording
     try:
-        ppo.run(cfg, backend=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))
+        ppo.run(cfg, sampler=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))
     finally:
-        ppo_session.compute_advantages = real_compute
+        ppo.compute_advantages = real_compute
     one = _metrics(tmp_path / "one")
     assert abs(whitened[0].mean().item()) < 1e-5 and abs(whitened[0].std().item() - 1) < 1e-4  # whitened globally
     report("ppo first iteration", max_metric_difference(one, two[:1], PPO_STATISTICS), None)
@@ -338,7 +339,7 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
     assert 0 < one[0]["response/eos_rate"] < 1  # ranks hold different token counts: the normalizers matter
 
     # β after iteration 1 comes from the global KL: iteration 2 of the 2-process run starts from it.
-    beta_from_global_kl = ppo_session.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+    beta_from_global_kl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     beta_from_global_kl.update(one[0]["objective/kl"], cfg.batch_size)
     assert abs(two[1]["objective/beta"] - beta_from_global_kl.value) < 1e-8
 

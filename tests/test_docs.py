@@ -119,7 +119,6 @@ def test_a_missing_file_symbol_or_test_is_reported(tmp_path):
     ]
 
 
-@pytest.mark.skip(reason="enabled when stages/ppo*.py citations are converted")
 def test_no_citation_by_number_remains_in_src():
     old = [
         f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
@@ -129,7 +128,6 @@ def test_no_citation_by_number_remains_in_src():
     assert old == []
 
 
-@pytest.mark.skip(reason="enabled when stages/ppo*.py citations are converted")
 def test_every_row_is_cited_somewhere_in_src(rows):
     cited = {name for text in python_sources().values() for name in citations(text)}
     assert sorted(set(rows) - cited) == []

@@ -1,4 +1,4 @@
-"""The kernel swaps of instructrl.models.kernels compute what the models computed before, gradients included."""
+"""The kernel swaps of instructrl.fast.kernels compute what the models computed before, gradients included."""
 
 from __future__ import annotations
 
@@ -6,21 +6,24 @@ import pytest
 import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
-from instructrl.models import kernels
-from instructrl.models.causal_lm import ModelSpec, build_causal_lm
-from instructrl.models.kernels import (
+from instructrl.fast import kernels
+from instructrl.fast.head import FusedHeadLogProbs
+from instructrl.fast.kernels import (
     FLOAT32_CPU_ATTENTION,
     few_rows_cpu_lm_head,
     float32_cpu_attention,
     fuse_activations,
+    keep_dense_gradients,
     sparse_untied_embedding_gradient,
+    speed_up_ppo_models,
     tied_embedding,
     tied_embedding_rows_into_grad,
-    zero_gradients,
 )
-from instructrl.stages import ppo_session
-from instructrl.stages.ppo_parts import compute_advantages
-from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step
+from instructrl.fast.sampler import CachedSampler
+from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+from instructrl.models.logprobs import FullLogits
+from instructrl.stages.ppo_build import build_run
+from test_overlap import collect_rollout, minibatch_step
 from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
 
 
@@ -115,10 +118,16 @@ def test_untied_embedding_rows_accumulate_into_a_dense_buffer_that_is_kept_betwe
     assert weight is model.get_input_embeddings().weight and model.get_input_embeddings().sparse
     assert sparse_untied_embedding_gradient(model) is None  # applied once
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (reference, model)]
+    keep_dense_gradients(optimizers[0], frozenset())  # nothing kept: zero_grad as it was
+    assert "zero_grad" not in vars(optimizers[0])
+    keep_dense_gradients(
+        optimizers[1], frozenset({weight})
+    )  # zero_grad() keeps this buffer, as PPO's trainers call it
     buffer = None
     for _ in range(3):
-        for m, optimizer, kept in zip((reference, model), optimizers, (frozenset(), frozenset({weight}))):
-            zero_gradients(optimizer, kept)
+        for m, optimizer in zip((reference, model), optimizers):
+            optimizer.zero_grad()
+            assert all(p.grad is None for p in m.parameters() if p is not weight)
             for _ in range(2):  # two micro-batches
                 m(input_ids=ids, labels=ids).loss.backward()
         assert not weight.grad.is_sparse
@@ -171,20 +180,29 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
     for fused in (True, False):
         cfg = make_cfg(env, tmp_path / str(fused), *overrides, f"fused_kernels={str(fused).lower()}")
         torch.manual_seed(0)
-        session = build_session(cfg)
-        activations = [type(m) for m in session.policy.modules() if type(m) in (NewGELUActivation, GELUTanh)]
+        run = build_run(cfg)
+        models = run.models
+        activations = [type(m) for m in models.policy.modules() if type(m) in (NewGELUActivation, GELUTanh)]
         assert all(t is (GELUTanh if fused else NewGELUActivation) for t in activations)
         assert bool(activations) == (policy == "gpt2")
-        assert (type(session.policy.get_input_embeddings()) is not torch.nn.Embedding) == fused
-        assert session.value_model.get_input_embeddings().sparse == fused
-        assert (type(session.policy.get_output_embeddings()) is not torch.nn.Linear) == fused
-        kernels = {m.config._attn_implementation for m in (session.policy, session.ref_policy, session.value_model)}
+        assert (type(models.policy.get_input_embeddings()) is not torch.nn.Embedding) == fused
+        assert models.value_model.get_input_embeddings().sparse == fused
+        assert (type(models.policy.get_output_embeddings()) is not torch.nn.Linear) == fused
+        kernels = {m.config._attn_implementation for m in (models.policy, models.ref_policy, models.value_model)}
         assert kernels == {FLOAT32_CPU_ATTENTION if fused else "sdpa"}
-        rollout, _ = collect_rollout(session)
-        rollout = compute_advantages(rollout, session.kl_controller.value)
-        stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))
-        weights = {k: v.detach().clone() for k, v in session.policy.named_parameters()}
-        weights |= {f"value.{k}": v.detach().clone() for k, v in session.value_model.named_parameters()}
+        assert type(models.logprobs) is (FusedHeadLogProbs if fused else FullLogits)  # and the log-prob seam
+        assert run.actor.logprobs is models.logprobs
+        # the optimizers keep the dense buffers of the embeddings whose rows go straight into .grad
+        assert all(("zero_grad" in vars(o)) == fused for o in (run.actor.optimizer, run.critic.optimizer))
+        try:
+            rollout = collect_rollout(run)
+            stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
+        finally:
+            run.close()
+        value_embedding = models.value_model.get_input_embeddings().weight
+        assert value_embedding.grad is not None and not value_embedding.grad.is_sparse  # dense, as AdamW needs
+        weights = {k: v.detach().clone() for k, v in models.policy.named_parameters()}
+        weights |= {f"value.{k}": v.detach().clone() for k, v in models.value_model.named_parameters()}
         results[fused] = (rollout, stats, weights)
     (a, stats_a, weights_a), (b, stats_b, weights_b) = results[True], results[False]
     torch.testing.assert_close(a.response, b.response, rtol=0, atol=0)
@@ -201,11 +219,11 @@ def test_several_processes_keep_the_dense_embedding(tiny_tokenizer):
     policy, other = tiny(tiny_tokenizer, "gpt2"), tiny(tiny_tokenizer, "gpt2")
     value, frozen = tiny(tiny_tokenizer, "llama", tie=False), tiny(tiny_tokenizer, "llama", tie=False)
     frozen.requires_grad_(False)
-    assert ppo_session.use_fused_kernels(policy, (other, value, frozen), world_size=2) == frozenset()
+    assert speed_up_ppo_models(policy, (other, value, frozen), world_size=2) == frozenset()
     assert not any(m.get_input_embeddings().sparse for m in (policy, other, value, frozen))
     assert all(type(m.get_input_embeddings()) is torch.nn.Embedding for m in (policy, other, value, frozen))
     assert not any(type(m) is NewGELUActivation for model in (policy, other) for m in model.modules())
-    kept = ppo_session.use_fused_kernels(policy, (other, value, frozen), world_size=1)
+    kept = speed_up_ppo_models(policy, (other, value, frozen), world_size=1)
     # the untied trainable one (sparse rows) and the policy's tied one (head gradient and rows go into .grad)
     assert kept == {value.get_input_embeddings().weight, policy.get_input_embeddings().weight}
     assert type(policy.get_input_embeddings()) is not torch.nn.Embedding  # rows into .grad
@@ -263,8 +281,6 @@ def test_a_small_vocabulary_keeps_linear(tiny_tokenizer, monkeypatch):
 
 def test_sampling_with_the_few_rows_head_draws_the_same_tokens():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from instructrl.rollout.sampler import CachedSampler
 
     config = LlamaConfig(
         vocab_size=kernels.LARGE_VOCABULARY, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -1,4 +1,4 @@
-"""``instructrl.utils.overlap``: two tasks at once on CPU threads, and PPO with ``overlap_models`` against the
+"""``instructrl.fast.overlap``: two tasks at once on CPU threads, and PPO with ``overlap_models`` against the
 same run done sequentially."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
 
-from instructrl.stages.ppo_parts import compute_advantages
-from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step, train_iteration
-from instructrl.utils.overlap import (
+from instructrl.fast import overlap
+from instructrl.fast.overlap import (
     AutoRunner,
     OverlapRunner,
     SequentialRunner,
@@ -20,6 +20,10 @@ from instructrl.utils.overlap import (
     claim_idle_threads,
     make_runner,
 )
+from instructrl.stages.ppo import train_iteration
+from instructrl.stages.ppo_build import PPORun, build_run
+from instructrl.stages.ppo_rollout import Rollout, compute_advantages, left_pad, sample_responses, score_rollout
+from instructrl.stages.ppo_trainers import reduce_side_stats
 from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
 
 
@@ -31,6 +35,34 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def collect_rollout(run: PPORun) -> Rollout:
+    """Steps 1-3 of ``train_iteration`` on one process: the next batch's responses, their scoring forwards (in
+    the run's precision) and the advantages."""
+    cfg, generation = run.cfg, run.cfg.generation
+    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
+    query, query_mask = left_pad([run.prompts.ids[i] for i in run.prompts.next_batch(cfg.batch_size)], pad)
+    with run.models.precision():
+        response, response_mask, has_eos = sample_responses(
+            run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
+            generation.batch_size, run.sampling_generator,
+        )  # fmt: skip
+        rollout = score_rollout(
+            run.models, query, query_mask, response, response_mask, has_eos, generation.temperature,
+            cfg.missing_eos_score, cfg.forward_batch_size or cfg.micro_batch_size or cfg.minibatch_size,
+        )  # fmt: skip
+    return compute_advantages(rollout, run.kl_controller.value, cfg.gamma, cfg.lam, cfg.whiten_rewards,
+                              cfg.whiten_advantages)  # fmt: skip
+
+
+def minibatch_step(run: PPORun, minibatch: Rollout) -> dict[str, float | None]:
+    """One PPO minibatch step as ``train_iteration`` takes it: the policy's and the value model's optimizer steps
+    through the run's ``side_by_side``, then their statistics reduced."""
+    sides = run.models.side_by_side(
+        partial(run.actor.train_step, minibatch), partial(run.critic.train_step, minibatch)
+    )
+    return reduce_side_stats(sides, run.runtime)
 
 
 def test_tasks_run_at_the_same_time_each_on_its_share_of_threads():
@@ -125,15 +157,56 @@ def test_claim_points_pick_up_handed_over_threads_between_layers(tiny_tokenizer,
         assert threads_in_last_layer == [1] and during_forward == 1 and after_backward == 2
 
 
-def test_the_context_is_entered_in_every_worker_thread():
+def modes() -> tuple[bool, bool, bool, torch.dtype | None]:
+    """This thread's grad mode, inference mode and CPU autocast (dtype when on)."""
+    autocast = torch.is_autocast_enabled("cpu")
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            torch.get_autocast_dtype("cpu") if autocast else None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def inference_mode_and_bf16_autocast():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
+CALLERS_MODES = {
+    "default": contextlib.nullcontext,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "bf16_autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "inference_mode_and_bf16_autocast": inference_mode_and_bf16_autocast,
+}
+
+
+@pytest.mark.parametrize("callers", list(CALLERS_MODES))
+def test_workers_run_in_the_callers_grad_mode_inference_mode_and_autocast(callers):
+    """Those modes are thread-local: a plain thread does not inherit them, the runner's workers re-enter them, and
+    what a task computes there is what it computes on the calling thread (no graph under no_grad, inference
+    tensors under inference mode, bf16 products under autocast)."""
+    weight = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+
+    def compute():
+        out = x @ weight
+        return modes(), out.requires_grad, out.is_inference(), out.dtype
+
     runner = OverlapRunner(2)
     try:
-        modes = runner.run(torch.is_inference_mode_enabled, torch.is_inference_mode_enabled)
-        assert modes == [False, False]  # thread-local: the caller's mode does not cross over by itself
-        modes = runner.run(
-            torch.is_inference_mode_enabled, torch.is_inference_mode_enabled, context=torch.inference_mode
-        )
-        assert modes == [True, True]
+        with CALLERS_MODES[callers]():
+            expected = compute()
+            on_a_plain_thread = []
+            plain = threading.Thread(target=lambda: on_a_plain_thread.append(modes()))
+            plain.start()
+            plain.join()
+            in_workers = runner.run(compute, compute)
+            in_sequence = SequentialRunner().run(compute, compute)
+        assert in_workers == [expected, expected]
+        assert in_sequence == [expected, expected]
+        if callers != "default":  # the workers' modes came from the caller, not from the thread's defaults
+            assert on_a_plain_thread == [(True, False, False, None)] != [expected[0]]
+        after = runner.run(modes, modes)  # and they do not stay behind in the worker threads
+        assert after == [modes(), modes()] == [(True, False, False, None)] * 2
     finally:
         runner.close()
 
@@ -161,14 +234,14 @@ def test_an_error_is_raised_after_the_other_task_has_finished():
         OverlapRunner(1)
 
 
-def test_the_sequential_runner_calls_in_order_under_the_context():
+def test_the_sequential_runner_calls_in_order_on_the_calling_thread():
     calls = []
-    results = SequentialRunner().run(
-        lambda: calls.append(1) or torch.is_inference_mode_enabled(),
-        lambda: calls.append(2) or "second",
-        context=torch.inference_mode,
-    )
-    assert results == [True, "second"] and calls == [1, 2]
+    with torch.inference_mode():
+        results = SequentialRunner().run(
+            lambda: calls.append(1) or torch.is_inference_mode_enabled(),
+            lambda: calls.append(2) or threading.current_thread() is threading.main_thread(),
+        )
+    assert results == [True, True] and calls == [1, 2]
 
 
 def test_overlap_only_where_it_can_help():
@@ -183,31 +256,105 @@ def test_overlap_only_where_it_can_help():
         assert isinstance(make_runner("auto", torch.device("cpu"), 1), SequentialRunner)
 
 
+class FakeClock:
+    """Stands in for ``time.perf_counter`` in the runner: tasks advance it by what they "cost"."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+def way() -> str:
+    """How the runner is running the calling task: on one of its worker threads, or on the caller's."""
+    return "overlap" if threading.current_thread().name.startswith("instructrl-overlap") else "sequential"
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(overlap.time, "perf_counter", fake)
+    return fake
+
+
 @pytest.mark.parametrize("faster", ["overlap", "sequential"])
-def test_auto_alternates_then_keeps_the_faster_way(faster):
-    """Blocks are slow in one way (a sleep stands in for the work): after 2 trials each, the other is kept."""
+def test_auto_alternates_then_keeps_the_faster_way(faster, clock):
+    """Calls cost more one way: after 2 timed calls each way, alternating from sequential, the other is kept."""
     messages = []
     runner = AutoRunner(2, trials=2, report=messages.append)
     used = []
+
+    def task():
+        clock.advance(0.001 if way() == faster else 0.05)
+        return way()
+
     try:
-        assert runner.choice() is runner.sequential  # before the choice
+        assert runner.chosen is None and not runner.concurrent  # before the choice
         for _ in range(6):
-            with runner.trial() as chosen:
-                used.append("overlap" if chosen.concurrent else "sequential")
-                time.sleep(0.001 if used[-1] == faster else 0.05)
+            ways = runner.run(task, task)
+            assert ways[0] == ways[1]
+            used.append(ways[0])
         assert used[:4] == ["sequential", "overlap", "sequential", "overlap"]  # alternating, timed
         assert used[4:] == [faster, faster] and runner.chosen == faster
-        assert runner.choice() is (runner.overlap if faster == "overlap" else runner.sequential)
+        assert runner.concurrent == (faster == "overlap")
+        assert {mode: len(times) for mode, times in runner.seconds[(task.__qualname__,) * 2].items()} == {
+            "sequential": 2, "overlap": 2
+        }  # fmt: skip
         assert len(messages) == 1 and messages[0].endswith(faster)
-
-        resumed = AutoRunner(2)
-        resumed.load_state_dict(runner.state_dict())
-        assert resumed.chosen == faster and resumed.seconds == runner.seconds
-        resumed.load_state_dict(None)  # a checkpoint written before the runner existed: nothing to restore
-        assert resumed.chosen == faster
-        resumed.close()
+        assert not hasattr(runner, "state_dict")  # the choice is not checkpointed: a resumed run chooses afresh
     finally:
         runner.close()
+
+
+def test_auto_decides_by_each_ways_fastest_call(clock):
+    """A one-off cost (say the first overlapped call's allocations) does not count against a way: each way's
+    fastest call decides (overlap 10 s then 1 s, sequential 3 s twice: overlap)."""
+    costs = {"sequential": [3.0, 3.0], "overlap": [10.0, 1.0]}
+    runner = AutoRunner(2, trials=2)
+    try:
+        for _ in range(4):
+            runner.run(lambda: clock.advance(costs[way()].pop(0)), lambda: None)
+        assert costs == {"sequential": [], "overlap": []} and runner.chosen == "overlap"
+    finally:
+        runner.close()
+
+
+def test_auto_times_each_kind_of_work_apart_and_the_first_kind_timed_enough_decides(clock):
+    """Calls are compared like with like, by their tasks' functions (a partial's function: its arguments do not
+    make another kind). Each kind alternates from sequential on its own, and the first kind with ``trials``
+    timings each way decides for every kind, here for the kind that would have chosen otherwise."""
+
+    def step(side):  # faster overlapped
+        clock.advance(1.0 if way() == "overlap" else 2.0)
+        return way()
+
+    def score(side):  # faster one after the other
+        clock.advance(5.0 if way() == "overlap" else 0.1)
+        return way()
+
+    runner = AutoRunner(2, trials=2)
+    used = {"step": [], "score": []}
+    try:
+        for kind in ("step", "step", "score", "step", "score", "step", "score", "score"):
+            function = step if kind == "step" else score
+            ways = runner.run(partial(function, "policy"), partial(function, "value"))
+            assert ways[0] == ways[1]
+            used[kind].append(ways[0])
+            if kind == "step" and len(used["step"]) < 4:
+                assert runner.chosen is None
+    finally:
+        runner.close()
+    assert used["step"] == ["sequential", "overlap", "sequential", "overlap"]
+    assert used["score"][:2] == ["sequential", "overlap"]  # its own alternation, from sequential
+    assert runner.chosen == "overlap" and used["score"][2:] == ["overlap", "overlap"]
+    assert set(runner.seconds) == {(step.__qualname__,) * 2, (score.__qualname__,) * 2}
+    assert [len(times) for times in runner.seconds[(score.__qualname__,) * 2].values()] == [1, 1]  # not timed after
 
 
 def params(model):
@@ -216,28 +363,31 @@ def params(model):
 
 def one_ppo_ptx_step(cfg):
     torch.manual_seed(0)
-    session = build_session(cfg)
-    rollout, _ = collect_rollout(session)
-    rollout = compute_advantages(rollout, session.kl_controller.value)
-    before = (params(session.policy), params(session.value_model))
-    stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))
-    shadow = {k: v.clone() for k, v in session.ema.shadow.items()}
-    after = (params(session.policy), params(session.value_model), shadow)
-    session.runner.close()
-    return session, rollout, stats, before, after
+    run = build_run(cfg)
+    try:
+        rollout = collect_rollout(run)
+        before = (params(run.models.policy), params(run.models.value_model))
+        stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
+        shadow = {k: v.clone() for k, v in run.actor.ema.shadow.items()}
+        after = (params(run.models.policy), params(run.models.value_model), shadow)
+    finally:
+        run.close()
+    return run, rollout, stats, before, after
 
 
 def test_ppo_ptx_with_overlapped_models_equals_the_sequential_run(env, tmp_path):  # noqa: F811
     """Rollout tensors, statistics and both models after one PPO-ptx step (with EMA) agree; the overlapped
-    run really used two threads, and its trainable weights changed."""
+    run really used two threads (its sampler too), and its trainable weights changed."""
     results = {}
     with torch_threads(2):
-        for overlap in (True, False):
-            cfg = make_cfg(env, tmp_path / str(overlap), "ptx.coef=1.0", "ema_decay=0.9", "threads=2",
-                           f"overlap_models={str(overlap).lower()}")  # fmt: skip
-            results[overlap] = one_ppo_ptx_step(cfg)
-    (s_a, r_a, stats_a, before_a, after_a), (s_b, r_b, stats_b, _, after_b) = results[True], results[False]
-    assert isinstance(s_a.runner, OverlapRunner) and isinstance(s_b.runner, SequentialRunner)
+        for overlapped in (True, False):
+            cfg = make_cfg(env, tmp_path / str(overlapped), "ptx.coef=1.0", "ema_decay=0.9", "threads=2",
+                           f"overlap_models={str(overlapped).lower()}")  # fmt: skip
+            results[overlapped] = one_ppo_ptx_step(cfg)
+    (run_a, r_a, stats_a, before_a, after_a), (run_b, r_b, stats_b, _, after_b) = results[True], results[False]
+    runner_a, runner_b = run_a.models.side_by_side.__self__, run_b.models.side_by_side.__self__
+    assert isinstance(runner_a, OverlapRunner) and isinstance(runner_b, SequentialRunner)
+    assert run_a.sampler.runner is runner_a and run_b.sampler.runner is runner_b
     torch.testing.assert_close(r_a.response, r_b.response, rtol=0, atol=0)
     for field in ("logprobs", "ref_logprobs", "entropy", "values", "scores", "advantages"):
         torch.testing.assert_close(getattr(r_a, field), getattr(r_b, field), rtol=1e-5, atol=1e-5, msg=field)
@@ -256,17 +406,19 @@ def test_ppo_ptx_with_overlapped_models_equals_the_sequential_run(env, tmp_path)
 def test_overlapped_runs_are_deterministic(env, tmp_path):  # noqa: F811
     weights = []
     with torch_threads(2):
-        for run in range(2):
-            cfg = make_cfg(env, tmp_path / str(run), "ptx.coef=1.0", "threads=2", "iterations=1",
+        for attempt in range(2):
+            cfg = make_cfg(env, tmp_path / str(attempt), "ptx.coef=1.0", "threads=2", "iterations=1",
                            "overlap_models=true")  # fmt: skip
             torch.manual_seed(0)
-            session = build_session(cfg)
-            assert isinstance(session.runner, OverlapRunner)
-            session.runner.close()  # repeatable to the bit without handing threads over (see the next tests)
-            session.runner = OverlapRunner(2, lend_idle_threads=False)
-            metrics, _, _ = train_iteration(session)
-            session.runner.close()
-            weights.append((params(session.policy), params(session.value_model), metrics))
+            run = build_run(cfg)
+            runner = run.models.side_by_side.__self__
+            assert isinstance(runner, OverlapRunner) and run.sampler.runner is runner
+            runner.lend_idle_threads = False  # repeatable to the bit without handing threads over (see above)
+            try:
+                metrics, _, _ = train_iteration(run)
+            finally:
+                run.close()
+            weights.append((params(run.models.policy), params(run.models.value_model), metrics))
     (policy_a, value_a, metrics_a), (policy_b, value_b, metrics_b) = weights
     assert all(torch.equal(policy_a[k], policy_b[k]) for k in policy_a)
     assert all(torch.equal(value_a[k], value_b[k]) for k in value_a)

@@ -16,23 +16,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from instructrl.config import ConfigError, load_config
+from instructrl.fast.head import FusedHeadLogProbs
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, load_causal_lm, load_tokenizer
+from instructrl.models.logprobs import FullLogits
 from instructrl.models.reward import last_token_scores, load_reward_model, reward_model_from_causal_lm
 from instructrl.rollout import HFGenerateBackend, truncate_after_eos
-from instructrl.stages import ppo, ppo_session
-from instructrl.stages.ppo_parts import (
-    LossSettings,
-    PolicyEMA,
-    PromptSampler,
-    RolloutSettings,
-    accumulate_ppo_gradients,
-    accumulate_ptx_gradients,
+from instructrl.stages import ppo, ppo_build, ppo_data
+from instructrl.stages.ppo import train_iteration
+from instructrl.stages.ppo_build import PPORun, build_run
+from instructrl.stages.ppo_data import PromptSampler
+from instructrl.stages.ppo_rollout import (
+    PPOModels,
+    Rollout,
     compute_advantages,
+    gather_rollout,
     left_pad,
-    make_rollout,
-    reward_model_scorer,
+    sample_responses,
+    score_rollout,
 )
-from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step, ppo_update, train_iteration
+from instructrl.stages.ppo_trainers import PolicyEMA, reduce_side_stats
 
 PROMPTS = [
     "Instruction: what is 2 plus 3 ?\nResponse:",
@@ -100,27 +102,70 @@ class ScriptedBackend:
         pass
 
 
+@pytest.fixture
+def new_run():
+    """``build_run``, with the runs' worker threads (``overlap_models``) stopped after the test."""
+    runs: list[PPORun] = []
+
+    def build(cfg: ppo.Config, **kwargs) -> PPORun:
+        runs.append(build_run(cfg, **kwargs))
+        return runs[-1]
+
+    yield build
+    for run in runs:
+        run.close()
+
+
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+    def dense(p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:
+            return torch.zeros_like(p)
+        return p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
+
+    return {k: dense(p) for k, p in model.named_parameters()}
 
 
-def zero_grads(*models: torch.nn.Module) -> None:
-    for m in models:
-        m.zero_grad(set_to_none=True)
+def policy_and_value_grads(run: PPORun) -> dict[str, torch.Tensor]:
+    return {**grads(run.models.policy), **{"v." + k: g for k, g in grads(run.models.value_model).items()}}
 
 
 def assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"gradient of {name} differs")
 
 
-def scored_rollout(session):
-    rollout, _ = collect_rollout(session)
-    return compute_advantages(rollout, session.kl_controller.value, whiten_advantages=True)
+def without_optimizer_steps(monkeypatch, run: PPORun) -> None:
+    """The trainers' ``train_step`` zeroes, accumulates, clips and reports as usual but leaves the weights alone:
+    its gradients stay in ``.grad`` (the next ``zero_grad`` is at the start of the next step)."""
+    for optimizer in (run.actor.optimizer, run.critic.optimizer):
+        monkeypatch.setattr(optimizer, "step", lambda *args, **kwargs: None)
+
+
+def scored_rollout(run: PPORun) -> Rollout:
+    """Steps 1-3 of ``train_iteration``: the next prompts, sampled, scored, gathered, rewards and advantages."""
+    cfg, generation, runtime = run.cfg, run.cfg.generation, run.runtime
+    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
+    prompt_index = run.prompts.next_batch(cfg.batch_size)
+    query, query_mask = left_pad([run.prompts.ids[i] for i in runtime.shard(prompt_index)], pad)
+    query, query_mask = query.to(runtime.device), query_mask.to(runtime.device)
+    with run.models.precision():
+        response, response_mask, has_eos = sample_responses(
+            run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
+            generation.batch_size, run.sampling_generator,
+        )  # fmt: skip
+        rollout = score_rollout(
+            run.models, query, query_mask, response, response_mask, has_eos, generation.temperature,
+            cfg.missing_eos_score, cfg.forward_batch_size or cfg.micro_batch_size or cfg.minibatch_size,
+        )  # fmt: skip
+    rollout = gather_rollout(rollout, runtime, pad)
+    return compute_advantages(
+        rollout, run.kl_controller.value, cfg.gamma, cfg.lam, cfg.whiten_rewards, cfg.whiten_advantages
+    )
 
 
 # --------------------------------------------------------------------------- EOS truncation and masking
@@ -135,23 +180,21 @@ def test_truncate_after_eos_masks_after_first_eos_and_keeps_it():
     assert has_eos.tolist() == [True, False, True]
 
 
-def test_rollout_masks_everything_after_eos_and_scores_the_last_token(env, tiny_tokenizer):
+def test_rollout_masks_everything_after_eos_and_scores_the_last_token(env, tmp_path, monkeypatch, new_run):
+    # row 0: EOS at 2 then junk; row 1: no EOS (gets the missing-EOS score); row 2: EOS first; row 3: EOS at the end
     tok = load_tokenizer(env["policy"])
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    policy = load_causal_lm(env["policy"], tok).eval()
-    ref = load_causal_lm(env["other_lm"], tok).eval()
-    rm = load_reward_model(env["rm"]).eval()
-    value = load_reward_model(env["rm"]).eval()
-    # row 0: EOS at 2 then junk; row 1: no EOS (gets the missing-EOS score); row 2: EOS first; row 3: EOS at the end
     responses = torch.tensor(
         [[40, 41, eos, 42, 43, 44], [40, 41, 42, 43, 44, 45], [eos, 50, 51, 52, 53, 54], [60, 61, 62, 63, 64, eos]]
     )
-    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    cfg = make_cfg(env, tmp_path, f"ref_policy={env['other_lm']}", "missing_eos_score=-3.0", "kl.coef=0.1",
+                   "batch_size=4", "grad_clip=0", "ptx.coef=0")  # fmt: skip
+    run = new_run(cfg, sampler=ScriptedBackend(responses))
+    prompt_ids = run.prompts.ids  # the prompts in file order
+    assert prompt_ids == [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     query, query_mask = left_pad(prompt_ids, pad)
-    settings = RolloutSettings(6, 1.0, eos, pad, missing_eos_score=-3.0)
-    rollout = make_rollout(
-        policy, ref, value, ScriptedBackend(responses), reward_model_scorer(rm), query, query_mask, settings
-    )
+    response, response_mask, has_eos = sample_responses(run.sampler, query, query_mask, 6, 1.0, eos, pad)
+    rollout = score_rollout(run.models, query, query_mask, response, response_mask, has_eos, 1.0, -3.0)
     rollout = compute_advantages(rollout, kl_coef=0.1)
 
     lengths = [3, 6, 1, 6]
@@ -160,56 +203,65 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_token(env, tiny_
     assert rollout.has_eos.tolist() == [True, False, True, True]
     after = ~expected_mask
     assert (rollout.response[after] == pad).all()
-    for name in ("logprobs", "ref_logprobs", "values", "entropy", "rewards", "kl", "advantages", "returns"):
+    zero_after_eos = ("logprobs", "ref_logprobs", "values", "entropy", "rewards", "non_score_rewards", "kl",
+                      "advantages", "returns")  # fmt: skip
+    for name in zero_after_eos:
         assert (getattr(rollout, name)[after] == 0).all(), f"{name} is not zero after EOS"
     assert (rollout.logprobs[expected_mask] != 0).all()
 
     # RM score: read at the EOS of the unpadded sequence; the missing-EOS row gets the fixed score instead
+    rm = load_reward_model(env["rm"]).eval()
     for row, n in enumerate(lengths):
         ids = torch.tensor([prompt_ids[row] + responses[row, :n].tolist()])
         alone = last_token_scores(rm, ids, torch.ones_like(ids))
         torch.testing.assert_close(rollout.raw_scores[row : row + 1], alone, rtol=1e-5, atol=1e-5)
     assert rollout.scores[1] == -3.0 and rollout.scores[0] == rollout.raw_scores[0]
 
-    # the score lands on the last valid token, on top of the per-token KL penalty
+    # the score lands on the last valid token, on top of the per-token KL penalty (rewards are never whitened)
     kl_penalty = -0.1 * (rollout.logprobs - rollout.ref_logprobs)
     for row, n in enumerate(lengths):
         expected = kl_penalty[row, :n].clone()
+        torch.testing.assert_close(rollout.non_score_rewards[row, :n], expected)
         expected[n - 1] += rollout.scores[row]
         torch.testing.assert_close(rollout.rewards[row, :n], expected)
 
-    # losses ignore positions after EOS: garbage there does not change any gradient
-    loss_settings = LossSettings(temperature=1.0)
-    value.requires_grad_(True)
-    zero_grads(policy, value)
-    accumulate_ppo_gradients(policy, value, rollout, 2, loss_settings)
-    clean = {**grads(policy), **{"v." + k: g for k, g in grads(value).items()}}
+    # losses ignore positions after EOS: garbage there does not change any gradient (one policy and one value
+    # step on the whole rollout in micro-batches of 2, without optimizer steps)
+    without_optimizer_steps(monkeypatch, run)
+    run.actor.train_step(rollout)
+    run.critic.train_step(rollout)
+    clean = policy_and_value_grads(run)
     garbage = dataclasses.replace(
         rollout, **{k: getattr(rollout, k).clone() for k in ("advantages", "returns", "values", "logprobs")}
     )
     for name in ("advantages", "returns", "values", "logprobs"):
         getattr(garbage, name)[after] = 1e4
-    zero_grads(policy, value)
-    accumulate_ppo_gradients(policy, value, garbage, 2, loss_settings)
-    dirty = {**grads(policy), **{"v." + k: g for k, g in grads(value).items()}}
+    run.actor.train_step(garbage)
+    run.critic.train_step(garbage)
+    dirty = policy_and_value_grads(run)
+    assert any(g.abs().max() > 0 for g in clean.values())
     assert_grads_close(clean, dirty, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- temperature and the first ratio
 
 
-def test_rollout_logprobs_are_from_logits_over_temperature(env):
+@pytest.mark.parametrize("logprobs", [FullLogits(), FusedHeadLogProbs()], ids=["full_logits", "fused_head"])
+def test_rollout_logprobs_are_from_logits_over_temperature(env, logprobs):
     tok = load_tokenizer(env["policy"])
     policy = load_causal_lm(env["policy"], tok).eval()
     backend = HFGenerateBackend(policy, tok.eos_token_id, tok.pad_token_id)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     query, query_mask = left_pad(prompt_ids, tok.pad_token_id)
     temperature = 0.7
-    settings = RolloutSettings(6, temperature, tok.eos_token_id, tok.pad_token_id)
     generator = torch.Generator().manual_seed(0)
     score = lambda q, qm, r, rm: torch.zeros(q.shape[0])  # noqa: E731
     value = load_reward_model(env["rm"]).eval()
-    rollout = make_rollout(policy, policy, value, backend, score, query, query_mask, settings, generator)
+    models = PPOModels(policy=policy, ref_policy=policy, value_model=value, score=score, logprobs=logprobs)
+    response, response_mask, has_eos = sample_responses(
+        backend, query, query_mask, 6, temperature, tok.eos_token_id, tok.pad_token_id, generator=generator
+    )
+    rollout = score_rollout(models, query, query_mask, response, response_mask, has_eos, temperature)
 
     for row in range(len(PROMPTS)):  # unpadded forward per row, plain torch
         n = int(rollout.response_mask[row].sum())
@@ -224,10 +276,19 @@ def test_rollout_logprobs_are_from_logits_over_temperature(env):
         torch.testing.assert_close(rollout.ref_logprobs[row, :n], scaled, rtol=1e-5, atol=1e-5)
 
 
-def test_first_ppo_minibatch_has_ratio_one(env, tmp_path):
-    session = build_session(make_cfg(env, tmp_path, "generation.temperature=0.8", "ptx.coef=0"))
-    rollout = scored_rollout(session)
-    first = ppo_update(session, rollout)[0]
+def test_first_ppo_minibatch_has_ratio_one(env, tmp_path, monkeypatch, new_run):
+    run = new_run(make_cfg(env, tmp_path, "generation.temperature=0.8", "ptx.coef=0"))
+    policy_sides = []  # the policy's statistics of every minibatch train_iteration steps on
+    train_step = run.actor.train_step
+
+    def recorded_train_step(minibatch):
+        policy_sides.append(train_step(minibatch))
+        return policy_sides[-1]
+
+    monkeypatch.setattr(run.actor, "train_step", recorded_train_step)
+    train_iteration(run)
+    assert len(policy_sides) == 2  # batch 8, minibatches of 4, one epoch
+    first = reduce_side_stats(policy_sides[:1], run.runtime)
     assert first["policy/approx_kl"] < 1e-10
     assert abs(first["policy/ratio_max"] - 1.0) < 1e-5
     assert first["policy/clipfrac"] == 0.0
@@ -236,95 +297,105 @@ def test_first_ppo_minibatch_has_ratio_one(env, tmp_path):
 # --------------------------------------------------------------------------- PPO-ptx
 
 
-def test_ptx_gradient_is_ppo_gradient_plus_gamma_times_lm_gradient(env, tmp_path, monkeypatch):
+def test_ptx_gradient_is_ppo_gradient_plus_gamma_times_lm_gradient(env, tmp_path, monkeypatch, new_run):
     gamma = 2.5
-    session = build_session(make_cfg(env, tmp_path, f"ptx.coef={gamma}", "grad_clip=0", "ema_decay=null"))
-    rollout = scored_rollout(session)
-    minibatch = rollout.select(slice(0, 4))
+    run = new_run(make_cfg(env, tmp_path, f"ptx.coef={gamma}", "grad_clip=0", "ema_decay=null"))
+    minibatch = scored_rollout(run).select(slice(0, 4))
     # keep the accumulated gradients: no optimizer step; record the pretraining batch the step draws
-    monkeypatch.setattr(session.policy_optimizer, "step", lambda: None)
-    monkeypatch.setattr(session.value_optimizer, "step", lambda: None)
+    without_optimizer_steps(monkeypatch, run)
     drawn = []
-    sample = session.ptx_sampler.sample
-    monkeypatch.setattr(session.ptx_sampler, "sample", lambda n: drawn.append(sample(n)) or drawn[-1])
+    sample = run.actor.ptx.windows.sample
+    monkeypatch.setattr(run.actor.ptx.windows, "sample", lambda n: drawn.append(sample(n)) or drawn[-1])
 
-    stats = minibatch_step(session, minibatch)
-    with_ptx = grads(session.policy)
+    stats = run.actor.train_step(minibatch)
+    with_ptx = grads(run.models.policy)
     (windows,) = drawn
-    assert windows.shape == (4, 16) and stats["loss/ptx"] > 0
+    assert windows.shape == (4, 16) and stats.losses["loss/ptx"] > 0
 
-    zero_grads(session.policy, session.value_model)
-    accumulate_ppo_gradients(session.policy, session.value_model, minibatch, 2, session.loss_settings())
-    ppo_only = grads(session.policy)
-    zero_grads(session.policy)
-    logits = session.policy(input_ids=windows).logits[:, :-1]
+    dataclasses.replace(run.actor, ptx=None).train_step(minibatch)  # the same trainer as plain PPO
+    ppo_only = grads(run.models.policy)
+    assert len(drawn) == 1
+    run.actor.optimizer.zero_grad()
+    logits = run.models.policy(input_ids=windows).logits[:, :-1]
     F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).backward()  # ∇(−mean log π(x))
-    lm = grads(session.policy)
+    lm = grads(run.models.policy)
     assert_grads_close(with_ptx, {k: ppo_only[k] + gamma * lm[k] for k in lm})
     assert any(lm[k].abs().max() > 1e-4 for k in lm)
+    assert any((ppo_only[k] - with_ptx[k]).abs().max() > 1e-4 for k in lm)
 
 
-def test_plain_ppo_never_reads_pretraining_data(env, tmp_path, monkeypatch):
+def test_plain_ppo_never_reads_pretraining_data(env, tmp_path, monkeypatch, new_run):
     def forbidden(*args, **kwargs):
         raise AssertionError("pretraining data was read with ptx.coef = 0")
 
-    monkeypatch.setattr(ppo_session, "build_ptx_sampler", forbidden)
-    monkeypatch.setattr(ppo_session, "load_texts", forbidden)
+    monkeypatch.setattr(ppo_build, "load_pretraining_windows", forbidden)
+    monkeypatch.setattr(ppo_data, "load_texts", forbidden)
     with pytest.raises(AssertionError, match="pretraining data"):  # the guard is live
-        build_session(make_cfg(env, tmp_path, "ptx.coef=1.0"))
-    session = build_session(make_cfg(env, tmp_path, "ptx.coef=0"))
-    metrics, _, _ = train_iteration(session)
-    assert session.ptx_sampler is None and metrics["loss/ptx"] is None
+        new_run(make_cfg(env, tmp_path, "ptx.coef=1.0"))
+    run = new_run(make_cfg(env, tmp_path, "ptx.coef=0"))
+    metrics, _, _ = train_iteration(run)
+    assert run.actor.ptx is None and metrics["loss/ptx"] is None
 
 
-def test_frozen_models_stay_fixed_and_trained_models_change(env, tmp_path):
+def test_frozen_models_stay_fixed_and_trained_models_change(env, tmp_path, monkeypatch, new_run):
     texts_before = hashlib.sha256(env["texts"].read_bytes()).hexdigest()
-    session = build_session(make_cfg(env, tmp_path, f"ref_policy={env['other_lm']}", "ptx.coef=1.0"))
+    loaded = []  # the models build_run loads from reward-model directories: the reward model, then the value model
+    load = ppo_build.load_reward_model
+    monkeypatch.setattr(ppo_build, "load_reward_model", lambda path: loaded.append(load(path)) or loaded[-1])
+    run = new_run(make_cfg(env, tmp_path, f"ref_policy={env['other_lm']}", "ptx.coef=1.0"))
+    reward_model, value_model = loaded
+    assert value_model is run.models.value_model is run.critic.model and run.models.policy is run.actor.model
     rm_init = load_reward_model(env["rm"])
-    assert all(torch.equal(p, rm_init.state_dict()[k]) for k, p in session.value_model.state_dict().items())
-    frozen = {"ref": params(session.ref_policy), "rm": params(session.reward_model)}
-    trained = {"policy": params(session.policy), "value": params(session.value_model)}
-    train_iteration(session)
+    assert all(torch.equal(p, rm_init.state_dict()[k]) for k, p in value_model.state_dict().items())
+    frozen = {"ref": params(run.models.ref_policy), "rm": params(reward_model)}
+    trained = {"policy": params(run.models.policy), "value": params(value_model)}
+    train_iteration(run)
 
-    for name, model in (("ref", session.ref_policy), ("rm", session.reward_model)):
+    for name, model in (("ref", run.models.ref_policy), ("rm", reward_model)):
         assert not any(p.requires_grad for p in model.parameters()), f"{name} is trainable"
         for key, p in model.named_parameters():
             assert torch.equal(p, frozen[name][key]), f"{name}.{key} changed"
-    for name, model in (("policy", session.policy), ("value", session.value_model)):
+    for name, model in (("policy", run.models.policy), ("value", value_model)):
         for key, p in model.named_parameters():
             assert not torch.equal(p, trained[name][key]), f"{name}.{key} did not change"
     assert hashlib.sha256(env["texts"].read_bytes()).hexdigest() == texts_before
 
 
-def test_zero_value_head_option(env, tmp_path):
-    session = build_session(make_cfg(env, tmp_path, "value_head_init=zero", "ptx.coef=0"))
-    assert (session.value_model.score.weight == 0).all()
+def test_zero_value_head_option(env, tmp_path, new_run):
+    run = new_run(make_cfg(env, tmp_path, "value_head_init=zero", "ptx.coef=0"))
+    assert (run.models.value_model.score.weight == 0).all()
 
 
 # --------------------------------------------------------------------------- accumulation, β, EMA, sampler
 
 
-def test_gradient_accumulation_is_invariant_to_micro_batch_size(env, tmp_path):
-    session = build_session(make_cfg(env, tmp_path, "ptx.coef=1.0"))
-    rollout = scored_rollout(session)
-    windows = session.ptx_sampler.sample(6)
+def test_gradient_accumulation_is_invariant_to_micro_batch_size(env, tmp_path, monkeypatch, new_run):
+    """One policy step and one value step on the whole batch (8 episodes, 6 pretraining windows) give the same
+    gradients with one episode and one window per forward/backward as with all of them at once."""
+    run = new_run(make_cfg(env, tmp_path, "ptx.coef=3.0", "ptx.batch_ratio=1.5", "grad_clip=0"))
+    rollout = scored_rollout(run)
+    without_optimizer_steps(monkeypatch, run)
+    windows = run.actor.ptx.windows.state_dict()
     results = []
     for micro in (1, rollout.size):
-        zero_grads(session.policy, session.value_model)
-        accumulate_ppo_gradients(session.policy, session.value_model, rollout, micro, session.loss_settings())
-        accumulate_ptx_gradients(session.policy, windows, micro, 3.0)
-        results.append({**grads(session.policy), **{"v." + k: g for k, g in grads(session.value_model).items()}})
+        run.actor.ptx.windows.load_state_dict(windows)  # both steps draw the same pretraining windows
+        ptx = dataclasses.replace(run.actor.ptx, micro_batch_size=micro)
+        assert ptx.batch_size == 6
+        policy_side = dataclasses.replace(run.actor, micro_batch_size=micro, ptx=ptx).train_step(rollout)
+        dataclasses.replace(run.critic, micro_batch_size=micro).train_step(rollout)
+        assert policy_side.finite and policy_side.losses["loss/ptx"] > 0
+        results.append(policy_and_value_grads(run))
     assert_grads_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("target, direction", [(1e-3, 1), (1e4, -1)])
-def test_adaptive_kl_moves_beta_toward_target(env, tmp_path, target, direction):
+def test_adaptive_kl_moves_beta_toward_target(env, tmp_path, new_run, target, direction):
     cfg = make_cfg(
         env, tmp_path, f"ref_policy={env['other_lm']}", "kl.adaptive=true", "kl.coef=0.1", f"kl.target={target}",
         "kl.horizon=80", "ptx.coef=0", "ppo_epochs=1",
     )  # fmt: skip
-    session = build_session(cfg)
-    betas = [train_iteration(session)[0]["objective/beta"] for _ in range(3)] + [session.kl_controller.value]
+    run = new_run(cfg)
+    betas = [train_iteration(run)[0]["objective/beta"] for _ in range(3)] + [run.kl_controller.value]
     steps = [b - a for a, b in zip(betas, betas[1:])]
     assert all(direction * s > 0 for s in steps), betas
     # KL far from target: every step is the clipped ±20% × n_steps / horizon
@@ -377,7 +448,7 @@ def test_config_rejects_minibatch_that_does_not_divide_batch(env, tmp_path):
 # --------------------------------------------------------------------------- learning, resume, CLI
 
 
-def test_bandit_ppo_raises_probability_of_rewarded_token(env, tmp_path):
+def test_bandit_ppo_raises_probability_of_rewarded_token(env, tmp_path, new_run):
     """Reward 1 when the response contains token X (one the initial policy writes in ~10% of responses): five PPO
     iterations raise P(X ∈ y) several-fold. X is picked from the policy's own samples so that each batch holds a
     few rewarded episodes; with a token seen in ~2% of responses the outcome hung on a handful of lucky draws."""
@@ -392,12 +463,14 @@ def test_bandit_ppo_raises_probability_of_rewarded_token(env, tmp_path):
     def contains_x(query, query_mask, response, response_mask):
         return ((response == x_token) & response_mask).any(dim=1).float()
 
-    session = build_session(cfg, score_fn=contains_x)
-    query, mask = left_pad([session.prompt_ids[i % 4] for i in range(512)], tok.pad_token_id)
+    run = new_run(cfg, score_fn=contains_x)
+    query, mask = left_pad([run.prompts.ids[i % 4] for i in range(512)], tok.pad_token_id)
 
     def responses() -> tuple[torch.Tensor, torch.Tensor]:
-        response = session.backend.generate(query, mask, 8, 1.0, torch.Generator().manual_seed(123))
-        response, response_mask, _ = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        generator = torch.Generator().manual_seed(123)
+        response, response_mask, _ = sample_responses(
+            run.sampler, query, mask, 8, 1.0, tok.eos_token_id, tok.pad_token_id, generator=generator
+        )
         return response, response_mask
 
     response, response_mask = responses()
@@ -409,7 +482,7 @@ def test_bandit_ppo_raises_probability_of_rewarded_token(env, tmp_path):
     x_token.fill_(int((rates - 0.1).abs().argmin()))
     before = rates[x_token].item()
     for _ in range(5):
-        train_iteration(session)
+        train_iteration(run)
     after = contains_x(query, mask, *responses()).mean().item()
     print(f"bandit: token {tok.decode([int(x_token)])!r}, P(X in response) {before:.3f} -> {after:.3f}")
     assert 0.02 < before < 0.2 and after > 3 * before
@@ -466,7 +539,7 @@ def test_cli_smoke_run_writes_policy_value_metrics_and_results(env, tmp_path):
     assert len(samples) == 4 and {"prompt", "response", "score", "has_eos"} <= samples[0].keys()
 
 
-def test_constant_returns_log_no_nan(env, tmp_path):
+def test_constant_returns_log_no_nan(env, tmp_path, new_run):
     """Every score 0, no KL penalty and a zero value head: the returns do not vary, so the explained variance
     is undefined and logged as None (JSON null); no metric is NaN. (A CUDA run of the bandit test drew such
     a first batch and logged NaN before.)"""
@@ -476,15 +549,15 @@ def test_constant_returns_log_no_nan(env, tmp_path):
     def zero_score(query, query_mask, response, response_mask):
         return torch.zeros(query.shape[0])
 
-    session = build_session(cfg, score_fn=zero_score)
-    metrics, _, _ = train_iteration(session)
+    run = new_run(cfg, score_fn=zero_score)
+    metrics, _, _ = train_iteration(run)
     assert metrics["value/explained_variance"] is None
     assert all(v is None or math.isfinite(v) for v in metrics.values()), metrics
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path):
+def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path, new_run):
     tok = load_tokenizer(env["policy"])
     x_token = tok(" cat", add_special_tokens=False)["input_ids"][0]
 
@@ -496,38 +569,39 @@ def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path):
         "lr=0.01", "value_lr=0.01", "warmup_iterations=0", "kl.coef=0", "missing_eos_score=null", "ptx.coef=1.0",
         "ema_decay=0.9", "value_head_init=zero", "generation.max_new_tokens=8", "iterations=8",
     )  # fmt: skip
-    session = build_session(cfg, score_fn=contains_x)
-    assert session.device.type == "cuda" and session.sampling_generator.device.type == "cuda"
-    query, mask = left_pad([session.prompt_ids[i % 4] for i in range(256)], tok.pad_token_id)
+    run = new_run(cfg, score_fn=contains_x)
+    assert run.runtime.device.type == "cuda" and run.sampling_generator.device.type == "cuda"
+    query, mask = left_pad([run.prompts.ids[i % 4] for i in range(256)], tok.pad_token_id)
     query, mask = query.cuda(), mask.cuda()
 
     def p_x() -> float:
         generator = torch.Generator(device="cuda").manual_seed(123)
-        response = session.backend.generate(query, mask, 8, 1.0, generator)
-        response, response_mask, _ = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        response, response_mask, _ = sample_responses(
+            run.sampler, query, mask, 8, 1.0, tok.eos_token_id, tok.pad_token_id, generator=generator
+        )
         return contains_x(query, mask, response, response_mask).mean().item()
 
     cuda_state = torch.cuda.get_rng_state()
     before = p_x()
     assert p_x() == before and torch.equal(torch.cuda.get_rng_state(), cuda_state)
     for _ in range(cfg.iterations):
-        metrics, _, _ = train_iteration(session)
+        metrics, _, _ = train_iteration(run)
         assert all(v is None or v == v for v in metrics.values()), metrics  # no NaN
     after = p_x()
     print(f"cuda bandit: P(X in response) {before:.3f} -> {after:.3f}")
     assert before < 0.1 and after > 0.4
-    session.save_policy(tmp_path / "policy")
+    run.save_policy(tmp_path / "policy")
     assert (tmp_path / "policy" / "model.safetensors").exists()
 
 
-def test_a_batch_of_one_response_that_is_only_eos_trains_without_error(env, tmp_path, tiny_tokenizer):
+def test_a_batch_of_one_response_that_is_only_eos_trains_without_error(env, tmp_path, tiny_tokenizer, new_run):
     """batch_size=1 and EOS sampled first leave one response token: whitening has no spread to divide by, and
     the iteration must still run (advantage 0, finite losses), not stop on an undefined variance."""
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     cfg = make_cfg(env, tmp_path, "batch_size=1", "minibatch_size=1", "micro_batch_size=1", "ptx.coef=0")
     responses = torch.tensor([[eos] + [pad] * 5])
-    session = build_session(cfg, backend=ScriptedBackend(responses))
-    metrics, rollout, _ = train_iteration(session)
+    run = new_run(cfg, sampler=ScriptedBackend(responses))
+    metrics, rollout, _ = train_iteration(run)
     assert int(rollout.response_mask.sum()) == 1
     assert torch.equal(rollout.advantages, torch.zeros_like(rollout.advantages))
     assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["loss/value"])

@@ -9,26 +9,22 @@ import threading
 import pytest
 import torch
 
+from instructrl.fast import head
+from instructrl.fast.head import FusedHeadLogProbs, fused_lm_head
+from instructrl.fast.overlap import OverlapRunner, SequentialRunner
+from instructrl.fast.sampler import CachedSampler, sample_inverse_cdf
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm
-from instructrl.rl import logprobs_from_logits
-from instructrl.rollout import CachedSampler, HFGenerateBackend, sample_inverse_cdf, sample_multinomial
-from instructrl.stages import ppo_parts
-from instructrl.stages.ppo_parts import (
-    compute_advantages,
-    left_pad,
-    make_rollout,
-    response_logits,
-    response_logprobs,
-)
-from instructrl.stages.ppo_session import build_session, collect_rollout, minibatch_step
-from test_overlap import torch_threads
+from instructrl.models.logprobs import FullLogits
+from instructrl.rollout import HFGenerateBackend, sample_multinomial
+from instructrl.stages import ppo
+from instructrl.stages.ppo_build import build_run
+from instructrl.stages.ppo_rollout import left_pad, score_rollout
+from instructrl.stages.ppo_trainers import reduce_side_stats
+from test_overlap import collect_rollout, minibatch_step, torch_threads
 from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
 
-
-def straightforward_logprobs(model, input_ids, attention_mask, response, temperature):
-    """The reference: full-vocabulary logits at the response positions, then log-softmax + gather."""
-    logits = response_logits(model, input_ids, attention_mask, response.shape[1])  # (B, R, V)
-    return logprobs_from_logits(logits, response, temperature)
+FAST, REFERENCE = FusedHeadLogProbs(), FullLogits()
+"""The two sides of the log-prob seam: through the fused LM head, and from the model's full logits."""
 
 
 def params(model):
@@ -41,7 +37,7 @@ def test_fused_head_logprobs_and_gradients_match_straightforward_path(tiny_token
     torch.manual_seed(0)
     spec = ModelSpec(arch=arch, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
     model = build_causal_lm(spec, tiny_tokenizer).double().eval()
-    assert ppo_parts.fused_lm_head(model) is not None  # the fused path is the one under test
+    assert fused_lm_head(model) is not None  # the fused path is the one under test
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (3, 7, 5)]
     query, query_mask = left_pad(prompts, tiny_tokenizer.pad_token_id)  # left padding: position ids matter
@@ -57,18 +53,21 @@ def test_fused_head_logprobs_and_gradients_match_straightforward_path(tiny_token
         (out * upstream).sum().backward()
         return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    got, got_grads = value_and_grads(response_logprobs)
-    expected, expected_grads = value_and_grads(straightforward_logprobs)
+    got, got_grads = value_and_grads(FAST.responses)
+    expected, expected_grads = value_and_grads(REFERENCE.responses)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     assert got_grads.keys() == expected_grads.keys()
     for name in expected_grads:
         torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
     with torch.inference_mode():
-        logprobs, entropy = response_logprobs(model, input_ids, attention_mask, response, temperature, True)
-        logits = response_logits(model, input_ids, attention_mask, response.shape[1])
+        logprobs, entropy = FAST.responses(model, input_ids, attention_mask, response, temperature, True)
+        want_logprobs, want_entropy = REFERENCE.responses(
+            model, input_ids, attention_mask, response, temperature, True
+        )
+        torch.testing.assert_close(want_logprobs, expected, rtol=0, atol=0)
         torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-10)
-        torch.testing.assert_close(entropy, ppo_parts.entropy_from_logits(logits, temperature), rtol=0, atol=1e-10)
+        torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -83,12 +82,9 @@ def test_fused_ptx_logprobs_and_gradients_match_the_full_logits(tiny_tokenizer, 
         out.sum().backward()
         return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    def full_logits():
-        logits = model(input_ids=windows, use_cache=False).logits[:, :-1]
-        return ppo_parts.logprobs_from_logits(logits, windows[:, 1:], 1.0)
-
-    got, got_grads = value_and_grads(lambda: ppo_parts.ptx_logprobs(model, windows))
-    expected, expected_grads = value_and_grads(full_logits)
+    assert fused_lm_head(model) is not None
+    got, got_grads = value_and_grads(lambda: FAST.texts(model, windows))
+    expected, expected_grads = value_and_grads(lambda: REFERENCE.texts(model, windows))
     assert got.shape == (3, 8)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     assert got_grads.keys() == expected_grads.keys()
@@ -114,37 +110,42 @@ def test_a_wrapped_model_is_called_whole_and_gives_the_same_logprobs(tiny_tokeni
     wrapper = Wrapper(model)
     ids = torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    expected = response_logprobs(model, ids, mask, ids[:, -3:], 0.9)
-    torch.testing.assert_close(response_logprobs(wrapper, ids, mask, ids[:, -3:], 0.9), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ppo_parts.ptx_logprobs(wrapper, ids), ppo_parts.ptx_logprobs(model, ids))
+    assert fused_lm_head(wrapper) is not None  # found under .module
+    expected = FAST.responses(model, ids, mask, ids[:, -3:], 0.9)
+    torch.testing.assert_close(FAST.responses(wrapper, ids, mask, ids[:, -3:], 0.9), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(FAST.texts(wrapper, ids), FAST.texts(model, ids))
     assert wrapper.calls == 2
 
 
 def test_unknown_architectures_take_the_straightforward_path(tiny_tokenizer, monkeypatch):
     model = build_causal_lm(ModelSpec(d_model=32, n_layers=1, n_heads=2), tiny_tokenizer)
-    monkeypatch.setattr(ppo_parts, "FUSED_HEAD_MODEL_TYPES", frozenset())
-    assert ppo_parts.fused_lm_head(model) is None
+    monkeypatch.setattr(head, "FUSED_HEAD_MODEL_TYPES", frozenset())
+    assert fused_lm_head(model) is None
     ids = torch.randint(5, 200, (2, 5))
     mask = torch.ones_like(ids)
     torch.testing.assert_close(
-        response_logprobs(model, ids, mask, ids[:, -2:], 1.0),
-        straightforward_logprobs(model, ids, mask, ids[:, -2:], 1.0),
+        FAST.responses(model, ids, mask, ids[:, -2:], 1.0), REFERENCE.responses(model, ids, mask, ids[:, -2:], 1.0)
     )
+    torch.testing.assert_close(FAST.texts(model, ids), REFERENCE.texts(model, ids))
 
 
-def test_rollout_and_update_with_fused_head_equal_the_straightforward_ones(env, tmp_path, monkeypatch):  # noqa: F811
-    """A whole PPO step: rollout tensors and the parameters after one optimizer step agree."""
+def test_rollout_and_update_with_fused_head_equal_the_straightforward_ones(env, tmp_path):  # noqa: F811
+    """A whole PPO step with the run's log-prob seam (the fused head) and with the reference seam put in its place:
+    rollout tensors and the parameters after one optimizer step agree."""
     cfg = make_cfg(env, tmp_path, "ptx.coef=0", "generation.temperature=0.8")
     results = {}
     for path in ("fused", "straightforward"):
-        if path == "straightforward":
-            monkeypatch.setattr(ppo_parts, "FUSED_HEAD_MODEL_TYPES", frozenset())
         torch.manual_seed(0)
-        session = build_session(cfg)
-        rollout, _ = collect_rollout(session)
-        rollout = compute_advantages(rollout, session.kl_controller.value)
-        stats = minibatch_step(session, rollout.select(slice(0, cfg.minibatch_size)))
-        results[path] = (rollout, stats, params(session.policy))
+        run = build_run(cfg)
+        assert type(run.models.logprobs) is FusedHeadLogProbs and run.actor.logprobs is run.models.logprobs
+        if path == "straightforward":  # the rollout's and the training step's log-probs
+            run.models.logprobs = run.actor.logprobs = FullLogits()
+        try:
+            rollout = collect_rollout(run)
+            stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
+        finally:
+            run.close()
+        results[path] = (rollout, stats, params(run.models.policy))
     (a, stats_a, policy_a), (b, stats_b, policy_b) = results["fused"], results["straightforward"]
     torch.testing.assert_close(a.response, b.response, rtol=0, atol=0)
     for field in ("logprobs", "ref_logprobs", "entropy", "values", "scores", "advantages"):
@@ -191,6 +192,7 @@ def test_bf16_sampling_casts_each_weight_once_and_samples_what_inference_mode_sa
     enclosing inference mode and an empty cast cache are back afterwards."""
     from torch.profiler import profile
 
+    from instructrl.fast import sampler as fast_sampler
     from instructrl.rollout import sampler
 
     torch.manual_seed(0)
@@ -211,7 +213,8 @@ def test_bf16_sampling_casts_each_weight_once_and_samples_what_inference_mode_sa
 
     ours, casts = sample()
     assert casts == 1
-    monkeypatch.setattr(sampler, "sampling_mode", lambda device_type: torch.inference_mode())
+    for module in (sampler, fast_sampler):
+        monkeypatch.setattr(module, "sampling_mode", lambda device_type: torch.inference_mode())
     theirs, per_token = sample()
     assert per_token > 1  # without it: once per forward, i.e. per generated token
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
@@ -222,8 +225,6 @@ def test_cached_sampler_draws_the_same_tokens_with_the_halves_sampled_at_once(ti
     """With a concurrent runner the two halves of the batch are sampled on two threads: same tokens (every row
     has its own uniforms), rows that finish at different steps included, and the caller's autocast holds in
     the worker threads too."""
-    from instructrl.utils.overlap import OverlapRunner, SequentialRunner
-
     torch.manual_seed(0)
     model = build_causal_lm(ModelSpec(arch="llama", d_model=32, n_layers=2, n_heads=2, max_seq_len=64), tiny_tokenizer)
     model.eval()
@@ -243,7 +244,7 @@ def test_cached_sampler_draws_the_same_tokens_with_the_halves_sampled_at_once(ti
     def sample(runner) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(7)
         with torch.inference_mode(), autocast:
-            tokens = CachedSampler(model, eos, pad).generate(query, query_mask, 12, 0.9, generator, runner=runner)
+            tokens = CachedSampler(model, eos, pad, runner=runner).generate(query, query_mask, 12, 0.9, generator)
         return tokens, generator.get_state()
 
     runner = OverlapRunner(2)
@@ -261,35 +262,29 @@ def test_cached_sampler_draws_the_same_tokens_with_the_halves_sampled_at_once(ti
     assert lengths.min() < lengths.max(), "rows should finish at different steps"
 
 
-def test_rollout_passes_its_runner_only_to_backends_that_take_one(env):  # noqa: F811
+@pytest.mark.parametrize("backend", ["cached", "hf"])
+def test_the_cached_sampler_gets_the_runs_runner_and_the_hf_backend_none(env, tmp_path, backend):  # noqa: F811
+    """``make_sampler`` hands the run's runner to our sampler (which samples the halves of a batch at once with a
+    concurrent one); ``generate`` takes no runner. ``build_run`` passes its own runner
+    (test_overlap.py::test_ppo_ptx_with_overlapped_models_equals_the_sequential_run)."""
     from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
-    from instructrl.models.reward import load_reward_model
-    from instructrl.stages.ppo_parts import RolloutSettings
-    from instructrl.utils.overlap import SequentialRunner
+    from instructrl.stages.ppo_build import make_sampler
+    from instructrl.utils.distributed import get_runtime
 
+    cfg = make_cfg(env, tmp_path, f"generation.backend={backend}")
     tok = load_tokenizer(env["policy"])
     policy = load_causal_lm(env["policy"], tok).eval()
-    value = load_reward_model(env["rm"]).eval()
-    query, query_mask = left_pad([[5, 6, 7], [8, 9]], tok.pad_token_id)
-    calls = []
-
-    class Recording:
-        def __init__(self, takes_runner: bool):
-            self.takes_runner = takes_runner
-
-        def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None, **options):
-            calls.append(options)
-            return torch.full((prompt_ids.shape[0], max_new_tokens), tok.eos_token_id)
-
-        def sync_weights(self, model):
-            pass
-
-    runner = SequentialRunner()
-    settings = RolloutSettings(3, 1.0, tok.eos_token_id, tok.pad_token_id)
-    score = lambda q, qm, r, rm: torch.zeros(q.shape[0])  # noqa: E731
-    for takes in (True, False):
-        make_rollout(policy, policy, value, Recording(takes), score, query, query_mask, settings, None, runner)
-    assert calls == [{"runner": runner}, {}]
+    runner = OverlapRunner(2)
+    try:
+        sampler = make_sampler(cfg, policy, tok, get_runtime("cpu"), runner)
+    finally:
+        runner.close()
+    assert sampler.model is policy
+    if backend == "cached":
+        assert type(sampler) is CachedSampler and sampler.runner is runner
+        assert make_sampler(cfg, policy, tok, get_runtime("cpu")).runner is None  # no runner: one after the other
+    else:
+        assert type(sampler) is HFGenerateBackend and not hasattr(sampler, "runner")
 
 
 def test_inverse_cdf_draw_matches_a_python_loop_and_never_draws_zero_probability_tokens():
@@ -333,46 +328,50 @@ def test_bf16_mixed_precision_losses_track_fp32(env, tmp_path):  # noqa: F811
     cfg32 = make_cfg(env, tmp_path / "fp32", "ptx.coef=0.5", "generation.temperature=0.8")
     cfg16 = dataclasses.replace(cfg32, output_dir=str(tmp_path / "bf16"), precision="bf16")
     torch.manual_seed(0)
-    session32 = build_session(cfg32)
-    session16 = build_session(cfg16)
-    session16.policy.load_state_dict(session32.policy.state_dict())
-    session16.value_model.load_state_dict(session32.value_model.state_dict())
-    rollout, _ = collect_rollout(session32)
-    rollout = compute_advantages(rollout, session32.kl_controller.value)
+    run32 = build_run(cfg32)
+    run16 = build_run(cfg16)
+    try:
+        run16.models.policy.load_state_dict(run32.models.policy.state_dict())
+        run16.models.value_model.load_state_dict(run32.models.value_model.state_dict())
+        rollout = collect_rollout(run32)
 
-    # the rollout's forwards, re-run in bf16 on the same responses
-    settings16 = session16.rollout_settings()
-    assert settings16.autocast_dtype == torch.bfloat16
+        # the rollout's forwards, re-run in bf16 on the same responses
+        assert run32.models.autocast_dtype is None and run16.models.autocast_dtype == torch.bfloat16
+        with run16.models.precision():
+            scored16 = score_rollout(run16.models, rollout.query, rollout.query_mask, rollout.response,
+                                     rollout.response_mask, rollout.has_eos, cfg16.generation.temperature)  # fmt: skip
+        mask = rollout.response_mask
+        for field in ("logprobs", "ref_logprobs"):
+            diff = (getattr(scored16, field) - getattr(rollout, field)).abs()[mask]
+            assert diff.max() < BF16_LOGPROB_TOLERANCE, (field, diff.max())
+        assert (scored16.values - rollout.values).abs()[mask].max() < BF16_LOGPROB_TOLERANCE
 
-    class Replay:
-        def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None):
-            width = rollout.response.shape[1]
-            pad = torch.full((prompt_ids.shape[0], max_new_tokens - width), settings16.pad_token_id)
-            return torch.cat([rollout.response, pad], dim=1)
-
-    scored16 = make_rollout(session16.policy, session16.ref_policy, session16.value_model, Replay(),
-                            session16.score_fn, rollout.query, rollout.query_mask, settings16)  # fmt: skip
-    mask = rollout.response_mask
-    for field in ("logprobs", "ref_logprobs"):
-        diff = (getattr(scored16, field) - getattr(rollout, field)).abs()[mask]
-        assert diff.max() < BF16_LOGPROB_TOLERANCE, (field, diff.max())
-    assert (scored16.values - rollout.values).abs()[mask].max() < BF16_LOGPROB_TOLERANCE
-
-    minibatch = rollout.select(slice(0, cfg32.minibatch_size))
-    stats32 = minibatch_step(session32, minibatch)
-    stats16 = minibatch_step(session16, minibatch)
+        minibatch = rollout.select(slice(0, cfg32.minibatch_size))
+        stats32 = minibatch_step(run32, minibatch)
+        stats16 = minibatch_step(run16, minibatch)
+    finally:
+        run32.close()
+        run16.close()
     for key in ("loss/policy", "loss/value", "loss/ptx"):
         assert abs(stats16[key] - stats32[key]) <= BF16_LOSS_TOLERANCE * (abs(stats32[key]) + 0.01), key
     assert stats16["policy/grad_norm"] == pytest.approx(stats32["policy/grad_norm"], rel=0.1)
 
 
-def test_bf16_rollout_has_ratio_one_on_its_first_minibatch(env, tmp_path):  # noqa: F811
-    from instructrl.stages.ppo_session import ppo_update
+def test_bf16_rollout_has_ratio_one_on_its_first_minibatch(env, tmp_path, monkeypatch):  # noqa: F811
+    run = build_run(make_cfg(env, tmp_path, "precision=bf16", "ptx.coef=0"))
+    per_minibatch = []
 
-    session = build_session(make_cfg(env, tmp_path, "precision=bf16", "ptx.coef=0"))
-    rollout, _ = collect_rollout(session)
-    first = ppo_update(session, compute_advantages(rollout, session.kl_controller.value))[0]
-    assert abs(first["policy/ratio_max"] - 1.0) < 1e-2
+    def recording(sides, runtime):
+        per_minibatch.append(reduce_side_stats(sides, runtime))
+        return per_minibatch[-1]
+
+    monkeypatch.setattr(ppo, "reduce_side_stats", recording)
+    try:
+        ppo.train_iteration(run)
+    finally:
+        run.close()
+    assert len(per_minibatch) == run.cfg.ppo_epochs * run.cfg.batch_size // run.cfg.minibatch_size
+    assert abs(per_minibatch[0]["policy/ratio_max"] - 1.0) < 1e-2
 
 
 def plain_autocast_logprobs(model, input_ids, attention_mask, response, temperature):
@@ -389,26 +388,29 @@ def plain_autocast_logprobs(model, input_ids, attention_mask, response, temperat
 def test_bf16_ppo_logprobs_in_iteration_two_are_those_of_the_current_policy(env, tmp_path, monkeypatch):  # noqa: F811
     """After a bf16 iteration's fused-AdamW steps, the next iteration's rollout and training log-probs (fused head)
     equal a plain autocast forward of the policy as it is at that moment, within bf16 rounding."""
-    from instructrl.stages.ppo_session import train_iteration
-
     cfg = make_cfg(env, tmp_path, "precision=bf16", "ptx.coef=0", "lr=0.01", "warmup_iterations=0",
                    "generation.temperature=0.8")  # fmt: skip
-    session = build_session(cfg)
+    run = build_run(cfg)
+    seam = run.models.logprobs
+    assert type(seam) is FusedHeadLogProbs and run.actor.logprobs is seam  # the rollout's and training's seam
     checked = {"rollout": [], "training": []}
-    original = ppo_parts.response_logprobs
+    original = seam.responses
 
     def checking(model, input_ids, attention_mask, response, temperature, with_entropy=False):
         out = original(model, input_ids, attention_mask, response, temperature, with_entropy)
-        if session.iteration == 1 and getattr(model, "module", model) is session.policy:
+        if run.iteration == 1 and getattr(model, "module", model) is run.models.policy:
             kind = "training" if torch.is_grad_enabled() else "rollout"
             got = (out[0] if with_entropy else out).detach()
-            want = plain_autocast_logprobs(session.policy, input_ids, attention_mask, response, temperature)
+            want = plain_autocast_logprobs(run.models.policy, input_ids, attention_mask, response, temperature)
             checked[kind].append((got - want).abs().max().item())
         return out
 
-    monkeypatch.setattr(ppo_parts, "response_logprobs", checking)
-    train_iteration(session)
-    train_iteration(session)
+    monkeypatch.setattr(seam, "responses", checking)
+    try:
+        ppo.train_iteration(run)
+        ppo.train_iteration(run)
+    finally:
+        run.close()
     assert checked["rollout"] and checked["training"]
     assert max(checked["rollout"]) < 2e-2, checked["rollout"]
     assert checked["training"][0] < 2e-2, checked["training"]  # the first minibatch of iteration 2

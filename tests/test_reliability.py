@@ -16,7 +16,7 @@ from instructrl import demo
 from instructrl.cli import main
 from instructrl.config import save_config
 from instructrl.errors import UserFacingError
-from instructrl.stages import ppo_session, rm, sft
+from instructrl.stages import ppo, ppo_trainers, rm, sft
 from instructrl.utils import checkpoint
 from instructrl.utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from instructrl.utils.guards import (
@@ -192,23 +192,26 @@ def ppo_inputs(tmp_path, tiny_lm_dir, tiny_tokenizer) -> list[str]:
 
 
 def test_ppo_skips_a_nan_minibatch_and_reports_its_iteration(tmp_path, ppo_inputs, monkeypatch, capsys):
-    real, calls = ppo_session.accumulate_policy_gradients, []
+    real, calls = ppo_trainers.policy_loss, []
 
-    def nan_loss_on_first_minibatch(*args, **kwargs):
+    def nan_loss_on_first_minibatch(*args, **kwargs):  # one micro-batch per minibatch: the first policy step
         calls.append(1)
-        side = real(*args, **kwargs)
-        if len(calls) == 1:
-            side.losses["loss/policy"] = float("nan")
-        return side
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 1 else loss), stats  # a NaN loss, hence a NaN gradient
 
-    monkeypatch.setattr(ppo_session, "accumulate_policy_gradients", nan_loss_on_first_minibatch)
+    monkeypatch.setattr(ppo_trainers, "policy_loss", nan_loss_on_first_minibatch)
     assert main([*ppo_inputs, "--set", "save_every=1"]) == 0
-    assert "iteration 1: non-finite loss/policy; update skipped" in capsys.readouterr().err
+    assert "iteration 1: non-finite loss/policy, policy/grad_norm; update skipped" in capsys.readouterr().err
     assert [r.get("nonfinite_skipped", 0) for r in metrics(tmp_path / "ppo")] == [1, 1]
     step, state = load_latest_checkpoint(tmp_path / "ppo")
     assert step == 1 and state["nonfinite"] == {"skipped": 1, "in_a_row": 0}
-    for optimizer in ("policy_optimizer", "value_optimizer"):  # two minibatches, the first skipped: one step
-        assert {int(s["step"]) for s in state[optimizer]["state"].values()} == {1}
+    # two minibatches in iteration 1: the policy's NaN gradient skipped its own first step, so it stepped once;
+    # the value model's gradients were finite in both minibatches, so it stepped twice (each side skips alone)
+    adam_steps = {
+        name: {int(s["step"]) for s in state[name]["state"].values()}
+        for name in ("policy_optimizer", "value_optimizer")
+    }
+    assert adam_steps == {"policy_optimizer": {1}, "value_optimizer": {2}}
 
 
 # --------------------------------------------------------------------------- out of memory
@@ -238,14 +241,15 @@ def test_pretrain_out_of_memory_names_what_to_lower(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize(
-    ("target", "expected"),
+    ("module", "target", "expected"),
     [
-        ("make_rollout", "out of memory during rollout generation"),
-        ("accumulate_value_gradients", "out of memory during the PPO update"),
+        (ppo, "sample_responses", "out of memory during rollout generation"),
+        (ppo_trainers, "value_loss", "out of memory during the PPO update"),  # inside the value model's step
     ],
+    ids=["rollout", "update"],
 )
-def test_ppo_out_of_memory_names_what_to_lower(ppo_inputs, monkeypatch, capsys, target, expected):
-    monkeypatch.setattr(ppo_session, target, raise_out_of_memory)
+def test_ppo_out_of_memory_names_what_to_lower(ppo_inputs, monkeypatch, capsys, module, target, expected):
+    monkeypatch.setattr(module, target, raise_out_of_memory)
     assert main(ppo_inputs) == 1
     err = capsys.readouterr().err
     assert expected in err and ("generation.max_new_tokens" in err or "micro_batch_size" in err)

@@ -1,4 +1,5 @@
-"""instructrl.rl math against naive references written as python loops over plain floats."""
+"""instructrl.rl math (and the fused LM head, instructrl.fast.head) against naive references written as python loops
+over plain floats."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instructrl.fast.head import lm_head_logprobs
 from instructrl.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -18,8 +20,6 @@ from instructrl.rl import (
     kl_k1,
     kl_k2,
     kl_k3,
-    lm_head_logprobs,
-    lm_head_logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -181,8 +181,8 @@ def test_fused_lm_head_logprobs_and_gradients_match_naive_head_then_log_softmax(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
     with torch.no_grad():
-        logprobs, entropy = lm_head_logprobs_and_entropy(
-            hidden, weight, labels, temperature, bias, chunk_elements, vocab_block
+        logprobs, entropy = lm_head_logprobs(
+            hidden, weight, labels, temperature, bias, chunk_elements, vocab_block, with_entropy=True
         )
         logits = hidden @ weight.T + (bias if bias is not None else 0)
         torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-12)
@@ -297,7 +297,7 @@ def test_fused_lm_head_with_no_positions_gives_empty_results_and_zero_weight_gra
     assert out.shape == (2, 0)
     out.sum().backward()
     assert torch.equal(weight.grad, torch.zeros_like(weight))
-    logprobs, entropy = lm_head_logprobs_and_entropy(hidden.detach(), weight, labels, vocab_block=4)
+    logprobs, entropy = lm_head_logprobs(hidden.detach(), weight, labels, vocab_block=4, with_entropy=True)
     assert logprobs.shape == entropy.shape == (2, 0)
 
 
@@ -324,7 +324,7 @@ def test_fused_lm_head_under_bf16_autocast_tracks_float32(vocab_block):
         assert got.dtype == torch.float32
         assert (got - expected).norm() <= 0.02 * expected.norm()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        scored, _ = lm_head_logprobs_and_entropy(hidden, weight, labels, 0.9, vocab_block=vocab_block)
+        scored, _ = lm_head_logprobs(hidden, weight, labels, 0.9, vocab_block=vocab_block, with_entropy=True)
     torch.testing.assert_close(scored, out32, rtol=0, atol=0.05)
 
 

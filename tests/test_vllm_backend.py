@@ -37,7 +37,7 @@ def test_request_seeds_follow_the_rollout_generator():
 def test_choosing_vllm_without_a_gpu_is_a_clear_error(tmp_path, tiny_lm_dir):
     from instructrl.errors import UserFacingError
     from instructrl.models.reward import reward_model_from_causal_lm
-    from instructrl.stages.ppo_session import build_session
+    from instructrl.stages.ppo_build import build_run
     from test_ppo import make_cfg
 
     rm = reward_model_from_causal_lm(tiny_lm_dir, pad_token_id=PAD)
@@ -51,7 +51,7 @@ def test_choosing_vllm_without_a_gpu_is_a_clear_error(tmp_path, tiny_lm_dir):
     env["prompts"].write_text('{"prompt": "the capital of norland is"}\n')
     env["texts"].write_text('{"text": "the capital of norland is vesk ."}\n')
     with pytest.raises(UserFacingError, match="CUDA"):
-        build_session(make_cfg(env, tmp_path / "out", "generation.backend=vllm"))
+        build_run(make_cfg(env, tmp_path / "out", "generation.backend=vllm"))
 
 
 @pytest.mark.vllm

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl.models.kernels import few_rows_cpu_lm_head
+from instructrl.fast.kernels import few_rows_cpu_lm_head
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def generate_responses(
 
     Prompts are left-padded (transformers derives position ids from the attention mask); output order
     matches ``prompts``. Text after the first EOS is dropped. The model's LM head is switched to
-    :func:`~instructrl.models.kernels.few_rows_cpu_lm_head` (the same products, faster for a decoding step's few
+    :func:`~instructrl.fast.kernels.few_rows_cpu_lm_head` (the same products, faster for a decoding step's few
     rows on a CPU; every other call runs ``F.linear`` as before).
     """
     was_training = model.training

@@ -34,10 +34,11 @@ import torch
 
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
+from instructrl.models.logprobs import response_logits
 from instructrl.models.scoring import max_positions
 from instructrl.rl.logprobs import logprobs_from_logits
 from instructrl.rollout.sampler import HFGenerateBackend, truncate_after_eos
-from instructrl.stages.ppo_parts import left_pad, response_logits
+from instructrl.stages.ppo_rollout import left_pad
 from instructrl.world import Task, World
 
 # --------------------------------------------------------------------------- fits

@@ -5,12 +5,7 @@ Plain torch functions on (B, T) tensors with a ``response_mask``; nothing here i
 
 from instructrl.rl.advantages import gae, masked_mean, masked_sum, masked_var, masked_whiten
 from instructrl.rl.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3, shaped_rewards
-from instructrl.rl.logprobs import (
-    entropy_from_logits,
-    lm_head_logprobs,
-    lm_head_logprobs_and_entropy,
-    logprobs_from_logits,
-)
+from instructrl.rl.logprobs import entropy_from_logits, logprobs_from_logits
 from instructrl.rl.losses import explained_variance, policy_loss, ptx_loss, ranking_loss, value_loss
 
 __all__ = [
@@ -22,8 +17,6 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
-    "lm_head_logprobs",
-    "lm_head_logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

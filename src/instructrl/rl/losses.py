@@ -63,10 +63,12 @@ def ranking_loss(
 
         loss = (1/G) Σ_g (1/n_g) Σ_{pairs p of g} −log σ(r_{w(p)} − r_{l(p)})
 
-    n_g is the number of pairs of prompt g: C(K_g, 2) when the ranking has no ties. Tied pairs are dropped
-    upstream (§3.5), and n_g is then the prompt's *remaining* pair count, so every prompt still weighs
-    exactly 1 whatever its K and its ties. Prompts with no pairs at all contribute nothing and are not
-    counted in G. −log σ is computed with ``F.logsigmoid``, finite for any margin.
+    n_g is the number of pairs of prompt g: C(K_g, 2) when the ranking has no ties. The paper does not say
+    what to do with ties; we choose to drop tied pairs upstream (a tie states no preference) and to divide by
+    the prompt's *remaining* pair count rather than by C(K_g, 2), so every prompt still weighs exactly 1
+    whatever its K and its ties (dividing by C(K_g, 2) would make a prompt with ties weigh less). Prompts
+    with no pairs at all contribute nothing and are not counted in G. −log σ is computed with
+    ``F.logsigmoid``, finite for any margin.
 
     Args:
         rewards: (N,) RM outputs, one per completion.

@@ -1,21 +1,19 @@
-"""Rollout generation for PPO: the sampling backend interface, our KV-cache sampler and the ``generate`` backend."""
+"""Rollout generation for PPO: the sampling backend interface, the ``generate`` backend and EOS truncation.
+
+Our own KV-cache sampler, the default, is :class:`instructrl.fast.sampler.CachedSampler`."""
 
 from instructrl.rollout.sampler import (
-    CachedSampler,
     GenerationBackend,
     HFGenerateBackend,
     run_with_generator,
-    sample_inverse_cdf,
     sample_multinomial,
     truncate_after_eos,
 )
 
 __all__ = [
-    "CachedSampler",
     "GenerationBackend",
     "HFGenerateBackend",
     "run_with_generator",
-    "sample_inverse_cdf",
     "sample_multinomial",
     "truncate_after_eos",
 ]

@@ -4,25 +4,34 @@ Maximises InstructGPT Eq. 2 over the policy φ:
 
     objective(φ) = E_{(x,y)~π_φ} [ r_θ(x, y) − β · log(π_φ(y|x) / π^SFT(y|x)) ] + γ · E_{x~D_pretrain} [ log π_φ(x) ]
 
-γ = 0 is "PPO"; γ > 0 ("ptx.coef") is "PPO-ptx", what the paper calls InstructGPT.
+γ = 0 is "PPO"; γ > 0 (``ptx.coef``) is "PPO-ptx", what the paper calls InstructGPT. :func:`train_iteration`
+is one iteration, in the order of the recipe below; :func:`run` repeats it, logs, checkpoints and saves.
 
 One iteration:
-  1. Rollout: draw ``batch_size`` prompts (cycled, reshuffled every pass), sample one response each with
-     pure sampling at temperature T, cut at the first EOS. Forward passes (inference mode, position ids that
-     skip left padding) give log π (logits / T), log π^SFT, the values V and the RM score r_θ at the EOS;
-     a response without EOS gets ``missing_eos_score`` instead (the EOS trick).
-  2. Rewards: −β·(log π − log π^SFT) per token plus r_θ at the last token; GAE (γ = 1, λ = 0.95); advantage
-     whitening over the batch; optional reward whitening.
-  3. Update: ``ppo_epochs`` passes over the batch, reshuffled each time, cut into minibatches of
-     ``minibatch_size`` episodes (one optimizer step each) and micro-batches (gradient accumulation). Each
-     step accumulates the clipped surrogate + vf_coef × clipped value loss, then, for PPO-ptx, γ × the
-     LM loss on ``ptx.batch_ratio`` × ``minibatch_size`` pretraining windows, before one optimizer step.
-  4. β update (adaptive controller only), warmup LR schedule step, EMA of the policy after every step.
+  1. Sample: draw ``batch_size`` prompts (cycled, reshuffled every pass) and sample one response each with
+     pure sampling at temperature T, cut at the first EOS.
+  2. Score: forward passes (position ids that skip left padding) give log π (logits / T), log π^SFT, the
+     values V and the RM score r_θ at the EOS; a response without EOS gets ``missing_eos_score`` instead (the
+     EOS trick).
+  3. Rewards and advantages: −β·(log π − log π^SFT) per token plus r_θ at the last token; GAE (γ = 1,
+     λ = 0.95); advantage whitening over the batch; optional reward whitening.
+  4. Update: ``ppo_epochs`` passes over the batch, reshuffled each time, cut into minibatches of
+     ``minibatch_size`` episodes (one optimizer step each for the policy and for the value model) and
+     micro-batches (gradient accumulation). The policy's step accumulates the clipped surrogate and, for
+     PPO-ptx, γ × the LM loss on ``ptx.batch_ratio`` × ``minibatch_size`` pretraining windows, then updates
+     its EMA; the value model's step the clipped value loss.
+  5. β update (adaptive controller only), warmup LR schedule step, the sampler synced to the new weights.
+
+Where the pieces live: the experience (sampling, scoring, rewards, advantages) in :mod:`.ppo_rollout`, the
+two optimizer steps in :mod:`.ppo_trainers`, the losses themselves in :mod:`instructrl.rl`, building the run
+and its checkpoint state in :mod:`.ppo_build`, the settings in :mod:`.ppo_config`. The bracketed
+"ppo-details" names cite the implementation details listed in docs/ppo-details.md.
 
 Models: the policy and the frozen reference π^SFT both start from ``policy`` (the SFT model); the reward
-model is frozen; the value function is a separate network initialized from the reward model (paper's
-choice; ``value_head_init=zero`` re-initializes its head to 0 instead, N detail 11). Dropout is off in all
-four, and they stay in eval mode, so the rollout and training forward passes are the same computation.
+model is frozen; the value function is a separate network initialized from the reward model (the paper's
+choice [ppo-details: value-from-rm]; ``value_head_init=zero`` re-initializes its head to 0 instead
+[ppo-details: value-head-zero-init]). Dropout is off in all four, and they stay in eval mode, so the rollout
+and training forward passes are the same computation.
 
 Outputs in ``output_dir``: ``policy/`` (the released policy: the EMA weights when ``ema_decay`` is set, as a
 Hugging Face causal-LM directory with tokenizer), ``value/``, ``metrics.jsonl``, ``samples.jsonl``,
@@ -34,276 +43,127 @@ the newest checkpoint and continues exactly where it stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-from instructrl.config import (
-    check_resume_compatible,
-    require,
-    require_fraction,
-    require_non_negative,
-    require_path_exists,
-    require_positive,
-    resume_fingerprint,
-    save_config,
-)
+import torch
+
+from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
 from instructrl.errors import UserFacingError
 from instructrl.stages.common import progress, set_threads
-from instructrl.stages.ppo_session import PPOSession, build_session, train_iteration
+from instructrl.stages.ppo_build import PPORun, build_run
+from instructrl.stages.ppo_config import Config, GenerationSettings, KLSettings, PtxSettings
+from instructrl.stages.ppo_rollout import (
+    Rollout,
+    compute_advantages,
+    gather_rollout,
+    left_pad,
+    rollout_metrics,
+    sample_responses,
+    score_rollout,
+)
+from instructrl.stages.ppo_trainers import reduce_side_stats
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.distributed import get_runtime
-from instructrl.utils.guards import require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
 
-
-@dataclass
-class KLSettings:
-    """The per-token KL penalty β · log(π/π^SFT) in the reward."""
-
-    coef: float = 0.02
-    """β: fixed (InstructGPT 0.02, Stiennon et al. 0.05), or the starting value when ``adaptive``."""
-    adaptive: bool = False
-    """Steer β toward ``target`` with Ziegler et al.'s proportional controller instead of keeping it fixed."""
-    target: float = 6.0
-    """Adaptive only: target KL(π ‖ π^SFT) in nats per response (Ziegler's stylistic runs: 6)."""
-    horizon: float = 10000.0
-    """Adaptive only: controller horizon in episodes; β changes by at most 20% × batch_size / horizon per
-    iteration (Ziegler: 10,000)."""
-
-    def validate(self) -> None:
-        require_non_negative(self, "coef")
-        require_positive(self, "target", "horizon")
+__all__ = ["Config", "GenerationSettings", "KLSettings", "PtxSettings", "run", "train_iteration"]
 
 
-@dataclass
-class GenerationSettings:
-    """How responses are sampled during rollouts (pure sampling: top_k 0, top_p 1)."""
-
-    max_new_tokens: int = 48
-    """Response length cap in tokens (paper: 1k; sandbox responses are short)."""
-    temperature: float = 1.0
-    """Sampling temperature T (paper 1.0); log-probs are computed from logits / T (N detail 10)."""
-    max_prompt_tokens: int = 192
-    """Longer prompts are dropped and counted (the paper dropped prompts over 1k tokens)."""
-    batch_size: int = 0
-    """Prompts per ``generate`` call; 0 = the whole rollout batch at once."""
-    backend: Literal["cached", "hf", "vllm"] = "cached"
-    """'cached': our KV-cache sampling loop on the live policy (``instructrl.rollout.CachedSampler``: the same
-    distribution as 'hf', without ``generate``'s per-step overhead); 'hf': transformers' ``generate``; 'vllm':
-    a vLLM engine per GPU, weights synced after every update (GPU only, ``pip install 'instructrl[vllm]'``; see
-    ``instructrl.rollout.vllm_backend``)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """Share of each GPU's memory the vLLM engine may take (the rest is for training)."""
-
-    def validate(self) -> None:
-        require_positive(self, "max_new_tokens", "temperature", "max_prompt_tokens")
-        require_non_negative(self, "batch_size")
-        require(
-            self.backend in ("cached", "hf", "vllm"),
-            "generation.backend",
-            f"must be 'cached', 'hf' or 'vllm', got {self.backend!r}",
-        )
-        require_fraction(self, "vllm_gpu_memory_utilization")
+# --------------------------------------------------------------------------- one iteration
 
 
-@dataclass
-class PtxSettings:
-    """The pretraining term γ · E_{x~D_pretrain}[log π(x)] of PPO-ptx."""
+def train_iteration(run: PPORun) -> tuple[dict[str, Any], Rollout, list[int]]:
+    """One PPO iteration, steps 1-5 of the module docstring. Returns (metrics, the rollout, its prompts' indices).
 
-    coef: float = 2.5
-    """γ; 0 = plain PPO, which never reads pretraining data. The paper's 27.8 goes with OpenAI's loss scale and
-    ≈1M pretraining tokens per step (512 × 2048); here both terms are token means over ≈8k pretraining tokens
-    per step (64 × 128), so the ptx gradient is √(1M/8k) ≈ 11× noisier and 27.8 / 11 ≈ 2.5 keeps the paper's
-    noise-to-signal ratio. Measured at the start of PPO on a sandbox base model: ‖γ·∇ptx‖ / ‖∇PPO‖ ≈ 0.1 at
-    γ = 1 (0.05–0.17 over 8 minibatches), so ≈ 0.25 at 2.5, while γ = 27.8 would make the ptx gradient 1.3–4.5×
-    the PPO gradient from step one. The ptx gradient grows as the policy drifts from the pretrained model,
-    which is the restoring force PPO-ptx relies on; raise γ if held-out perplexity climbs."""
-    batch_ratio: float = 8.0
-    """Pretraining sequences per RL episode in each optimizer step (paper: 8)."""
-    data: str | None = None
-    """JSONL of {text} records; unset = the sandbox corpus of ``sandbox_seed``."""
-    sandbox_docs: int = 5000
-    """Sandbox corpus documents drawn when ``data`` is unset."""
-    seq_len: int = 128
-    """Tokens per pretraining window (documents are joined with EOS, as in pretraining)."""
-    micro_batch_size: int = 0
-    """Pretraining windows per forward/backward; 0 = the top-level micro_batch_size."""
+    Under N processes every rank draws the same global prompts, samples and scores its contiguous share with
+    its own sampling seed, and the shares are gathered: from step 3 on every rank holds the global batch, and
+    each optimizer step trains on its share of every minibatch.
+    """
+    cfg, generation, models, runtime = run.cfg, run.cfg.generation, run.models, run.runtime
+    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
+    started = time.time()
 
-    def validate(self) -> None:
-        require_non_negative(self, "coef", "micro_batch_size")
-        require_positive(self, "batch_ratio", "sandbox_docs")
-        require(self.seq_len >= 2, "ptx.seq_len", f"must be >= 2, got {self.seq_len}")
-        require_path_exists(self, "data")
+    # 1. Sample y ~ π_φ(·|x) for the next batch_size prompts (this rank's share).
+    prompt_index = run.prompts.next_batch(cfg.batch_size)
+    query, query_mask = left_pad([run.prompts.ids[i] for i in runtime.shard(prompt_index)], pad)
+    query, query_mask = query.to(runtime.device), query_mask.to(runtime.device)
+    rollout_oom = ("batch_size", "generation.batch_size", "forward_batch_size", "generation.max_new_tokens")
+    with out_of_memory_advice("rollout generation", *rollout_oom), models.precision():
+        response, response_mask, has_eos = sample_responses(
+            run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
+            generation.batch_size, run.sampling_generator,
+        )  # fmt: skip
+
+        # 2. Score: log π and log π^SFT at temperature T, values V, r_θ(x, y) at the EOS (the EOS trick).
+        rollout = score_rollout(
+            models, query, query_mask, response, response_mask, has_eos, generation.temperature,
+            cfg.missing_eos_score, cfg.forward_batch_size or cfg.micro_batch_size or cfg.minibatch_size,
+        )  # fmt: skip
+    rollout = gather_rollout(rollout, runtime, pad)  # every rank now holds the global batch
+
+    # 3. Rewards r_t = −β·(log π − log π^SFT)_t (+ r_θ at the last token), GAE, whitening over the batch.
+    beta = run.kl_controller.value
+    rollout = compute_advantages(rollout, beta, cfg.gamma, cfg.lam, cfg.whiten_rewards, cfg.whiten_advantages)
+    metrics: dict[str, Any] = rollout_metrics(rollout, beta)
+    sampled_and_scored = time.time()
+
+    # 4. PPO epochs: shuffle, then per minibatch one optimizer step of the policy (clipped surrogate
+    #    + γ · ptx loss, then its EMA) and one of the value model (clipped value loss).
+    per_minibatch = []
+    with out_of_memory_advice("the PPO update", "micro_batch_size", "ptx.micro_batch_size", "ptx.seq_len"):
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rollout.size, generator=run.shuffle_generator).to(runtime.device)
+            for first in range(0, rollout.size, cfg.minibatch_size):
+                minibatch = rollout.select(order[first : first + cfg.minibatch_size])
+                policy_side, value_side = models.side_by_side(
+                    partial(run.actor.train_step, minibatch), partial(run.critic.train_step, minibatch)
+                )
+                stats = reduce_side_stats([policy_side, value_side], runtime)
+                checked = {k: v for k, v in stats.items() if k.startswith(("loss/", "policy/grad_", "value/grad_"))}
+                run.nonfinite.step_is_finite(run.iteration + 1, **checked)  # a NaN/inf step was skipped: count it
+                per_minibatch.append(stats)
+    metrics.update(mean_stats(per_minibatch))
+
+    # 5. β controller, LR schedule, the sampler synced to the new weights.
+    metrics["policy/lr"] = run.actor.optimizer.param_groups[0]["lr"]
+    metrics["value/lr"] = run.critic.optimizer.param_groups[0]["lr"]
+    run.kl_controller.update(metrics["objective/kl"], rollout.size)
+    run.actor.scheduler.step()
+    run.sampler.sync_weights(models.policy)
+    run.iteration += 1
+
+    finished = time.time()
+    metrics["episodes"] = run.iteration * cfg.batch_size
+    metrics["prompt_passes"] = run.prompts.order.passes
+    metrics.update(run.nonfinite.metrics())
+    metrics.update({"time/rollout": sampled_and_scored - started, "time/update": finished - sampled_and_scored,
+                    "time/iteration": finished - started})  # fmt: skip
+    return metrics, rollout, prompt_index
 
 
-@dataclass
-class Config:
-    """PPO / PPO-ptx training of the SFT policy against the reward model."""
-
-    output_dir: str = "runs/sandbox/ppo"
-    """Where the policy, value model, metrics, samples and checkpoints go."""
-    policy: str = "runs/sandbox/sft"
-    """The SFT model the policy starts from (a Hugging Face causal-LM directory)."""
-    ref_policy: str | None = None
-    """The frozen KL reference π^SFT; unset = ``policy`` (the paper's choice)."""
-    reward_model: str = "runs/sandbox/rm"
-    """The reward model (saved by ``instructrl rm``); its normalized score at the EOS is the reward."""
-    value_model: str | None = None
-    """Where the value function starts; unset = ``reward_model`` (InstructGPT, Stiennon et al.)."""
-    value_head_init: Literal["reward", "zero"] = "reward"
-    """'reward' keeps the reward model's head (paper); 'zero' zeroes it (Ziegler's code, N detail 11)."""
-    prompts: str | None = None
-    """JSONL of {prompt} records; unset = the sandbox's PPO prompt pool (train split, disjoint from SFT and RM)."""
-    skip_bad: bool = False
-    """Skip (and count) malformed prompt records instead of stopping at the first one."""
-    sandbox_seed: int = 0
-    """Seed of the sandbox world used when ``prompts`` or ``ptx.data`` is unset."""
-    iterations: int = 100
-    """PPO iterations (rollout + update); episodes = iterations × batch_size (paper: 256k = 500 × 512)."""
-    batch_size: int = 64
-    """Episodes per rollout batch (paper 512)."""
-    minibatch_size: int = 8
-    """Episodes per optimizer step; must divide batch_size (paper 64, i.e. 8 minibatches per batch)."""
-    micro_batch_size: int = 0
-    """Episodes per forward/backward (gradient accumulation); 0 = minibatch_size."""
-    forward_batch_size: int = 0
-    """Episodes per scoring forward pass during rollouts; 0 = micro_batch_size."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch, reshuffled every pass (paper 1)."""
-    lr: float = 1e-4
-    """Policy learning rate after warmup (paper: swept 2.55e-6 … 2.55e-5 at 1.3B/6B; tiny models need more)."""
-    value_lr: float = 1e-4
-    """Value-function learning rate, constant (paper 9e-6 at 1.3B/6B)."""
-    warmup_iterations: int = 10
-    """Policy LR warms up linearly from lr/10 over this many iterations, then stays constant (paper 10)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam β1, β2 (paper)."""
-    adam_eps: float = 1e-5
-    """Adam ε (N+ details and TRL use 1e-5)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip for each of policy and value (0 disables)."""
-    gamma: float = 1.0
-    """Discount γ of GAE (paper: 1, no discounting)."""
-    lam: float = 0.95
-    """GAE λ."""
-    clip_range: float = 0.2
-    """PPO ratio clip ε (paper 0.2)."""
-    value_clip_range: float = 0.2
-    """Value-loss clip around the rollout values (N detail 19)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (the value network has its own optimizer, so this mostly scales its gradient)."""
-    whiten_rewards: bool = False
-    """Scale per-token rewards to unit variance over the batch without re-centring (N detail 18, N+ 24)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the batch (N detail 18, N+ 25)."""
-    missing_eos_score: float | None = -1.0
-    """Score given to responses that never emit EOS (the EOS trick, N+ 23); null keeps the RM score. Pick
-    it below typical RM scores (the sandbox RM is normalized to mean 0 on demonstrations)."""
-    ema_decay: float | None = 0.992
-    """EMA decay of the policy weights per optimizer step (paper 0.992); the released policy is the EMA. null
-    releases the live weights. With few optimizer steps the EMA lags far behind the live policy."""
-    kl: KLSettings = field(default_factory=KLSettings)
-    """KL penalty."""
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    """Rollout sampling."""
-    ptx: PtxSettings = field(default_factory=PtxSettings)
-    """Pretraining mix (PPO-ptx)."""
-    sample_every: int = 10
-    """Iterations between printed tables of sample generations (also appended to samples.jsonl); 0 = never."""
-    num_samples: int = 4
-    """Episodes per sample table."""
-    save_every: int = 20
-    """Iterations between resumable checkpoints."""
-    save_policy_every: int = 0
-    """Iterations between Hugging Face snapshots ``policy-iter-XXXX`` of the released policy; 0 = none."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """'bf16': bf16 mixed precision (autocast) for generation and every forward pass, rollout and training;
-    weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32. About 2×
-    faster where matmuls have a bf16 path (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on); losses track
-    fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32': everything in float32."""
-    fused_kernels: bool = True
-    """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
-    ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32 under bf16 on a CPU (where PyTorch's bf16
-    attention kernel is slower), the policy's LM head computed as (W · hᵀ)ᵀ for the sampler's few rows on a CPU
-    in float32, and (one process only) embedding gradients without a fresh (vocab × d)
-    buffer per step: the policy's tied embedding and its fused LM head add their gradients straight into a
-    ``.grad`` kept between steps, the value model's embedding sends sparse rows into one. Results agree with
-    false up to float rounding; false runs the models exactly as loaded."""
-    overlap_models: bool | Literal["auto"] = "auto"
-    """On a CPU, in one process, with 2+ torch threads: run the policy's work and the value model's work at the
-    same time on two threads, each with half of the intra-op threads (``instructrl.utils.overlap``): in each
-    minibatch step the policy's gradients, ptx, clipping and optimizer step beside the value model's, in the
-    rollout the policy + reference forwards beside the value forward + scoring, and (with the default 'cached'
-    sampler) the two halves of the rollout batch sampled at once: every row has its own uniforms, so the
-    tokens do not change (S1 sampling 1.15 -> 0.83 s, S2 2.66 -> 2.09 s per rollout). The side that finishes
-    first hands its threads to the other, which picks them up between decoder layers. The two share nothing,
-    so the math is the same; results agree with false up to float rounding (a kernel split over another
-    number of threads may add in another order; with the hand-over that number depends on timing, so only
-    false is bitwise repeatable). It pays for small models, whose elementwise kernels scale poorly over threads
-    (S1 of benchmarks/ppo_throughput.py: a training step 0.73x the time), and, with the hand-over, where the
-    policy's side is heavier (S2's 32k-vocabulary head: 0.80x fp32, 0.72x bf16); it can cost where one side
-    is much heavier (the demo's PPO-ptx, 8 pretraining windows per episode on the policy's side, measured
-    1.5x before the hand-over). 'auto' times the first 3 minibatch steps each way and keeps the faster
-    (logged; kept on resume). Ignored on a GPU and under N processes."""
-    seed: int = 0
-    """Seed for sampling, prompt order and minibatch shuffling."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
-
-    def validate(self) -> None:
-        require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
-        require_positive(self, "save_every")
-        require_positive(self, "max_nonfinite_steps")
-        require_non_negative(self, "micro_batch_size", "forward_batch_size", "warmup_iterations", "grad_clip")
-        require_non_negative(self, "clip_range", "value_clip_range", "vf_coef", "sample_every", "num_samples")
-        require_non_negative(self, "save_policy_every")
-        require_fraction(self, "gamma", "lam")
-        require_positive(self, "adam_eps")
-        # model directories are checked when the run starts (a pipeline may build this config before SFT/RM ran)
-        require_path_exists(self, "prompts")
-        require(
-            self.batch_size % self.minibatch_size == 0,
-            "minibatch_size",
-            f"must divide batch_size={self.batch_size}",
-        )
-        micro = self.micro_batch_size or self.minibatch_size
-        require(
-            self.minibatch_size % micro == 0, "micro_batch_size", f"must divide minibatch_size={self.minibatch_size}"
-        )
-        require(
-            self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"
-        )
-        require(self.precision in ("fp32", "bf16"), "precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
-        require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
-        )
+def mean_stats(per_minibatch: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Average each statistic over minibatches (None stays None: e.g. ``loss/ptx`` of plain PPO)."""
+    out: dict[str, float | None] = {}
+    for key in per_minibatch[0]:
+        values = [s[key] for s in per_minibatch if s[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config, score_fn=None, backend=None) -> dict:
+def run(cfg: Config, score_fn=None, sampler=None) -> dict:
     """Train; returns the results dict (also written to results.json).
 
     ``score_fn`` replaces the reward model's score (``score_fn(query, query_mask, response, response_mask)
-    -> (B,)``, e.g. a programmatic reward); ``backend`` replaces the HF ``generate`` sampler.
+    -> (B,)``, e.g. a programmatic reward); ``sampler`` replaces the one ``generation.backend`` names.
 
     Under ``accelerate launch`` / ``torchrun`` with N processes each rank rolls out and trains on its share of
-    every batch (see ``collect_rollout`` and ``minibatch_step``); rank 0 alone writes files.
+    every batch (see :func:`train_iteration`); rank 0 alone writes files.
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,15 +174,15 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
     runtime.seed(cfg.seed)
     t0 = time.time()
 
-    session = build_session(cfg, score_fn=score_fn, backend=backend)
+    run = build_run(cfg, score_fn=score_fn, sampler=sampler)
     resumed = load_latest_checkpoint(out) if cfg.resume else None
     if resumed is not None:
         step, state = resumed
         check_resume_compatible(state["config"], cfg, str(out))
-        session.load_state_dict(state)
+        run.load_state_dict(state)
         print(f"resumed from iteration {step}", flush=True)
-    start = session.iteration
-    print(_describe(session), flush=True)
+    start = run.iteration
+    print(_describe(run), flush=True)
 
     resume_step = start if resumed is not None else None
     metrics = runtime.metrics_writer(
@@ -331,31 +191,31 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
     samples = runtime.metrics_writer(out / "samples.jsonl", resume_step=resume_step)
     bar = progress(cfg.iterations, start, "ppo", disable=not runtime.is_main)
     try:
-        while session.iteration < cfg.iterations:
-            record, rollout, prompt_index = train_iteration(session)
-            done = session.iteration
+        while run.iteration < cfg.iterations:
+            record, rollout, prompt_index = train_iteration(run)
+            done = run.iteration
             metrics.log(done, **record)
             bar.set_postfix(score=f"{record['objective/score']:.3f}", kl=f"{record['objective/kl']:.3f}")
             bar.update(1)
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1) and runtime.is_main:
-                _log_samples(session, samples, done, rollout, prompt_index)
+                _log_samples(run, samples, done, rollout, prompt_index)
             if cfg.save_policy_every and done % cfg.save_policy_every == 0:
-                session.save_policy(out / f"policy-iter-{done:04d}")
+                run.save_policy(out / f"policy-iter-{done:04d}")
             if done % cfg.save_every == 0 and done < cfg.iterations:
-                runtime.save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **session.state_dict()})
+                runtime.save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **run.state_dict()})
     finally:
         bar.close()
         metrics.close()
         samples.close()
-        session.runner.close()  # overlap_models' worker threads
+        run.close()  # overlap_models' worker threads
 
-    session.save_policy(out / "policy")
-    require_finite_weights(session.value_model, "the value model")  # on every rank: identical weights
+    run.save_policy(out / "policy")
+    require_finite_weights(run.critic.model, "the value model")  # on every rank: identical weights
     if runtime.is_main:
-        session.value_model.save_pretrained(out / "value")
-        session.tokenizer.save_pretrained(out / "value")
+        run.critic.model.save_pretrained(out / "value")
+        run.tokenizer.save_pretrained(out / "value")
     runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
-    results = _results(cfg, session, out, time.time() - t0)
+    results = _results(cfg, run, out, time.time() - t0)
     if runtime.is_main:
         atomic_write_json(out / "results.json", results)
     print(
@@ -366,26 +226,26 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
     return results
 
 
-def _describe(session: PPOSession) -> str:
-    cfg = session.cfg
+def _describe(run: PPORun) -> str:
+    cfg = run.cfg
     variant = f"PPO-ptx (γ = {cfg.ptx.coef})" if cfg.ptx.coef > 0 else "PPO (γ = 0)"
     beta = f"adaptive β from {cfg.kl.coef} toward {cfg.kl.target} nats" if cfg.kl.adaptive else f"β = {cfg.kl.coef}"
     return (
-        f"ppo: {variant}, {beta}; {len(session.prompt_ids)} prompts; {cfg.iterations} iterations × "
-        f"{cfg.batch_size} episodes; device {session.device}"
+        f"ppo: {variant}, {beta}; {len(run.prompts.ids)} prompts; {cfg.iterations} iterations × "
+        f"{cfg.batch_size} episodes; device {run.runtime.device}"
     )
 
 
-def _log_samples(session: PPOSession, writer: MetricsWriter, step: int, rollout, prompt_index: list[int]) -> None:
+def _log_samples(run: PPORun, writer: MetricsWriter, step: int, rollout, prompt_index: list[int]) -> None:
     """Print a small table of this iteration's generations and append them to samples.jsonl."""
-    tok = session.tokenizer
+    tok = run.tokenizer
     rows = []
-    for i in range(min(session.cfg.num_samples, rollout.size)):
+    for i in range(min(run.cfg.num_samples, rollout.size)):
         length = int(rollout.response_mask[i].sum())
         response_ids = rollout.response[i, :length].tolist()
         rows.append(
             {
-                "prompt": session.prompt_texts[prompt_index[i]],
+                "prompt": run.prompts.texts[prompt_index[i]],
                 "response": tok.decode(response_ids, skip_special_tokens=True),
                 "score": float(rollout.scores[i]),
                 "has_eos": bool(rollout.has_eos[i]),
@@ -421,7 +281,7 @@ SUMMARY_METRICS = (
 )
 
 
-def _results(cfg: Config, session: PPOSession, out: Path, seconds: float) -> dict:
+def _results(cfg: Config, run: PPORun, out: Path, seconds: float) -> dict:
     records = read_jsonl_lenient(out / "metrics.jsonl")
     if not records:
         raise UserFacingError(f"{out / 'metrics.jsonl'} holds no iterations; nothing to summarize")
@@ -433,9 +293,9 @@ def _results(cfg: Config, session: PPOSession, out: Path, seconds: float) -> dic
         "score_first_iteration": first["objective/score"],
         "score_last_iteration": last["objective/score"],
         "kl_last_iteration": last["objective/kl"],
-        "beta_final": session.kl_controller.value,
+        "beta_final": run.kl_controller.value,
         "last_iteration": {k: last.get(k) for k in SUMMARY_METRICS},
-        "released_weights": "ema" if session.ema is not None else "live",
+        "released_weights": "ema" if run.actor.ema is not None else "live",
         "policy_dir": str(out / "policy"),
         "value_dir": str(out / "value"),
         "seconds": seconds,

@@ -14,7 +14,8 @@ partial sums in another order. They are deterministic for a given thread count.
 Overlapping does not always pay. With two threads each task runs on one, so when one side is much heavier
 than the other (a 32k-vocabulary LM head on the policy's side), the lighter side's thread idles, and for
 matmul-bound work one thread on one core is no better than half of two. ``AutoRunner`` therefore times both
-ways on the first steps and keeps the faster (as ``torch.backends.cudnn.benchmark`` picks kernels).
+ways on the first calls of this process and keeps the faster (as ``torch.backends.cudnn.benchmark`` picks
+kernels); the choice is not saved in checkpoints, so a resumed run chooses afresh.
 
 When one task finishes first, its threads would idle until the other ends. So a worker that is done hands its
 intra-op threads to the ones still running: they pick them up at their next *claim point*
@@ -24,11 +25,12 @@ LM head (measurements: benchmarks/RESULTS.md). The price: how many threads a ker
 depends on which side finished first, and a reduction split over more threads adds in another order, so two
 runs may differ in the last bits (``overlap_models=false`` is bitwise repeatable).
 
-Thread-local state does not cross into a worker thread: grad mode, inference mode and autocast are set
-afresh there, so each task enters the contexts it needs (``run`` takes a context factory).
+Thread-local state does not cross into a worker thread by itself, so ``run`` takes the caller's grad mode,
+inference mode and autocast into every worker (:func:`_callers_modes`): a task runs as it would have run on the
+calling thread.
 
-Every runner has the same interface: ``choice()`` gives the runner to use now (untimed), ``trial()`` a
-context that yields it and, for ``AutoRunner``, times the block while the choice is still open.
+Every runner has the same interface: ``run(*tasks)`` returns the tasks' results in order, ``concurrent`` says
+whether it runs them at once now, ``close()`` stops its threads.
 """
 
 from __future__ import annotations
@@ -38,41 +40,40 @@ import ctypes
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
 
 
-class _FixedRunner:
-    """A runner whose way of running is fixed: nothing to choose, time or checkpoint."""
+class SequentialRunner:
+    """Runs the tasks one after the other on the calling thread (GPUs, one CPU thread, or several processes)."""
 
-    def choice(self):
-        return self
+    concurrent = False
 
-    @contextlib.contextmanager
-    def trial(self) -> Iterator[Any]:
-        yield self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        pass
+    def run(self, *tasks: Callable[[], Any]) -> list[Any]:
+        return [task() for task in tasks]
 
     def close(self) -> None:
         pass
 
 
-class SequentialRunner(_FixedRunner):
-    """Runs the tasks one after the other on the calling thread (GPUs, one CPU thread, or several processes)."""
+def _callers_modes() -> Callable[[], contextlib.ExitStack]:
+    """A context factory that puts a worker thread in the calling thread's grad mode, inference mode and CPU
+    autocast (all thread-local)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
-    concurrent = False
+    def context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(inference))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        if autocast:
+            stack.enter_context(torch.autocast("cpu", dtype=dtype))
+        return stack
 
-    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
-        with context() if context is not None else contextlib.nullcontext():
-            return [task() for task in tasks]
+    return context
 
 
 class _IdleThreads:
@@ -121,7 +122,7 @@ def add_claim_points(model: torch.nn.Module) -> int:
     return len(layers) if layers is not None else 0
 
 
-class OverlapRunner(_FixedRunner):
+class OverlapRunner:
     """Runs up to ``len(shares)`` tasks at once on worker threads; task i gets ``shares[i]`` intra-op threads.
 
     ``threads`` (the caller's ``torch.get_num_threads()``) is split as evenly as possible: 2 → (1, 1),
@@ -139,14 +140,14 @@ class OverlapRunner(_FixedRunner):
         self.lend_idle_threads = lend_idle_threads
         self._pool = ThreadPoolExecutor(max_workers=tasks, thread_name_prefix="instructrl-overlap")
 
-    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
-        """Run ``tasks`` at once and return their results in order. ``context`` (e.g. inference mode, autocast)
-        is entered inside every worker thread. If a task raises, the others finish first, then the first error
-        is raised: no task is left running on shared state."""
+    def run(self, *tasks: Callable[[], Any]) -> list[Any]:
+        """Run ``tasks`` at once and return their results in order, each in the caller's modes. If a task raises,
+        the others finish first, then the first error is raised: no task is left running on shared state."""
         if len(tasks) > len(self.shares):
             raise ValueError(f"{len(tasks)} tasks for a runner of {len(self.shares)} threads")
 
         idle = _IdleThreads() if self.lend_idle_threads else None
+        context = _callers_modes()
 
         def in_worker(task: Callable[[], Any], share: int):
             def call():
@@ -156,7 +157,7 @@ class OverlapRunner(_FixedRunner):
                 torch.set_num_threads(share)
                 _worker.idle, _worker.threads = idle, share
                 try:
-                    with context() if context is not None else contextlib.nullcontext():
+                    with context():
                         return task()
                 finally:
                     if idle is not None:
@@ -185,12 +186,14 @@ Mode = Literal["overlap", "sequential"]
 
 
 class AutoRunner:
-    """Times ``trials`` blocks each way, alternating (sequential first), then keeps the faster way.
+    """Times its first calls both ways, alternating (sequential first), then keeps the faster way.
 
-    The comparison takes each way's fastest block, which discounts one-off costs such as the first call's
-    allocations. Until the choice is made, ``choice()`` is sequential. The choice is part of ``state_dict``, so
-    a resumed run keeps it; two fresh runs may choose differently on a machine whose speed varies, and then
-    agree only up to float rounding (set ``overlap_models`` to true or false for bitwise repeatability).
+    Calls are compared within one kind of work, told apart by the tasks' functions (a PPO minibatch step is
+    one kind, a rollout's scoring forwards another). The first kind timed ``trials`` times each way decides,
+    by each way's fastest call, which discounts one-off costs such as the first call's allocations; every
+    kind then runs that way. A fresh process chooses afresh, so two runs may choose differently on a machine
+    whose speed varies, and then agree only up to float rounding (set ``overlap_models`` to true or false for
+    bitwise repeatability).
     """
 
     def __init__(self, threads: int, trials: int = 3, report: Callable[[str], None] | None = None):
@@ -198,53 +201,42 @@ class AutoRunner:
         self.sequential = SequentialRunner()
         self.trials = trials
         self.report = report
-        self.seconds: dict[Mode, list[float]] = {"sequential": [], "overlap": []}
+        self.seconds: dict[tuple[str, ...], dict[Mode, list[float]]] = {}
         self.chosen: Mode | None = None
 
     @property
     def concurrent(self) -> bool:
         return self.chosen == "overlap"
 
-    def _runner(self, mode: Mode) -> SequentialRunner | OverlapRunner:
-        return self.overlap if mode == "overlap" else self.sequential
-
-    def choice(self) -> SequentialRunner | OverlapRunner:
-        return self._runner(self.chosen or "sequential")
-
-    def run(self, *tasks: Callable[[], Any], context: Callable[[], contextlib.AbstractContextManager] | None = None):
-        return self.choice().run(*tasks, context=context)
-
-    @contextlib.contextmanager
-    def trial(self) -> Iterator[SequentialRunner | OverlapRunner]:
-        """Yield the runner for one block of comparable work (e.g. one PPO minibatch step); while the choice is
-        open, the block alternates between the two ways and is timed."""
+    def run(self, *tasks: Callable[[], Any]) -> list[Any]:
         if self.chosen is not None:
-            yield self._runner(self.chosen)
-            return
-        mode: Mode = "sequential" if len(self.seconds["sequential"]) <= len(self.seconds["overlap"]) else "overlap"
+            return (self.overlap if self.chosen == "overlap" else self.sequential).run(*tasks)
+        seconds = self.seconds.setdefault(_kind(tasks), {"sequential": [], "overlap": []})
+        mode: Mode = "sequential" if len(seconds["sequential"]) <= len(seconds["overlap"]) else "overlap"
         start = time.perf_counter()
-        yield self._runner(mode)
-        self.seconds[mode].append(time.perf_counter() - start)
-        if min(len(v) for v in self.seconds.values()) >= self.trials:
-            best = {m: min(v) for m, v in self.seconds.items()}
-            self.chosen = "overlap" if best["overlap"] < best["sequential"] else "sequential"
-            release_free_heap_memory()
-            if self.report is not None:
-                self.report(
-                    f"overlap_models=auto: policy and value steps at once {best['overlap'] * 1e3:.0f} ms, one after "
-                    f"the other {best['sequential'] * 1e3:.0f} ms (fastest of {self.trials}): {self.chosen}"
-                )
+        results = (self.overlap if mode == "overlap" else self.sequential).run(*tasks)
+        seconds[mode].append(time.perf_counter() - start)
+        if min(len(v) for v in seconds.values()) >= self.trials:
+            self._choose(seconds)
+        return results
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "seconds": {k: list(v) for k, v in self.seconds.items()}}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state:  # a checkpoint from before this runner existed has none: choose afresh
-            self.chosen = state["chosen"]
-            self.seconds = {k: list(v) for k, v in state["seconds"].items()}
+    def _choose(self, seconds: dict[Mode, list[float]]) -> None:
+        best = {m: min(v) for m, v in seconds.items()}
+        self.chosen = "overlap" if best["overlap"] < best["sequential"] else "sequential"
+        release_free_heap_memory()
+        if self.report is not None:
+            self.report(
+                f"overlap_models=auto: policy and value work at once {best['overlap'] * 1e3:.0f} ms, one after "
+                f"the other {best['sequential'] * 1e3:.0f} ms (fastest of {self.trials}): {self.chosen}"
+            )
 
     def close(self) -> None:
         self.overlap.close()
+
+
+def _kind(tasks: tuple[Callable[[], Any], ...]) -> tuple[str, ...]:
+    """What a call runs, for comparing like with like: the qualified names of its tasks' functions."""
+    return tuple(getattr(getattr(task, "func", task), "__qualname__", repr(task)) for task in tasks)
 
 
 def release_free_heap_memory() -> None:

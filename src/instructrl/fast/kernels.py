@@ -244,3 +244,28 @@ def zero_gradients(optimizer: torch.optim.Optimizer, kept: frozenset[torch.Tenso
                 param.grad = torch.zeros_like(param)
             else:
                 param.grad.zero_()
+
+
+def keep_dense_gradients(optimizer: torch.optim.Optimizer, kept: frozenset[torch.Tensor]) -> None:
+    """Make ``optimizer.zero_grad()`` keep the ``kept`` weights' gradients as dense buffers zeroed in place
+    (:func:`zero_gradients`), so the loop that calls it need not know which weights those are."""
+    if kept:
+        optimizer.zero_grad = lambda set_to_none=True: zero_gradients(optimizer, kept)
+
+
+def speed_up_ppo_models(policy: torch.nn.Module, others: tuple[torch.nn.Module, ...], world_size: int):
+    """``fused_kernels`` for PPO's four models: one-kernel activations and float32 attention under bf16 on a CPU in
+    all of them, the policy's LM head on few rows as (W · hᵀ)ᵀ when sampling on a CPU in float32; in one process
+    only (DDP would miss or misread these gradients), the policy's tied embedding rows added straight into
+    ``.grad`` and sparse rows for trainable untied embeddings (the value model). Returns the weights whose
+    dense gradient buffers the optimizers must keep (:func:`keep_dense_gradients`)."""
+    for model in (policy, *others):
+        fuse_activations(model)
+        float32_cpu_attention(model)
+    few_rows_cpu_lm_head(policy)  # no-autograd calls only: the sampler's, never training's
+    if world_size > 1:
+        return frozenset()
+    kept = [sparse_untied_embedding_gradient(model) for model in (policy, *others)]
+    if tied_embedding_rows_into_grad(policy):  # the LM head's gradient then goes into the same kept buffer
+        kept.append(policy.get_input_embeddings().weight)
+    return frozenset(weight for weight in kept if weight is not None)

@@ -1,0 +1,99 @@
+"""A fingerprint of a short PPO-ptx run on a tiny model: every metric of every iteration and a hash of each
+saved model's weights, as JSON.
+
+For refactors that must not change behaviour: run it before and after, on the same machine, and compare the
+two files (``--compare``). It runs the CLI (``instructrl ppo``) on a tiny GPT-2 policy built in-process, with
+fixed seeds, float32 on a CPU, the default settings except ``overlap_models=false`` (with two threads the
+overlapped steps may add in another order from run to run, so only the sequential path is bitwise
+repeatable) and ``missing_eos_score=null`` (a random tiny policy rarely ends its responses, and the reward
+model's scores should count). Exact equality is expected only on the same machine and library versions.
+
+    python benchmarks/ppo_fingerprint.py --out before.json
+    python benchmarks/ppo_fingerprint.py --out after.json --compare before.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+TEXTS = [f"Instruction: what is {a} plus {b} ?\nResponse: {a + b}" for a in range(10) for b in range(10)] + [
+    "the capital of norland is vesk .",
+    "once upon a time a small cat sat on a mat and sang .",
+] * 20
+PROMPTS = [f"Instruction: what is {a} plus {b} ?\nResponse:" for a in range(4) for b in range(4)]
+
+
+def build_inputs(root: Path) -> dict[str, Path]:
+    """A tiny BPE tokenizer, a GPT-2 policy, a reward model from a second LM, prompts and pretraining texts."""
+    from instructrl.models.causal_lm import ModelSpec, build_causal_lm
+    from instructrl.models.reward import reward_model_from_causal_lm
+    from instructrl.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=300)
+    paths = {name: root / name for name in ("policy", "lm_for_rm", "rm")}
+    for seed, name in ((0, "policy"), (1, "lm_for_rm")):
+        torch.manual_seed(seed)
+        spec = ModelSpec(arch="gpt2", d_model=32, n_layers=2, n_heads=2, max_seq_len=128)
+        build_causal_lm(spec, tokenizer).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    torch.manual_seed(2)
+    reward_model_from_causal_lm(paths["lm_for_rm"], tokenizer.pad_token_id).save_pretrained(paths["rm"])
+    tokenizer.save_pretrained(paths["rm"])
+    paths["prompts"] = root / "prompts.jsonl"
+    paths["prompts"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    paths["texts"] = root / "texts.jsonl"
+    paths["texts"].write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return paths
+
+
+def fingerprint(threads: int) -> dict:
+    from instructrl.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = build_inputs(root)
+        out = root / "ppo"
+        settings = [
+            f"policy={paths['policy']}", f"reward_model={paths['rm']}", f"prompts={paths['prompts']}",
+            f"ptx.data={paths['texts']}", "ptx.coef=0.5", "ptx.batch_ratio=1", "ptx.seq_len=16",
+            f"output_dir={out}", "iterations=3", "batch_size=8", "minibatch_size=4", "micro_batch_size=2",
+            "generation.max_new_tokens=6", "missing_eos_score=null", "sample_every=1", "num_samples=8", "save_every=2",
+            "overlap_models=false", f"threads={threads}", "device=cpu",
+        ]  # fmt: skip
+        if main(["ppo", *(a for s in settings for a in ("--set", s))]) != 0:
+            raise SystemExit("the PPO run failed")
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        weights = {
+            name: hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest()
+            for name in ("policy", "value")
+        }
+    untimed = [{k: v for k, v in row.items() if not k.startswith("time/")} for row in metrics]
+    return {"metrics": untimed, "samples": samples, "weights": weights}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where the fingerprint JSON goes")
+    parser.add_argument("--compare", type=Path, help="an earlier fingerprint that this one must equal")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    result = {"threads": args.threads, **fingerprint(args.threads)}
+    args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    if args.compare is None:
+        return 0
+    earlier = json.loads(args.compare.read_text())
+    differing = [key for key in ("metrics", "samples", "weights") if earlier.get(key) != result[key]]
+    print("identical" if not differing else f"DIFFERENT: {', '.join(differing)}")
+    return 1 if differing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
