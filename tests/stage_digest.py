@@ -2,7 +2,8 @@
 
 Run ``python tests/stage_digest.py OUT_DIR`` before and after a change (fp32, CPU, one thread) and compare the
 printed JSON: per run (straight, then resumed from its newest checkpoint), the SHA-256 of ``metrics.jsonl``,
-of every saved weight tensor and of ``results.json`` without its wall-clock ``seconds``. The settings are flat
+of every saved weight tensor and of ``results.json`` without its wall-clock ``seconds`` (and with OUT_DIR
+written as ``<root>``). The settings are flat
 ``key=value`` overrides, which every config version accepts, so one script digests the code before and after
 a config rename.
 """
@@ -37,7 +38,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def digest(out: Path) -> dict:
+def digest(out: Path, root: Path) -> dict:
     weights = {}
     for file in sorted(out.glob("*.safetensors")):
         for name, tensor in sorted(load_file(file).items()):
@@ -47,7 +48,7 @@ def digest(out: Path) -> dict:
     return {
         "metrics": _sha((out / "metrics.jsonl").read_bytes()),
         "weights": _sha(json.dumps(weights, sort_keys=True).encode()),
-        "results": _sha(json.dumps(results, sort_keys=True, default=str).encode()),
+        "results": _sha(json.dumps(results, sort_keys=True, default=str).replace(str(root), "<root>").encode()),
     }
 
 
@@ -102,12 +103,12 @@ def main(root: Path) -> dict:
         out = root / name
         cfg = load_config(module.Config, None, [f"output_dir={out}", *RUN, *overrides])
         module.run(cfg)
-        report[name] = digest(out)
+        report[name] = digest(out, root)
         # Resume: drop the outputs and run again; it continues from the newest checkpoint to the same end.
         for file in [*out.glob("*.safetensors"), out / "results.json"]:
             file.unlink()
         module.run(cfg)
-        report[name + " (resumed)"] = digest(out)
+        report[name + " (resumed)"] = digest(out, root)
     return report
 
 

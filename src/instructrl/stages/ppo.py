@@ -33,26 +33,21 @@ the newest checkpoint and continues exactly where it stopped.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from instructrl.config import (
-    check_resume_compatible,
+    RunSettings,
     require,
     require_fraction,
     require_non_negative,
     require_path_exists,
     require_positive,
-    resume_fingerprint,
-    save_config,
 )
 from instructrl.errors import UserFacingError
-from instructrl.stages.common import progress, set_threads
 from instructrl.stages.ppo_session import PPOSession, build_session, train_iteration
-from instructrl.utils.checkpoint import load_latest_checkpoint
-from instructrl.utils.distributed import get_runtime
+from instructrl.stages.training_run import TrainingRun
 from instructrl.utils.guards import require_finite_weights
 from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
 
@@ -217,15 +212,6 @@ class Config:
     """Iterations between resumable checkpoints."""
     save_policy_every: int = 0
     """Iterations between Hugging Face snapshots ``policy-iter-XXXX`` of the released policy; 0 = none."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """'bf16': bf16 mixed precision (autocast) for generation and every forward pass, rollout and training;
-    weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32. About 2×
-    faster where matmuls have a bf16 path (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on); losses track
-    fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32': everything in float32."""
     fused_kernels: bool = True
     """Swap faster kernels for the same math into the loaded models (``instructrl.models.kernels``): GPT-2's
     ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32 under bf16 on a CPU (where PyTorch's bf16
@@ -250,22 +236,12 @@ class Config:
     is much heavier (the demo's PPO-ptx, 8 pretraining windows per episode on the policy's side, measured
     1.5x before the hand-over). 'auto' times the first 3 minibatch steps each way and keeps the faster
     (logged; kept on resume). Ignored on a GPU and under N processes."""
-    seed: int = 0
-    """Seed for sampling, prompt order and minibatch shuffling."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
         require_positive(self, "save_every")
-        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "forward_batch_size", "warmup_iterations", "grad_clip")
         require_non_negative(self, "clip_range", "value_clip_range", "vf_coef", "sample_every", "num_samples")
         require_non_negative(self, "save_policy_every")
@@ -285,12 +261,6 @@ class Config:
         require(
             self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"
         )
-        require(self.precision in ("fp32", "bf16"), "precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
-        require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
-        )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -305,31 +275,16 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
     Under ``accelerate launch`` / ``torchrun`` with N processes each rank rolls out and trains on its share of
     every batch (see ``collect_rollout`` and ``minibatch_step``); rank 0 alone writes files.
     """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime = get_runtime(cfg.device)
-    if runtime.is_main:
-        save_config(cfg, out / "instructrl_ppo.yaml")
-    set_threads(cfg.threads)
-    runtime.seed(cfg.seed)
-    t0 = time.time()
+    stage = TrainingRun.start(cfg, "ppo", unit="iteration")
+    out, runtime = stage.out, stage.runtime
 
     session = build_session(cfg, score_fn=score_fn, backend=backend)
-    resumed = load_latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        step, state = resumed
-        check_resume_compatible(state["config"], cfg, str(out))
-        session.load_state_dict(state)
-        print(f"resumed from iteration {step}", flush=True)
-    start = session.iteration
+    stage.restore(session)
     print(_describe(session), flush=True)
 
-    resume_step = start if resumed is not None else None
-    metrics = runtime.metrics_writer(
-        out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None, resume_step
-    )
-    samples = runtime.metrics_writer(out / "samples.jsonl", resume_step=resume_step)
-    bar = progress(cfg.iterations, start, "ppo", disable=not runtime.is_main)
+    metrics = stage.metrics_writer()
+    samples = stage.metrics_writer("samples.jsonl", tensorboard=False)
+    bar = stage.progress(cfg.iterations)
     try:
         while session.iteration < cfg.iterations:
             record, rollout, prompt_index = train_iteration(session)
@@ -341,8 +296,8 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
                 _log_samples(session, samples, done, rollout, prompt_index)
             if cfg.save_policy_every and done % cfg.save_policy_every == 0:
                 session.save_policy(out / f"policy-iter-{done:04d}")
-            if done % cfg.save_every == 0 and done < cfg.iterations:
-                runtime.save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **session.state_dict()})
+            if stage.checkpoint_due(done, cfg.iterations):
+                stage.save_checkpoint(done, session)
     finally:
         bar.close()
         metrics.close()
@@ -355,7 +310,7 @@ def run(cfg: Config, score_fn=None, backend=None) -> dict:
         session.value_model.save_pretrained(out / "value")
         session.tokenizer.save_pretrained(out / "value")
     runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
-    results = _results(cfg, session, out, time.time() - t0)
+    results = _results(cfg, session, out, stage.seconds())
     if runtime.is_main:
         atomic_write_json(out / "results.json", results)
     print(

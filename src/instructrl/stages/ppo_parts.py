@@ -290,7 +290,7 @@ class RolloutSettings:
     """Episodes per scoring forward pass; 0 = all."""
     missing_eos_score: float | None = None
     autocast_dtype: torch.dtype | None = None
-    """Mixed-precision dtype of every forward (``Config.precision``); None = the weights' dtype."""
+    """Mixed-precision dtype of every forward (``Config.run.precision``); None = the weights' dtype."""
 
 
 def make_rollout(
@@ -478,7 +478,7 @@ class LossSettings:
     value_clip_range: float = 0.2
     vf_coef: float = 0.1
     autocast_dtype: torch.dtype | None = None
-    """Mixed-precision dtype of the training forwards (``Config.precision``); None = the weights' dtype."""
+    """Mixed-precision dtype of the training forwards (``Config.run.precision``); None = the weights' dtype."""
 
 
 @dataclass

@@ -165,7 +165,7 @@ def build_ptx_sampler(cfg: Config, tokenizer) -> WindowSampler:
     stream = token_stream(texts, tokenizer)
     if len(stream) <= cfg.ptx.seq_len:
         raise UserFacingError(f"pretraining text has {len(stream)} tokens, fewer than one window of {cfg.ptx.seq_len}")
-    return WindowSampler(stream, cfg.ptx.seq_len, seed=cfg.seed + 3)
+    return WindowSampler(stream, cfg.ptx.seq_len, seed=cfg.run.seed + 3)
 
 
 def warmup_factor(iteration: int, warmup_iterations: int, start: float = 0.1) -> float:
@@ -254,8 +254,8 @@ class PPOSession:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """bf16 under ``precision=bf16`` (mixed precision for every forward), else None."""
-        return torch.bfloat16 if self.cfg.precision == "bf16" else None
+        """bf16 under ``run.precision=bf16`` (mixed precision for every forward), else None."""
+        return torch.bfloat16 if self.cfg.run.precision == "bf16" else None
 
     def save_policy(self, path: str | Path) -> None:
         """The released policy (EMA weights when enabled) as a Hugging Face causal-LM directory (rank 0 writes)."""
@@ -325,7 +325,7 @@ def make_generation_backend(cfg: Config, policy, tokenizer, runtime: Runtime) ->
                 tokenizer.eos_token_id,
                 tokenizer.pad_token_id,
                 gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
-                seed=runtime.rank_seed(cfg.seed + 2),
+                seed=runtime.rank_seed(cfg.run.seed + 2),
                 under_launcher=runtime.distributed,
             )
         except RuntimeError as e:
@@ -341,7 +341,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         path = getattr(cfg, key)
         if path is not None and not Path(path).exists():
             raise UserFacingError(f"{key}: {path} does not exist (run the earlier stage first, or set {key}=...)")
-    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
+    runtime = get_runtime(cfg.run.device)  # one process, or this rank of an accelerate/torchrun launch
     runtime.require_divisible(cfg.batch_size, "batch_size")  # each rank rolls out batch_size / N prompts
     runtime.require_divisible(cfg.minibatch_size, "minibatch_size")  # and trains on minibatch_size / N of each step
     device = runtime.device
@@ -368,7 +368,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         kl_controller = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     else:
         kl_controller = FixedKLController(cfg.kl.coef)
-    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.seed + 2))  # per rank
+    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.run.seed + 2))  # per rank
     training_policy, policy_optimizer = runtime.prepare(policy, policy_optimizer)
     training_value, value_optimizer = runtime.prepare(value_model, value_optimizer, forward=response_values)
     runner = make_runner(cfg.overlap_models, device, runtime.world_size, report=_announce)
@@ -388,7 +388,7 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         score_fn=score_fn or reward_model_scorer(reward_model),
         prompt_texts=prompt_texts,
         prompt_ids=prompt_ids,
-        prompt_sampler=PromptSampler(len(prompt_ids), seed=cfg.seed),
+        prompt_sampler=PromptSampler(len(prompt_ids), seed=cfg.run.seed),
         ptx_sampler=ptx_sampler,
         policy_optimizer=policy_optimizer,
         value_optimizer=value_optimizer,
@@ -396,11 +396,11 @@ def build_session(cfg: Config, score_fn: ScoreFn | None = None, backend: Generat
         kl_controller=kl_controller,
         ema=PolicyEMA(policy, cfg.ema_decay) if cfg.ema_decay is not None else None,
         sampling_generator=sampling_generator,
-        shuffle_generator=torch.Generator().manual_seed(cfg.seed + 1),
+        shuffle_generator=torch.Generator().manual_seed(cfg.run.seed + 1),
         runtime=runtime,
         training_policy=training_policy,
         training_value=training_value,
-        nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
+        nonfinite=NonFiniteGuard(cfg.run.max_nonfinite_steps, unit="iteration"),
         dense_grad_buffers=dense_grad_buffers,
         runner=runner,
     )
