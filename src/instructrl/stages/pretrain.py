@@ -27,9 +27,9 @@ from instructrl.data.loading import load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
-from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision
+from instructrl.stages.common import PRECISIONS, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingState
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 
 @dataclass
@@ -167,12 +167,8 @@ def run(cfg: Config) -> dict:
     )
     model = build_causal_lm(cfg.model, tokenizer).to(device)
     print(f"model: {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters", flush=True)
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    )
+    state = TrainingState.adam_cosine(model, cfg, cfg.max_steps, cfg.warmup_steps, stage.runtime)
     data_gen = torch.Generator().manual_seed(cfg.run.seed)
-    state = TrainingState(model, optimizer, scheduler, NonFiniteGuard(cfg.run.max_nonfinite_steps), stage.runtime)
     saved = stage.restore(state)
     if saved is not None:
         data_gen.set_state(saved["data_rng"])

@@ -52,11 +52,10 @@ from instructrl.models.causal_lm import count_parameters, disable_dropout, load_
 from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
-from instructrl.stages.common import cosine_lr_factor, make_adam
 from instructrl.stages.training_run import TrainingRun, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
 
 SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
@@ -709,19 +708,15 @@ def run(cfg: Config) -> dict:
 
     # ---- build: data, model, optimizer
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
     data = build_data(cfg, tokenizer, stage)
     model = build_model(cfg, tokenizer, data, runtime.device)
     total_steps = training_steps(cfg, len(data.train), runtime.world_size)
     order = training_order(len(data.train), cfg.epochs, cfg.run.seed)
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, total_steps, 0, cfg.min_lr_ratio)
-    )
-    state = TrainingState(model, optimizer, scheduler, NonFiniteGuard(cfg.run.max_nonfinite_steps), runtime)
+    state = TrainingState.adam_cosine(model, cfg, total_steps, 0, runtime)  # no warmup (App. C.2)
     stage.restore(state)
 
     # ---- loop: one optimizer step per batch of prompts; evaluate every eval_every steps and at the end
+    pad_id = tokenizer.pad_token_id
     metrics = stage.metrics_writer()
     training_model = state.prepare(forward=raw_last_token_scores)
     bar = stage.progress(total_steps)

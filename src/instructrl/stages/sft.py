@@ -34,9 +34,9 @@ from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
-from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision
+from instructrl.stages.common import PRECISIONS, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingState
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 IGNORE = -100
 """Label value cross-entropy ignores (prompt and padding positions)."""
@@ -424,12 +424,8 @@ def run(cfg: Config) -> dict:
     runtime.require_divisible(cfg.batch_size, "batch_size")
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = per_epoch * cfg.epochs
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    )
+    state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, runtime)
     scorer = _make_scorer(cfg, tokenizer)
-    state = TrainingState(model, optimizer, scheduler, NonFiniteGuard(cfg.run.max_nonfinite_steps), runtime)
     saved = stage.restore(state)
     best, history = (saved["best"], saved["history"]) if saved is not None else (None, [])
 

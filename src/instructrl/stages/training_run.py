@@ -3,8 +3,8 @@
 A stage reads as ``Config`` → build → loop → save::
 
     stage = TrainingRun.start(cfg, "sft")                   # output_dir + saved config, threads, seed, checkpoint
-    ... build the data, model, optimizer and LR schedule ...
-    state = TrainingState(model, optimizer, scheduler, guard, stage.runtime)
+    ... build the data and the model ...
+    state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, stage.runtime)
     saved = stage.restore(state)                            # the newest checkpoint's entries, or None
     metrics, bar = stage.metrics_writer(), stage.progress(total_steps)
     training_model = state.prepare()                        # DDP-wrapped under N processes
@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
-from instructrl.stages.common import progress, set_threads
+from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, get_runtime
@@ -56,6 +56,19 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     guard: NonFiniteGuard
     runtime: Runtime
+
+    @classmethod
+    def adam_cosine(
+        cls, model: torch.nn.Module, cfg: Any, total_steps: int, warmup_steps: int, runtime: Runtime
+    ) -> TrainingState:
+        """AdamW with ``cfg.lr``, ``cfg.betas`` and ``cfg.weight_decay``; linear warmup over ``warmup_steps``, then
+        cosine decay to ``cfg.min_lr_ratio`` of the peak at ``total_steps`` (InstructGPT's schedule); the guard
+        stops after ``cfg.run.max_nonfinite_steps`` non-finite steps in a row."""
+        optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+        )
+        return cls(model, optimizer, scheduler, NonFiniteGuard(cfg.run.max_nonfinite_steps), runtime)
 
     def state_dict(self) -> dict[str, Any]:
         return {
