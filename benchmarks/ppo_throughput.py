@@ -367,12 +367,12 @@ def run_ours(
         "missing_eos_score=-1.0",
         "ptx.coef=0",
         "sample_every=0",
-        "resume=false",
-        f"device={device}",
+        "run.resume=false",
+        f"run.device={device}",
     ]
     precision, _, variants = precision.partition(":")  # e.g. "fp32:plain" = fp32 without the kernel swaps
     if precision != "fp32":
-        overrides.append(f"precision={precision}")
+        overrides.append(f"run.precision={precision}")
     for variant in filter(None, variants.split("+")):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r} of precision {precision!r}; expected one of {VARIANTS}")

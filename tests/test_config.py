@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -10,6 +12,7 @@ import yaml
 from instructrl.cli import COMMANDS, main
 from instructrl.config import (
     ConfigError,
+    RunSettings,
     check_resume_compatible,
     describe,
     field_docs,
@@ -118,3 +121,97 @@ def test_cli_top_level_and_unknown_command(capsys):
 def test_print_config_prints_resolved_values(capsys):
     assert main(["sft", "--set", "epochs=5", "--print-config"]) == 0
     assert "epochs: 5" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the shared run block
+
+
+def test_every_stage_reads_its_run_settings_from_one_block():
+    from instructrl.config import RunSettings, has_run_block
+    from instructrl.eval import run as eval_run
+    from instructrl.stages import ppo, pretrain, rm, sft
+
+    for module in (pretrain, sft, rm, ppo, eval_run):
+        assert has_run_block(module.Config), module.__name__
+        assert isinstance(module.Config().run, RunSettings)
+        names = {f.name for f in dataclasses.fields(module.Config)}
+        assert not names & {"seed", "threads", "device", "precision", "resume", "max_nonfinite_steps"}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rm", "ppo", "eval"])
+def test_old_top_level_run_keys_map_onto_the_run_block(stage, tmp_path):
+    config_cls = importlib.import_module(COMMANDS[stage].module).Config
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "device": "cpu"}))
+    from_yaml = load_config(config_cls, path, ["threads=2", "run.seed=4"])  # --set wins over the file
+    assert (from_yaml.run.seed, from_yaml.run.device, from_yaml.run.threads) == (4, "cpu", 2)
+    assert load_config(config_cls, None, ["seed=5"]).run.seed == 5
+    assert "seed" not in to_dict(from_yaml) and to_dict(from_yaml)["run"]["seed"] == 4
+
+
+def test_both_spellings_of_a_run_key_in_one_file_are_refused(tmp_path):
+    from instructrl.stages import sft
+
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "run": {"seed": 4}}))
+    with pytest.raises(ConfigError, match=r"'seed' is the old name of 'run.seed'"):
+        load_config(sft.Config, path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.device=gpu", "run.device: must be 'auto'"),
+        ("device=tpu", "run.device: must be 'auto'"),
+        ("run.precision=fp16", "run.precision: must be one of"),
+        ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps: must be > 0"),
+        ("run.threads=-1", "run.threads: must be >= 0"),
+        ("run.sed=1", "did you mean 'run.seed'"),
+    ],
+)
+def test_one_device_and_precision_check_for_every_stage(override, message):
+    from instructrl.eval import run as eval_run
+    from instructrl.stages import ppo, pretrain, rm, sft
+
+    for module in (pretrain, sft, rm, ppo, eval_run):
+        with pytest.raises(ConfigError, match=message):
+            load_config(module.Config, None, [override])
+
+
+def test_stages_that_cannot_honour_bf16_refuse_it():
+    from instructrl.eval import run as eval_run
+    from instructrl.stages import ppo, rm, sft
+
+    assert load_config(sft.Config, None, ["run.precision=bf16"]).run.precision == "bf16"
+    assert load_config(ppo.Config, None, ["precision=bf16"]).run.precision == "bf16"
+    for module in (rm, eval_run):
+        with pytest.raises(ConfigError, match="run.precision: .* float32 only"):
+            load_config(module.Config, None, ["run.precision=bf16"])
+
+
+def test_run_settings_that_do_not_change_results_do_not_block_a_resume():
+    from instructrl.stages import sft
+
+    saved = resume_fingerprint(sft.Config())
+    neutral = RunSettings(threads=2, resume=False, force_resume=False, max_nonfinite_steps=9)
+    check_resume_compatible(saved, sft.Config(run=neutral), "run")
+    with pytest.raises(UserFacingError, match=r"changed: run.seed\b.*--set run.resume=false"):
+        check_resume_compatible(saved, sft.Config(run=RunSettings(seed=1)), "run")
+    with pytest.raises(UserFacingError, match=r"changed: run.precision"):
+        check_resume_compatible(saved, sft.Config(run=RunSettings(precision="bf16")), "run")
+
+
+def test_a_fingerprint_saved_with_top_level_run_keys_still_compares():
+    from instructrl.stages import sft
+
+    old = {k: v for k, v in resume_fingerprint(sft.Config()).items() if k != "run"}
+    old.update(seed=0, precision="fp32", device="auto", tensorboard=False)  # before the run block
+    check_resume_compatible(old, sft.Config(), "run")
+    with pytest.raises(UserFacingError, match=r"changed: run.seed"):
+        check_resume_compatible({**old, "seed": 7}, sft.Config(), "run")
+
+
+def test_cli_resume_flags_and_old_keys_set_the_run_block(capsys):
+    assert main(["sft", "--force-resume", "--set", "seed=2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"]["force_resume"] is True and printed["run"]["seed"] == 2 and "seed" not in printed

@@ -326,7 +326,9 @@ def test_bf16_mixed_precision_losses_track_fp32(env, tmp_path):  # noqa: F811
     """On the same rollout, the bf16 forwards' log-probs, values and PPO losses stay near the fp32 ones, and the
     first minibatch of a bf16 rollout still has ratio 1 (rollout and training share numerics)."""
     cfg32 = make_cfg(env, tmp_path / "fp32", "ptx.coef=0.5", "generation.temperature=0.8")
-    cfg16 = dataclasses.replace(cfg32, output_dir=str(tmp_path / "bf16"), precision="bf16")
+    cfg16 = dataclasses.replace(
+        cfg32, output_dir=str(tmp_path / "bf16"), run=dataclasses.replace(cfg32.run, precision="bf16")
+    )
     torch.manual_seed(0)
     run32 = build_run(cfg32)
     run16 = build_run(cfg16)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from instructrl import demo
 from instructrl.cli import main
-from instructrl.config import save_config
+from instructrl.config import RunSettings, save_config
 from instructrl.errors import UserFacingError
 from instructrl.stages import ppo, ppo_trainers, rm, sft
 from instructrl.utils import checkpoint
@@ -262,12 +262,12 @@ def test_sft_and_rm_out_of_memory_name_what_to_lower(tmp_path, tiny_lm_dir, monk
     demos.write_text("".join(json.dumps({"prompt": f"Q: {i}\nA:", "response": " cat"}) + "\n" for i in range(8)))
     with pytest.raises(UserFacingError, match="lower micro_batch_size, max_prompt_tokens, max_response_tokens"):
         sft.run(sft.Config(model=str(tiny_lm_dir), data=str(demos), output_dir=str(tmp_path / "sft"), batch_size=4,
-                           ptx_fraction=0, device="cpu"))  # fmt: skip
+                           ptx_fraction=0, run=RunSettings(device="cpu")))  # fmt: skip
     comparisons = tmp_path / "comparisons.jsonl"
     comparisons.write_text("".join(json.dumps({"prompt": "Q:", "chosen": " a", "rejected": " b"}) + "\n"))
     with pytest.raises(UserFacingError, match="lower micro_batch_size, max_prompt_tokens, max_response_tokens"):
         rm.run(rm.Config(model=str(tiny_lm_dir), comparisons=str(comparisons), output_dir=str(tmp_path / "rm"),
-                         valid_fraction=0, device="cpu"))  # fmt: skip
+                         valid_fraction=0, run=RunSettings(device="cpu")))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- full disk
@@ -403,7 +403,7 @@ def test_demo_refuses_a_run_directory_made_with_a_different_config(tmp_path):
 
 def test_demo_passes_its_resume_settings_to_the_training_stages():
     cfg = demo.Config(resume=False, force_resume=True)
-    assert demo.resume_overrides(sft.Config, cfg) == ["resume=false", "force_resume=true"]
+    assert demo.resume_overrides(sft.Config, cfg) == ["run.resume=false", "run.force_resume=true"]
     from instructrl.data import prepare
 
     assert demo.resume_overrides(prepare.Config, cfg) == []

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from instructrl.config import ConfigError, describe, dump_config, load_config
+from instructrl.config import ConfigError, describe, dump_config, load_config, run_key
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,11 @@ _DB_FLAG = {"--db": "db={}"}
 """``--db FILE.sqlite`` for the labeling commands (same as ``--set db=FILE.sqlite``)."""
 
 RESUME_FLAGS = {
-    "--resume": ("resume=true", "continue from the newest checkpoint in output_dir (the default)"),
-    "--force-resume": ("force_resume=true", "resume even though the config changed in a way that alters results"),
+    "--resume": ("resume", "continue from the newest checkpoint in output_dir (the default)"),
+    "--force-resume": ("force_resume", "resume even though the config changed in a way that alters results"),
 }
-"""Flags every command whose config has the field gets (``resume`` / ``force_resume``)."""
+"""Flags setting a key to true, for every command whose config has the key (``run.resume`` / ``run.force_resume``
+in a stage's run block, ``resume`` / ``force_resume`` at the top level of the demo's)."""
 
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("instructrl.stages.pretrain", "Train the tokenizer and the base causal LM on a text corpus."),
@@ -210,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flag, action="append_const", const=override, dest="overrides", help=f"same as --set {override}"
             )
     config_fields = {f.name for f in dataclasses.fields(config_cls)}
-    for flag, (override, help_text) in RESUME_FLAGS.items():
-        if override.split("=")[0] in config_fields and flag not in cmd.flags:
-            parser.add_argument(flag, action="append_const", const=override, dest="overrides", help=help_text)
+    for flag, (key, help_text) in RESUME_FLAGS.items():
+        key = run_key(config_cls, key)
+        if (key.startswith("run.") or key in config_fields) and flag not in cmd.flags:
+            parser.add_argument(flag, action="append_const", const=f"{key}=true", dest="overrides", help=help_text)
     args = parser.parse_args(rest)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

@@ -25,6 +25,7 @@ from instructrl.config import (
     require_non_negative,
     require_positive,
     resume_fingerprint,
+    run_key,
     save_config,
 )
 from instructrl.errors import UserFacingError
@@ -99,7 +100,7 @@ def plan(cfg: Config) -> list[Step]:
     run = Path(cfg.output_dir)
     data, base, sft, rm = run / "data", run / "base", run / "sft", run / "rm"
     ppo, ppo_ptx = run / "ppo", run / "ppo_ptx"
-    common = (f"seed={cfg.seed}", f"threads={cfg.threads}")
+    common = (f"run.seed={cfg.seed}", f"run.threads={cfg.threads}")
     q = cfg.quick
     tiny_model = ("model.d_model=64", "model.n_layers=2")
     steps = [
@@ -187,7 +188,7 @@ def plan(cfg: Config) -> list[Step]:
             (
                 f"output_dir={run / 'eval'}",
                 f"sandbox_seed={cfg.seed}",
-                f"threads={cfg.threads}",
+                f"run.threads={cfg.threads}",
                 f"prompts={60 if q else cfg.eval_prompts}",
                 "policies={" + ", ".join(f"{name}: {path}" for name, path in policies.items()) + "}",
                 f"base_model={base}",
@@ -221,10 +222,10 @@ def check_previous_run(run_dir: Path, cfg: Config) -> None:
 
 
 def resume_overrides(stage_config: type, cfg: Config) -> list[str]:
-    """The demo's resume settings, for the stages whose config has them."""
+    """The demo's resume settings, for the stages whose config has them (in its run block or at the top)."""
     names = {f.name for f in dataclasses.fields(stage_config)}
-    wanted = {"resume": cfg.resume, "force_resume": cfg.force_resume}
-    return [f"{key}={str(value).lower()}" for key, value in wanted.items() if key in names]
+    wanted = {run_key(stage_config, "resume"): cfg.resume, run_key(stage_config, "force_resume"): cfg.force_resume}
+    return [f"{key}={str(value).lower()}" for key, value in wanted.items() if key.startswith("run.") or key in names]
 
 
 def run(cfg: Config) -> dict:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import yaml
 
-from instructrl.config import require, require_non_negative, require_positive, save_config
+from instructrl.config import RunSettings, require, require_non_negative, require_positive, save_config
 from instructrl.errors import UserFacingError
 from instructrl.eval.best_of_n import ProxyGoldRow, proxy_gold_agreement, sample_best_of_n
 from instructrl.eval.judges import (
@@ -153,15 +153,12 @@ class Config:
     """Prompts shown with every model's response side by side."""
     title: str = "instructrl evaluation"
     """Report title."""
-    device: str = "auto"
-    """Device of every model: auto (CUDA when available), cpu, cuda[:N]."""
-    seed: int = 0
-    """Seed of sampling and of the labeler judge."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed (sampling and the labeler judge), threads and device; eval neither trains nor resumes, so it ignores
+    resume, force_resume and max_nonfinite_steps and refuses precision=bf16 and tensorboard=true."""
 
     def validate(self) -> None:
-        require_non_negative(self, "prompts", "best_of_n", "samples", "threads", "temperature", "gold_tie_margin")
+        require_non_negative(self, "prompts", "best_of_n", "samples", "temperature", "gold_tie_margin")
         require_positive(self, "max_new_tokens", "overopt_prompts", "heldout_docs", "tax_seq_len")
         for name in ("policies", "ppo_runs"):
             mapping = getattr(self, name)
@@ -180,11 +177,8 @@ class Config:
                 "comparisons",
                 f"expected 'policy:baseline', got {pair!r}",
             )
-        require(
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            "device",
-            f"unknown device {self.device!r}",
-        )
+        require(self.run.precision == "fp32", "run.precision", "eval runs its models in float32 only")
+        require(not self.run.tensorboard, "run.tensorboard", "eval logs no training metrics")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -222,11 +216,11 @@ def build_judges(cfg: Config, world: SandboxWorld, scorer, labelers: list[int]) 
         if name == "gold":
             judges.append(GoldJudge(world, tie_margin=cfg.gold_tie_margin))
         elif name == "labelers":
-            judges.append(LabelerJudge(world, labelers, seed=cfg.seed))
+            judges.append(LabelerJudge(world, labelers, seed=cfg.run.seed))
         elif name == "rm" and scorer is not None:
             judges.append(RewardModelJudge(scorer))
         elif name == "custom" and cfg.custom_judge:
-            judges.append(CallableJudge(load_callable(cfg.custom_judge), cfg.custom_judge_kind, seed=cfg.seed))
+            judges.append(CallableJudge(load_callable(cfg.custom_judge), cfg.custom_judge_kind, seed=cfg.run.seed))
     return judges
 
 
@@ -349,7 +343,7 @@ def ppo_run_curve(cfg: Config, name: str, ppo_dir: str, world: SandboxWorld, tas
         max_new_tokens=int(generation.get("max_new_tokens", cfg.max_new_tokens)),
         temperature=float(generation.get("temperature", 1.0)),
         missing_eos_score=saved.get("missing_eos_score", cfg.missing_eos_score),
-        seed=cfg.seed,
+        seed=cfg.run.seed,
         device=device,
     )
 
@@ -360,7 +354,7 @@ def collect(cfg: Config) -> ReportData:
 
     check_paths(cfg)
     t0 = time.time()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     roles = Roles(cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base)
     world = SandboxWorld(seed=cfg.sandbox_seed)
     tasks = eval_tasks(world, cfg.split, cfg.prompts)
@@ -373,7 +367,7 @@ def collect(cfg: Config) -> ReportData:
     for name, path in cfg.policies.items():
         print(f"[eval] {name}: {len(tasks)} responses from {path}", flush=True)
         evals[name] = evaluate_policy(
-            name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.seed, device=device
+            name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.run.seed, device=device
         )
     if cfg.reference_ceiling:
         if REFERENCE in evals:
@@ -391,7 +385,7 @@ def collect(cfg: Config) -> ReportData:
         print(f"[eval] best-of-{cfg.best_of_n} from {source}", flush=True)
         bon = sample_best_of_n(
             cfg.policies[source], world, tasks, scorer, cfg.best_of_n, cfg.max_new_tokens,
-            missing_eos_score=cfg.missing_eos_score, seed=cfg.seed, device=device,
+            missing_eos_score=cfg.missing_eos_score, seed=cfg.run.seed, device=device,
         )  # fmt: skip
         evals[f"best-of-{cfg.best_of_n}"] = bon.policy_eval(world)
         bon_curves.append(bon.curve(run=f"best-of-n from {source}"))
@@ -453,8 +447,8 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "instructrl_eval.yaml")
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    set_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
     data = collect(cfg)
     paths = write_report(out, data)
     print("\n" + format_headline(data), flush=True)

@@ -95,8 +95,8 @@ def cpu_has_native_bf16() -> bool:
 @functools.cache
 def _warn_software_bf16() -> None:
     warnings.warn(
-        "precision=bf16 on a CPU without native bf16 matrix multiplies (no AVX512-BF16 or AMX): PyTorch "
-        "multiplies bf16 in software here, several times slower than float32. Use precision=fp32 on this "
+        "run.precision=bf16 on a CPU without native bf16 matrix multiplies (no AVX512-BF16 or AMX): PyTorch "
+        "multiplies bf16 in software here, several times slower than float32. Use run.precision=fp32 on this "
         "machine.",
         RuntimeWarning,
         stacklevel=3,
@@ -104,4 +104,4 @@ def _warn_software_bf16() -> None:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-"""``precision`` config values of the training stages -> autocast dtype (None = the weights' own dtype)."""
+"""``run.precision`` values (``config.PRECISION_NAMES``) -> autocast dtype (None = the weights' own dtype)."""

@@ -49,9 +49,7 @@ from typing import Any
 
 import torch
 
-from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
 from instructrl.errors import UserFacingError
-from instructrl.stages.common import progress, set_threads
 from instructrl.stages.ppo_build import PPORun, build_run
 from instructrl.stages.ppo_config import Config, GenerationSettings, KLSettings, PtxSettings
 from instructrl.stages.ppo_rollout import (
@@ -64,8 +62,7 @@ from instructrl.stages.ppo_rollout import (
     score_rollout,
 )
 from instructrl.stages.ppo_trainers import reduce_side_stats
-from instructrl.utils.checkpoint import load_latest_checkpoint
-from instructrl.utils.distributed import get_runtime
+from instructrl.stages.training_run import TrainingRun
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
 
@@ -165,57 +162,42 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
     Under ``accelerate launch`` / ``torchrun`` with N processes each rank rolls out and trains on its share of
     every batch (see :func:`train_iteration`); rank 0 alone writes files.
     """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime = get_runtime(cfg.device)
-    if runtime.is_main:
-        save_config(cfg, out / "instructrl_ppo.yaml")
-    set_threads(cfg.threads)
-    runtime.seed(cfg.seed)
-    t0 = time.time()
+    stage = TrainingRun.start(cfg, "ppo", unit="iteration")
+    out, runtime = stage.out, stage.runtime
 
-    run = build_run(cfg, score_fn=score_fn, sampler=sampler)
-    resumed = load_latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        step, state = resumed
-        check_resume_compatible(state["config"], cfg, str(out))
-        run.load_state_dict(state)
-        print(f"resumed from iteration {step}", flush=True)
-    start = run.iteration
-    print(_describe(run), flush=True)
+    ppo_run = build_run(cfg, score_fn=score_fn, sampler=sampler)
+    stage.restore(ppo_run)
+    print(_describe(ppo_run), flush=True)
 
-    resume_step = start if resumed is not None else None
-    metrics = runtime.metrics_writer(
-        out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None, resume_step
-    )
-    samples = runtime.metrics_writer(out / "samples.jsonl", resume_step=resume_step)
-    bar = progress(cfg.iterations, start, "ppo", disable=not runtime.is_main)
+    metrics = stage.metrics_writer()
+    samples = stage.metrics_writer("samples.jsonl", tensorboard=False)
+    bar = stage.progress(cfg.iterations)
     try:
-        while run.iteration < cfg.iterations:
-            record, rollout, prompt_index = train_iteration(run)
-            done = run.iteration
+        while ppo_run.iteration < cfg.iterations:
+            record, rollout, prompt_index = train_iteration(ppo_run)
+            done = ppo_run.iteration
             metrics.log(done, **record)
             bar.set_postfix(score=f"{record['objective/score']:.3f}", kl=f"{record['objective/kl']:.3f}")
             bar.update(1)
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1) and runtime.is_main:
-                _log_samples(run, samples, done, rollout, prompt_index)
+                _log_samples(ppo_run, samples, done, rollout, prompt_index)
             if cfg.save_policy_every and done % cfg.save_policy_every == 0:
-                run.save_policy(out / f"policy-iter-{done:04d}")
-            if done % cfg.save_every == 0 and done < cfg.iterations:
-                runtime.save_checkpoint(out, done, {"config": resume_fingerprint(cfg), **run.state_dict()})
+                ppo_run.save_policy(out / f"policy-iter-{done:04d}")
+            if stage.checkpoint_due(done, cfg.iterations):
+                stage.save_checkpoint(done, ppo_run)
     finally:
         bar.close()
         metrics.close()
         samples.close()
-        run.close()  # overlap_models' worker threads
+        ppo_run.close()  # overlap_models' worker threads
 
-    run.save_policy(out / "policy")
-    require_finite_weights(run.critic.model, "the value model")  # on every rank: identical weights
+    ppo_run.save_policy(out / "policy")
+    require_finite_weights(ppo_run.critic.model, "the value model")  # on every rank: identical weights
     if runtime.is_main:
-        run.critic.model.save_pretrained(out / "value")
-        run.tokenizer.save_pretrained(out / "value")
+        ppo_run.critic.model.save_pretrained(out / "value")
+        ppo_run.tokenizer.save_pretrained(out / "value")
     runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
-    results = _results(cfg, run, out, time.time() - t0)
+    results = _results(cfg, ppo_run, out, stage.seconds())
     if runtime.is_main:
         atomic_write_json(out / "results.json", results)
     print(

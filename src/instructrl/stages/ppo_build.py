@@ -132,7 +132,7 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         path = getattr(cfg, key)
         if path is not None and not Path(path).exists():
             raise UserFacingError(f"{key}: {path} does not exist (run the earlier stage first, or set {key}=...)")
-    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
+    runtime = get_runtime(cfg.run.device)  # one process, or this rank of an accelerate/torchrun launch
     runtime.require_divisible(cfg.batch_size, "batch_size")  # each rank rolls out batch_size / N prompts
     runtime.require_divisible(cfg.minibatch_size, "minibatch_size")  # and trains on minibatch_size / N of each step
     device = runtime.device
@@ -152,7 +152,7 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
     if not isinstance(runner, SequentialRunner):  # a side that is done hands its threads to the other
         for model in (policy, ref_policy, reward_model, value_model):
             add_claim_points(model)
-    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast_dtype = torch.bfloat16 if cfg.run.precision == "bf16" else None
     models = PPOModels(
         policy=policy,
         ref_policy=ref_policy,
@@ -164,12 +164,12 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
     )
 
     prompts = load_prompt_data(
-        cfg.prompts, tokenizer, cfg.generation.max_prompt_tokens, cfg.seed, cfg.skip_bad, cfg.sandbox_seed
+        cfg.prompts, tokenizer, cfg.generation.max_prompt_tokens, cfg.run.seed, cfg.skip_bad, cfg.sandbox_seed
     )
     _check_positions(cfg, policy, prompts.ids)
     ptx = None
     if cfg.ptx.coef > 0:  # γ = 0 never reads the pretraining data
-        windows = load_pretraining_windows(cfg.ptx.data, tokenizer, cfg.ptx.seq_len, cfg.seed + 3, cfg.skip_bad,
+        windows = load_pretraining_windows(cfg.ptx.data, tokenizer, cfg.ptx.seq_len, cfg.run.seed + 3, cfg.skip_bad,
                                            cfg.sandbox_seed, cfg.ptx.sandbox_docs)  # fmt: skip
         micro = cfg.ptx.micro_batch_size or cfg.micro_batch_size or cfg.minibatch_size
         ptx = PretrainingMix(windows, cfg.ptx.coef, max(1, round(cfg.ptx.batch_ratio * cfg.minibatch_size)), micro)
@@ -183,7 +183,7 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         kl_controller = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     else:
         kl_controller = FixedKLController(cfg.kl.coef)
-    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.seed + 2))  # per rank
+    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.run.seed + 2))  # per rank
     training_policy, policy_optimizer = runtime.prepare(policy, policy_optimizer)
     training_value, value_optimizer = runtime.prepare(value_model, value_optimizer, forward=response_values)
     for optimizer in (policy_optimizer, value_optimizer):
@@ -215,8 +215,8 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         sampler=sampler or make_sampler(cfg, policy, tokenizer, runtime, runner),
         kl_controller=kl_controller,
         sampling_generator=sampling_generator,
-        shuffle_generator=torch.Generator().manual_seed(cfg.seed + 1),
-        nonfinite=NonFiniteGuard(cfg.max_nonfinite_steps, unit="iteration"),
+        shuffle_generator=torch.Generator().manual_seed(cfg.run.seed + 1),
+        nonfinite=NonFiniteGuard(cfg.run.max_nonfinite_steps, unit="iteration"),
         close=runner.close,
     )
 
@@ -232,7 +232,7 @@ def make_sampler(cfg: Config, policy, tokenizer, runtime: Runtime, runner=None) 
                 tokenizer.eos_token_id,
                 tokenizer.pad_token_id,
                 gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
-                seed=runtime.rank_seed(cfg.seed + 2),
+                seed=runtime.rank_seed(cfg.run.seed + 2),
                 under_launcher=runtime.distributed,
             )
         except RuntimeError as e:

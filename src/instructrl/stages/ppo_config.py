@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from instructrl.config import require, require_fraction, require_non_negative, require_path_exists, require_positive
+from instructrl.config import (
+    RunSettings,
+    require,
+    require_fraction,
+    require_non_negative,
+    require_path_exists,
+    require_positive,
+)
 
 
 @dataclass
@@ -173,16 +180,6 @@ class Config:
     """Iterations between resumable checkpoints."""
     save_policy_every: int = 0
     """Iterations between Hugging Face snapshots ``policy-iter-XXXX`` of the released policy; 0 = none."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """'bf16': bf16 mixed precision (autocast) for generation and every forward pass, rollout and training;
-    weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32. Faster
-    where matmuls have a bf16 path (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on; measurements:
-    benchmarks/RESULTS.md); losses track fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32':
-    everything in float32."""
     fused_kernels: bool = True
     """Compute the same math with faster kernels (``instructrl.fast``): log-probs through the fused LM head
     (no full-vocabulary logits), GPT-2's ``gelu_new`` as one tanh-GELU kernel, SDPA attention in float32
@@ -206,22 +203,15 @@ class Config:
     heavier (a large-vocabulary LM head); it can cost where one side is much heavier (measurements:
     benchmarks/RESULTS.md). 'auto' times the first calls each way in every process and keeps the faster
     (logged). Ignored on a GPU and under N processes."""
-    seed: int = 0
-    """Seed for sampling, prompt order and minibatch shuffling."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage).
+    ``run.precision=bf16``: bf16 mixed precision (autocast) for generation and every forward pass, rollout and
+    training; weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32;
+    losses track fp32 within the tolerance tested in tests/test_ppo_fast.py."""
 
     def validate(self) -> None:
         require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
         require_positive(self, "save_every")
-        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "forward_batch_size", "warmup_iterations", "grad_clip")
         require_non_negative(self, "clip_range", "value_clip_range", "vf_coef", "sample_every", "num_samples")
         require_non_negative(self, "save_policy_every")
@@ -240,10 +230,4 @@ class Config:
         )
         require(
             self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"
-        )
-        require(self.precision in ("fp32", "bf16"), "precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
-        require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )

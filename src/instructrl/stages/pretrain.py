@@ -12,32 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import torch
 
 from instructrl.config import (
-    check_resume_compatible,
+    RunSettings,
     require,
     require_fraction,
     require_path_exists,
     require_positive,
-    resume_fingerprint,
-    save_config,
 )
 from instructrl.data.loading import load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
-from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision, progress, set_threads
-from instructrl.utils.checkpoint import load_latest_checkpoint, save_checkpoint
-from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
-from instructrl.utils.io import MetricsWriter, atomic_write_json
-from instructrl.utils.seed import rng_state, seed_everything, set_rng_state
+from instructrl.stages.common import PRECISIONS, mixed_precision
+from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 
 @dataclass
@@ -86,30 +78,11 @@ class Config:
     """Held-out windows per evaluation (0 = all)."""
     save_every: int = 500
     """Steps between resumable checkpoints."""
-    seed: int = 0
-    """Seed for initialization and data order."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """'bf16': bf16 mixed precision (autocast) for the forward passes; weights, gradients, Adam states and the loss
-    stay float32. Faster where matmuls have a bf16 path (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX): measured
-    on a 2-core AVX512-BF16 CPU, a pretraining step of the 3.4M-parameter sandbox model took 0.70x the fp32 time;
-    the 0.94M one gained nothing (too small for matmuls to dominate)."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
-        require_positive(self, "max_nonfinite_steps")
         require_fraction(self, "min_lr_ratio")
         require_path_exists(self, "corpus", "heldout", "tokenizer")
         require(
@@ -117,10 +90,6 @@ class Config:
         )
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
-        require(
-            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
-        )
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
@@ -178,13 +147,10 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: in
 
 
 def run(cfg: Config) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "instructrl_pretrain.yaml")
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    stage = TrainingRun.start(cfg, "pretrain", distributed=False)  # one process: no data parallelism here
+    device = stage.runtime.device
 
-    t0 = time.time()
+    # ---- build: corpus, tokenizer, model, optimizer
     train_texts, held_texts = _corpus_texts(cfg)
     if cfg.tokenizer is not None:
         tokenizer = load_tokenizer(cfg.tokenizer)
@@ -196,89 +162,68 @@ def run(cfg: Config) -> dict:
         raise UserFacingError(f"the corpus has {len(train_stream)} tokens, fewer than one window of {cfg.seq_len}")
     print(
         f"corpus: {len(train_texts)} docs, {len(train_stream):,} tokens; held-out {len(held_stream):,} tokens; "
-        f"vocab {len(tokenizer)} (prepared in {time.time() - t0:.1f}s)",
+        f"vocab {len(tokenizer)} (prepared in {stage.seconds():.1f}s)",
         flush=True,
     )
-
-    device = resolve_device(cfg.device)
     model = build_causal_lm(cfg.model, tokenizer).to(device)
     print(f"model: {cfg.model.arch}, {count_parameters(model) / 1e6:.2f}M parameters", flush=True)
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    )
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    state = TrainingState.adam_cosine(model, cfg, cfg.max_steps, cfg.warmup_steps, stage.runtime)
+    data_gen = torch.Generator().manual_seed(cfg.run.seed)
+    saved = stage.restore(state)
+    if saved is not None:
+        data_gen.set_state(saved["data_rng"])
 
-    start_step = 0
-    resumed = load_latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        start_step, state = resumed
-        check_resume_compatible(state["config"], cfg, str(out))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data_gen.set_state(state["data_rng"])
-        set_rng_state(state["rng"])
-        guard.load_state_dict(state.get("guard"))
-        print(f"resumed from step {start_step}", flush=True)
-
-    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
-    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir, resume_step=start_step if resumed else None)
-    bar = progress(cfg.max_steps, start_step, "pretrain")
+    # ---- loop: random windows of the token stream; held-out perplexity every eval_every steps
+    metrics, bar = stage.metrics_writer(), stage.progress(cfg.max_steps)
     model.train()
-    for step in range(start_step, cfg.max_steps):
+    for step in range(stage.start_step, cfg.max_steps):
         starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
         window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
-        optimizer.zero_grad(set_to_none=True)
-        with out_of_memory_advice("training", "batch_size", "seq_len"):
-            with mixed_precision(device, PRECISIONS[cfg.precision]):
-                logits = model(input_ids=window[:, :-1]).logits  # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        if guard.step_is_finite(step + 1, loss=loss, grad_norm=grad_norm):
-            optimizer.step()
-        scheduler.step()
+        record = train_step(cfg, state, window, step)
         done = step + 1
-        record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
-        record.update(guard.metrics())
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             record["heldout_ppl"] = stream_perplexity(model, held_stream, cfg.seq_len, cfg.eval_windows)
             model.train()
             bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['heldout_ppl']:.2f}")
         metrics.log(done, **record)
         bar.update(1)
-        if done % cfg.save_every == 0 and done < cfg.max_steps:
-            save_checkpoint(
-                out,
-                done,
-                {
-                    "config": resume_fingerprint(cfg),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "data_rng": data_gen.get_state(),
-                    "rng": rng_state(),
-                    "guard": guard.state_dict(),
-                },
-            )
+        if stage.checkpoint_due(done, cfg.max_steps):
+            stage.save_checkpoint(done, state, data_rng=data_gen.get_state())
     bar.close()
     metrics.close()
 
+    # ---- save: a Hugging Face model directory with its tokenizer
     model.eval()
     heldout_ppl = stream_perplexity(model, held_stream, cfg.seq_len)
     require_finite_weights(model, "the pretrained model")
-    model.cpu().save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model.cpu().save_pretrained(stage.out)
+    tokenizer.save_pretrained(stage.out)
     results = {
         "heldout_perplexity": heldout_ppl,
         "parameters": count_parameters(model),
         "train_tokens": len(train_stream),
         "steps": cfg.max_steps,
-        "seconds": time.time() - t0,
+        "seconds": stage.seconds(),
         "model": dataclasses.asdict(cfg.model),
     }
-    atomic_write_json(out / "results.json", results)
-    print(f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {out}", flush=True)
+    stage.write_results(results)
+    print(f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {stage.out}", flush=True)
     return results
+
+
+def train_step(cfg: Config, state: TrainingState, window: torch.Tensor, step: int) -> dict:
+    """Optimizer step ``step + 1`` on ``window`` (B, T+1): next-token loss on every position; returns its metrics."""
+    model, device = state.model, window.device
+    state.optimizer.zero_grad(set_to_none=True)
+    with out_of_memory_advice("training", "batch_size", "seq_len"):
+        with mixed_precision(device, PRECISIONS[cfg.run.precision]):
+            logits = model(input_ids=window[:, :-1]).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    if state.guard.step_is_finite(step + 1, loss=loss, grad_norm=grad_norm):
+        state.optimizer.step()
+    state.scheduler.step()
+    record = {"loss": loss.item(), "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+    record.update(state.guard.metrics())
+    return record

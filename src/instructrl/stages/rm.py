@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,14 +38,12 @@ from pathlib import Path
 import torch
 
 from instructrl.config import (
-    check_resume_compatible,
+    RunSettings,
     require,
     require_fraction,
     require_non_negative,
     require_path_exists,
     require_positive,
-    resume_fingerprint,
-    save_config,
 )
 from instructrl.data.loading import load_comparisons, load_demonstrations
 from instructrl.data.records import Comparison, Demonstration
@@ -55,13 +52,11 @@ from instructrl.models.causal_lm import count_parameters, disable_dropout, load_
 from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
-from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
-from instructrl.utils.checkpoint import load_latest_checkpoint
+from instructrl.stages.training_run import TrainingRun, TrainingState
 from instructrl.utils.device import resolve_device
-from instructrl.utils.distributed import Runtime, call_model_function, get_runtime
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
+from instructrl.utils.distributed import Runtime, call_model_function
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
-from instructrl.utils.seed import rng_state, set_rng_state
 
 SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
 SANDBOX_DEMONSTRATIONS = "sandbox_demonstrations.jsonl"
@@ -122,21 +117,8 @@ class Config:
     """Completions per forward pass when evaluating and normalizing."""
     save_every: int = 25
     """Optimizer steps between resumable checkpoints."""
-    device: str = "auto"
-    """'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."""
-    seed: int = 0
-    """Seed for the head init, data order, validation split and sandbox data."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
     sandbox_seed: int = 0
     """Seed of the sandbox world used when ``comparisons`` is unset."""
     sandbox_prompts: int = 1500
@@ -163,7 +145,6 @@ class Config:
             self, "max_k", "max_prompt_tokens", "max_response_tokens", "epochs", "batch_size", "lr", "eval_every"
         )
         require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
-        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
         require_non_negative(self, "sandbox_demonstrations", "sandbox_agreement_prompts")
         require_path_exists(self, "sandbox_sample_policy")
@@ -183,7 +164,7 @@ class Config:
             "valid_comparisons",
             "needs comparisons to be set too",
         )
-        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu/cuda/auto")
+        require(self.run.precision == "fp32", "run.precision", "the reward model trains in float32 only")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -506,7 +487,7 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
     world = SandboxWorld(cfg.sandbox_seed)
     rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
     sft_tasks = stage_tasks(world, "sft")
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.run.seed)
     ks = [int(k) for k in rng.integers(cfg.sandbox_min_k, cfg.sandbox_max_k + 1, size=len(rm_tasks))]
     if cfg.sandbox_samples_from_policy:
         candidates = _policy_samples(cfg, tokenizer, [t.prompt for t in rm_tasks], ks)
@@ -533,7 +514,7 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
         # against (§5.2 measured agreement on the comparisons themselves, not on a separate candidate set).
         shown = [(t, [r for r in c if r.strip()]) for t, c in zip(rm_tasks, candidates)]
         shown = [(t, c) for t, c in shown if len(c) >= 2][: cfg.sandbox_agreement_prompts]
-        mean, stderr, _ = pairwise_agreement(world, [t for t, _ in shown], [c for _, c in shown], cfg.seed + 1)
+        mean, stderr, _ = pairwise_agreement(world, [t for t, _ in shown], [c for _, c in shown], cfg.run.seed + 1)
         atomic_write_json(out / SANDBOX_AGREEMENT, {"mean": mean, "stderr": stderr, "prompts": len(shown)})
     comparisons_path, demos_path = out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS
     atomic_write_jsonl(comparisons_path, records)
@@ -548,7 +529,7 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
     from instructrl.eval.generate import generate_responses
     from instructrl.models.causal_lm import load_causal_lm
 
-    policy = load_causal_lm(cfg.sandbox_sample_policy or cfg.model, tokenizer).to(resolve_device(cfg.device))
+    policy = load_causal_lm(cfg.sandbox_sample_policy or cfg.model, tokenizer).to(resolve_device(cfg.run.device))
     repeated = [p for p, k in zip(prompts, ks) for _ in range(k)]
     with out_of_memory_advice("sandbox sampling", "generation_batch_size", "max_response_tokens"):
         generated = generate_responses(
@@ -558,7 +539,7 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
             max_new_tokens=cfg.max_response_tokens - 1,  # room for the EOS appended to a sample that never stopped
             temperature=1.0,
             batch_size=cfg.generation_batch_size,
-            seed=cfg.seed,
+            seed=cfg.run.seed,
         )
     limit = cfg.max_response_tokens - 1
     texts = []
@@ -574,32 +555,39 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
     return out
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- build
 
 
-def run(cfg: Config) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
-    if runtime.is_main:
-        save_config(cfg, out / "instructrl_rm.yaml")
-    set_threads(cfg.threads)
-    runtime.seed(cfg.seed)
-    device = runtime.device
-    t0 = time.time()
+@dataclass
+class RankingData:
+    """Encoded comparisons of the three sets, the normalization's demonstrations and what loading dropped."""
 
-    resumed = load_latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        check_resume_compatible(resumed[1]["config"], cfg, str(out))
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
+    train: list[EncodedComparison]
+    valid: list[EncodedComparison]
+    heldout: list[EncodedComparison]
+    """Comparisons by the ``heldout_labelers`` (never trained on)."""
+    counts: dict[str, EncodeCounts]
+    """What encoding kept of each set: "train", "valid", "heldout"."""
+    demo_sequences: list[list[int]]
+    """Demonstrations whose mean score the bias sets to 0."""
+    demos_dropped: int
+    """Demonstrations over max_response_tokens."""
+    normalization_source: str
+    """Where the demonstrations came from (results.json)."""
+    source: str
+    """The comparisons file."""
+    skipped_records: dict[str, int]
+    """Malformed records skipped per file (with ``skip_bad``)."""
 
-    # ---- data
+
+def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
+    """Load (or, without ``comparisons``, generate from the sandbox), split and encode the comparisons."""
+    runtime = stage.runtime
     comparisons_path, demos_path = cfg.comparisons, cfg.demonstrations
     if comparisons_path is None:
-        sandbox_files = (out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS)
-        if not (resumed is not None and all(p.exists() for p in sandbox_files)) and runtime.is_main:
-            sandbox_data(cfg, tokenizer, out)  # a resumed run keeps exactly the data it started with
+        sandbox_files = (stage.out / SANDBOX_COMPARISONS, stage.out / SANDBOX_DEMONSTRATIONS)
+        if not (stage.resumed and all(p.exists() for p in sandbox_files)) and runtime.is_main:
+            sandbox_data(cfg, tokenizer, stage.out)  # a resumed run keeps exactly the data it started with
         runtime.barrier()  # the other ranks read what rank 0 wrote
         comparisons_path, demos_path = sandbox_files
     skipped_records: dict[str, int] = {}
@@ -608,7 +596,7 @@ def run(cfg: Config) -> dict:
         _load_comparison_file(cfg.valid_comparisons, cfg, "valid", skipped_records) if cfg.valid_comparisons else None
     )
     train_c, valid_c, heldout_c = split_comparisons(
-        all_comparisons, valid_file, cfg.heldout_labelers, cfg.valid_fraction, cfg.seed
+        all_comparisons, valid_file, cfg.heldout_labelers, cfg.valid_fraction, cfg.run.seed
     )
     encode = lambda cs: encode_comparisons(cs, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens)  # noqa: E731
     train, train_counts = encode(train_c)
@@ -639,14 +627,28 @@ def run(cfg: Config) -> dict:
         f"{cfg.max_response_tokens} tokens dropped",
         flush=True,
     )
+    counts = {"train": train_counts, "valid": valid_counts, "heldout": heldout_counts}
+    return RankingData(
+        train,
+        valid,
+        heldout,
+        counts,
+        demo_sequences,
+        demos_dropped,
+        normalization_source,
+        str(comparisons_path),
+        skipped_records,
+    )
 
-    # ---- model
-    model = reward_model_from_causal_lm(cfg.model, pad_token_id=pad_id)
+
+def build_model(cfg: Config, tokenizer, data: RankingData, device: torch.device):
+    """The causal LM with a scalar head (dropout off) on ``device``; refuses sequences beyond its context."""
+    model = reward_model_from_causal_lm(cfg.model, pad_token_id=tokenizer.pad_token_id)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):  # load_tokenizer added a PAD token
         model.resize_token_embeddings(len(tokenizer))
     disable_dropout(model)
     context = max_positions(model)
-    longest = max(len(s) for c in train + valid + heldout for s in c.completions)
+    longest = max(len(s) for c in data.train + data.valid + data.heldout for s in c.completions)
     if context is not None and longest > context:
         raise UserFacingError(
             f"sequences of up to {longest} tokens exceed the model's context of {context}; lower "
@@ -654,89 +656,100 @@ def run(cfg: Config) -> dict:
         )
     model.to(device)
     print(f"model: {count_parameters(model) / 1e6:.2f}M parameters on {device}", flush=True)
+    return model
 
-    micro = cfg.micro_batch_size or cfg.batch_size
-    total_steps = math.ceil(len(train) * cfg.epochs / cfg.batch_size)
-    tail = len(train) * cfg.epochs % cfg.batch_size
-    if 0 < tail < runtime.world_size:  # every rank needs at least one prompt of the last (partial) batch
+
+def training_steps(cfg: Config, n_train: int, world_size: int) -> int:
+    """Optimizer steps over ``epochs`` passes of ``n_train`` prompts; a last partial batch smaller than the number
+    of processes is skipped (every rank needs at least one prompt)."""
+    total_steps = math.ceil(n_train * cfg.epochs / cfg.batch_size)
+    tail = n_train * cfg.epochs % cfg.batch_size
+    if 0 < tail < world_size:
         total_steps -= 1
-        print(f"rm: the last {tail} prompt(s) are skipped: fewer than the {runtime.world_size} processes", flush=True)
-    order = training_order(len(train), cfg.epochs, cfg.seed)
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, total_steps, 0, cfg.min_lr_ratio)
-    )
+        print(f"rm: the last {tail} prompt(s) are skipped: fewer than the {world_size} processes", flush=True)
+    return total_steps
 
-    step = 0
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    if resumed is not None:
-        step, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        own_rng = runtime.own_rank_state(state["rng"])
-        if own_rng is not None:
-            set_rng_state(own_rng)
-        guard.load_state_dict(state.get("guard"))
-        print(f"resumed from step {step}", flush=True)
 
-    def evaluate_sets() -> dict[str, float]:
-        record = {}
-        for name, encoded in (("valid", valid), ("heldout", heldout)):
-            if encoded:
-                with out_of_memory_advice("evaluation", "eval_batch_size"):
-                    result, scores = evaluate(model, encoded, pad_id, cfg.eval_batch_size)
-                record[f"{name}_accuracy"], record[f"{name}_loss"] = result["accuracy"], result["loss"]
-                distribution = score_distribution(scores)
-                record.update({f"{name}_score_{k}": distribution[k] for k in ("mean", "std", "p05", "p50", "p95")})
-        return record
+# --------------------------------------------------------------------------- the loop
 
-    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
-    metrics = runtime.metrics_writer(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
-    training_model, optimizer = runtime.prepare(model, optimizer, forward=raw_last_token_scores)
-    bar = progress(total_steps, step, "rm", disable=not runtime.is_main)
+
+def train_step(
+    cfg: Config, state: TrainingState, training_model, batch: list[EncodedComparison], pad_id: int, step: int
+) -> dict:
+    """Optimizer step ``step + 1`` on this rank's share of the global ``batch`` of prompts; returns its metrics."""
+    runtime = state.runtime
+    state.optimizer.zero_grad(set_to_none=True)
+    with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
+        micro = cfg.micro_batch_size or cfg.batch_size
+        stats = accumulate_ranking_gradients(training_model, runtime.shard(batch), micro, pad_id, runtime)
+    grad_norm = runtime.clip_grad_norm_(state.model, cfg.grad_clip or float("inf"))
+    if state.guard.step_is_finite(step + 1, loss=stats["loss"], grad_norm=grad_norm):  # same verdict on every rank
+        state.optimizer.step()
+    state.scheduler.step()
+    return {**stats, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), **state.guard.metrics()}
+
+
+def evaluate_sets(model, data: RankingData, pad_id: int, batch_size: int) -> dict[str, float]:
+    """Accuracy, loss and score distribution on the validation and held-out-labeler comparisons (those present)."""
+    record = {}
+    for name, encoded in (("valid", data.valid), ("heldout", data.heldout)):
+        if encoded:
+            with out_of_memory_advice("evaluation", "eval_batch_size"):
+                result, scores = evaluate(model, encoded, pad_id, batch_size)
+            record[f"{name}_accuracy"], record[f"{name}_loss"] = result["accuracy"], result["loss"]
+            distribution = score_distribution(scores)
+            record.update({f"{name}_score_{k}": distribution[k] for k in ("mean", "std", "p05", "p50", "p95")})
+    return record
+
+
+def run(cfg: Config) -> dict:
+    stage = TrainingRun.start(cfg, "rm")
+    runtime = stage.runtime
+
+    # ---- build: data, model, optimizer
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_data(cfg, tokenizer, stage)
+    model = build_model(cfg, tokenizer, data, runtime.device)
+    total_steps = training_steps(cfg, len(data.train), runtime.world_size)
+    order = training_order(len(data.train), cfg.epochs, cfg.run.seed)
+    state = TrainingState.adam_cosine(model, cfg, total_steps, 0, runtime)  # no warmup (App. C.2)
+    stage.restore(state)
+
+    # ---- loop: one optimizer step per batch of prompts; evaluate every eval_every steps and at the end
+    pad_id = tokenizer.pad_token_id
+    metrics = stage.metrics_writer()
+    training_model = state.prepare(forward=raw_last_token_scores)
+    bar = stage.progress(total_steps)
     model.train()
-    while step < total_steps:
-        batch = [train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-        optimizer.zero_grad(set_to_none=True)
-        with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
-            stats = accumulate_ranking_gradients(training_model, runtime.shard(batch), micro, pad_id, runtime)
-        grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
-        if guard.step_is_finite(step + 1, loss=stats["loss"], grad_norm=grad_norm):  # same verdict on every rank
-            optimizer.step()
-        scheduler.step()
-        step += 1
-        record = {**stats, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), **guard.metrics()}
-        if step % cfg.eval_every == 0 or step == total_steps:
-            record.update(evaluate_sets())
+    for step in range(stage.start_step, total_steps):
+        batch = [data.train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+        record = train_step(cfg, state, training_model, batch, pad_id, step)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == total_steps:
+            record.update(evaluate_sets(model, data, pad_id, cfg.eval_batch_size))
             model.train()
             if "valid_accuracy" in record:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", valid_acc=f"{record['valid_accuracy']:.3f}")
-        metrics.log(step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", valid_acc=f"{record['valid_accuracy']:.3f}")
+        metrics.log(done, **record)
         bar.update(1)
-        if step % cfg.save_every == 0 and step < total_steps:
-            runtime.save_checkpoint(
-                out,
-                step,
-                {
-                    "config": resume_fingerprint(cfg),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": runtime.rank_states(rng_state()),
-                    "guard": guard.state_dict(),
-                },
-            )
+        if stage.checkpoint_due(done, total_steps):
+            stage.save_checkpoint(done, state)
     bar.close()
     metrics.close()
 
-    # ---- normalization, final evaluation, save
+    # ---- save: the bias that centres the demonstrations, the final evaluation, the model
+    return save(cfg, stage, model, tokenizer, data, total_steps)
+
+
+def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, total_steps: int) -> dict:
+    """Normalize to the demonstrations, evaluate, save the reward model and results.json; returns the results."""
+    runtime, pad_id = stage.runtime, tokenizer.pad_token_id
     model.eval()
-    normalization = normalize_to_demonstrations(model, demo_sequences, pad_id, cfg.eval_batch_size)
-    normalization.update(source=normalization_source, dropped_over_length=demos_dropped)
+    normalization = normalize_to_demonstrations(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
+    normalization.update(source=data.normalization_source, dropped_over_length=data.demos_dropped)
     results: dict = {"heldout_labelers": list(cfg.heldout_labelers)}
     distribution_scores = None
-    for name, encoded in (("valid", valid), ("heldout", heldout)):
+    for name, encoded in (("valid", data.valid), ("heldout", data.heldout)):
         if not encoded:
             results[name] = None
             continue
@@ -745,11 +758,11 @@ def run(cfg: Config) -> dict:
         if distribution_scores is None:
             distribution_scores = scores + normalization["bias"]
     if distribution_scores is None:
-        distribution_scores = score_sequences(model, demo_sequences, pad_id, cfg.eval_batch_size)
+        distribution_scores = score_sequences(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
     require_finite_weights(model, "the reward model")
     if runtime.is_main:  # one writer; every rank holds the same weights and bias
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        model.save_pretrained(stage.out)
+        tokenizer.save_pretrained(stage.out)
     results.update(
         {
             "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,
@@ -757,27 +770,23 @@ def run(cfg: Config) -> dict:
             "normalization": normalization,
             "score_distribution": score_distribution(distribution_scores),
             "data": {
-                "source": str(comparisons_path),
-                "skipped_records": skipped_records,
-                "train": vars(train_counts),
-                "valid": vars(valid_counts),
-                "heldout": vars(heldout_counts),
+                "source": data.source,
+                "skipped_records": data.skipped_records,
+                **{name: vars(counts) for name, counts in data.counts.items()},
             },
             "steps": total_steps,
-            "seconds": time.time() - t0,
+            "seconds": stage.seconds(),
         }
     )
-    agreement_path = out / SANDBOX_AGREEMENT
+    agreement_path = stage.out / SANDBOX_AGREEMENT
     if cfg.comparisons is None and agreement_path.exists():
         results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
-    if runtime.is_main:
-        atomic_write_json(out / "results.json", results)
-    runtime.barrier()
+    stage.write_results(results)
     valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
     heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
     print(
         f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
-        f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {out}",
+        f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {stage.out}",
         flush=True,
     )
     return results

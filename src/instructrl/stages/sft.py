@@ -17,35 +17,26 @@ merged into the base weights on save so the output is a plain Hugging Face model
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import torch
 
 from instructrl.config import (
-    check_resume_compatible,
+    RunSettings,
     require,
     require_fraction,
     require_non_negative,
     require_path_exists,
     require_positive,
-    resume_fingerprint,
-    save_config,
 )
 from instructrl.data.loading import load_demonstrations, load_texts
 from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
-from instructrl.stages.common import PRECISIONS, cosine_lr_factor, make_adam, mixed_precision, progress, set_threads
-from instructrl.utils.checkpoint import load_latest_checkpoint
-from instructrl.utils.device import DEVICE_HELP, valid_device_name
-from instructrl.utils.distributed import get_runtime
-from instructrl.utils.guards import NonFiniteGuard, out_of_memory_advice, require_finite_weights
-from instructrl.utils.io import atomic_write_json
-from instructrl.utils.seed import rng_state, set_rng_state
+from instructrl.stages.common import PRECISIONS, mixed_precision
+from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 IGNORE = -100
 """Label value cross-entropy ignores (prompt and padding positions)."""
@@ -131,30 +122,11 @@ class Config:
     """Concatenate short examples into rows of up to max_prompt_tokens + max_response_tokens tokens."""
     save_every: int = 200
     """Optimizer steps between resumable checkpoints."""
-    seed: int = 0
-    """Seed for data order, dropout and held-out split."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch default)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """'bf16': bf16 mixed precision (autocast) for the forward passes; weights, gradients, Adam states and the loss
-    stay float32. Faster where matmuls have a bf16 path (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX): measured
-    on a 2-core AVX512-BF16 CPU, a pretraining step of the 3.4M-parameter sandbox model took 0.70x the fp32 time;
-    the 0.94M one gained nothing (too small for matmuls to dominate)."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
-    tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package)."""
-    force_resume: bool = False
-    """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
-    max_nonfinite_steps: int = 3
-    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient (each such
-    step is skipped and counted in the metrics as ``nonfinite_skipped``)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr", "batch_size", "max_prompt_tokens", "max_response_tokens", "save_every")
-        require_positive(self, "max_nonfinite_steps")
         require_non_negative(self, "micro_batch_size", "warmup_steps", "grad_clip", "weight_decay")
         require_fraction(self, "min_lr_ratio", "residual_dropout")
         require_fraction(self, "ptx_fraction", inclusive_high=False)
@@ -169,10 +141,6 @@ class Config:
         mb = self.micro_batch_size or self.batch_size
         require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
         require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
-        require(valid_device_name(self.device), "device", f"must be {DEVICE_HELP}")
-        require(
-            self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}"
-        )
 
 
 # --------------------------------------------------------------------------- data
@@ -287,7 +255,7 @@ def _load_demos(cfg: Config) -> tuple[list[Demonstration], list[Demonstration]]:
         valid, _ = load_demonstrations(cfg.valid_data, skip_bad=cfg.skip_bad)
         return demos, valid
     shuffled = list(demos)
-    random.Random(cfg.seed).shuffle(shuffled)
+    random.Random(cfg.run.seed).shuffle(shuffled)
     n_valid = max(1, int(len(shuffled) * cfg.valid_fraction))
     return shuffled[n_valid:], shuffled[:n_valid]
 
@@ -325,21 +293,24 @@ def _make_scorer(cfg: Config, tokenizer):
     return RewardScorer(cfg.reward_model, tokenizer)
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- build
 
 
-def run(cfg: Config) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runtime = get_runtime(cfg.device)  # one process, or this rank of an accelerate/torchrun launch
-    if runtime.is_main:
-        save_config(cfg, out / "instructrl_sft.yaml")
-    set_threads(cfg.threads)
-    runtime.seed(cfg.seed)  # per-rank dropout; the data order below uses the shared cfg.seed
-    t0 = time.time()
+@dataclass
+class TrainingData:
+    """Tokenized training and validation sequences."""
 
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
+    train: list[Example]
+    """Demonstrations, pretraining windows (``ptx_fraction``) and, with ``packing``, rows of several of them."""
+    valid: list[Example]
+    """Validation demonstrations that fit the length limits."""
+    valid_demos: list[Demonstration]
+    """Validation demonstrations (their prompts are answered for selection by reward)."""
+    dropped: int
+    """Training demonstrations over the length limits."""
+
+
+def build_data(cfg: Config, tokenizer) -> TrainingData:
     train_demos, valid_demos = _load_demos(cfg)
     encode = lambda d: encode_demonstration(d, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens)  # noqa: E731
     train_examples = [e for e in map(encode, train_demos) if e is not None]
@@ -351,18 +322,22 @@ def run(cfg: Config) -> dict:
         n_ptx = round(len(train_examples) * cfg.ptx_fraction / (1 - cfg.ptx_fraction))
         window = max(len(e.input_ids) for e in train_examples)
         train_examples += encode_pretraining(
-            _pretraining_texts(cfg), tokenizer, n_ptx, window, random.Random(cfg.seed)
+            _pretraining_texts(cfg), tokenizer, n_ptx, window, random.Random(cfg.run.seed)
         )
     if cfg.packing:
-        random.Random(cfg.seed).shuffle(train_examples)
+        random.Random(cfg.run.seed).shuffle(train_examples)
         train_examples = pack_examples(train_examples, cfg.max_prompt_tokens + cfg.max_response_tokens)
     print(
         f"sft: {len(train_examples)} training sequences ({dropped} demonstrations over the length limits dropped), "
         f"{len(valid_examples)} validation",
         flush=True,
     )
+    return TrainingData(train_examples, valid_examples, valid_demos, dropped)
 
-    model = load_causal_lm(cfg.model, tokenizer).to(runtime.device)
+
+def build_model(cfg: Config, tokenizer, device: torch.device):
+    """The causal LM on ``device``, with LoRA adapters when enabled, and residual dropout."""
+    model = load_causal_lm(cfg.model, tokenizer).to(device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -382,96 +357,102 @@ def run(cfg: Config) -> dict:
         f"{count_parameters(model) / 1e6:.2f}M parameters",
         flush=True,
     )
+    return model
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_step(cfg: Config, state: TrainingState, training_model, data: TrainingData, step: int, pad_id: int) -> dict:
+    """Optimizer step ``step + 1`` on this rank's share of global batch ``step``; returns its metrics.
+
+    The batch is slice ``step mod steps_per_epoch`` of epoch ``step // steps_per_epoch``'s order, which depends only
+    on (seed, epoch), so a resumed run finds its data position from the step alone.
+    """
+    runtime = state.runtime
     micro = cfg.micro_batch_size or cfg.batch_size
+    epoch, index_in_epoch = divmod(step, steps_per_epoch(cfg, data))
+    order = list(range(len(data.train)))
+    random.Random(cfg.run.seed * 1000 + epoch).shuffle(order)  # data order depends only on (seed, epoch)
+    batch_ids = order[index_in_epoch * cfg.batch_size : (index_in_epoch + 1) * cfg.batch_size]
+    local_ids = runtime.shard(batch_ids)  # this rank's contiguous share of the global batch
+    micro_batches = [
+        collate([data.train[i] for i in local_ids[s : s + micro]], pad_id) for s in range(0, len(local_ids), micro)
+    ]
+    local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+    n_tokens = runtime.gradient_normalizer(local_tokens)  # global token count / processes
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
+        for index, mb in enumerate(micro_batches):
+            with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
+                nll, _ = response_nll_sum(training_model, mb, PRECISIONS[cfg.run.precision])
+                runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
+            loss_sum += nll.item()
+    loss_sum = runtime.sum(loss_sum) / runtime.world_size  # so that loss_sum / n_tokens is the global mean
+    grad_norm = runtime.clip_grad_norm_(state.model, cfg.grad_clip or float("inf"))
+    if state.guard.step_is_finite(step + 1, loss=loss_sum, grad_norm=grad_norm):  # same verdict on every rank
+        state.optimizer.step()
+    state.scheduler.step()
+    record = {"loss": loss_sum / n_tokens, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+    record["tokens"] = round(n_tokens * runtime.world_size)  # response tokens of the global batch
+    record.update(state.guard.metrics())
+    return record
+
+
+def steps_per_epoch(cfg: Config, data: TrainingData) -> int:
+    return max(1, len(data.train) // cfg.batch_size)
+
+
+def keep_if_best(best: dict | None, value: float, epoch: int, model) -> dict | None:
+    """``best`` (the selected epoch: its score ``value`` and weights on the CPU), replaced when ``value`` is higher."""
+    if best is None or value > best["value"]:
+        cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return {"value": value, "epoch": epoch, "state": cpu_state}
+    return best
+
+
+def run(cfg: Config) -> dict:
+    stage = TrainingRun.start(cfg, "sft")
+    runtime = stage.runtime
+
+    # ---- build: data, model, optimizer
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    data = build_data(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, runtime.device)
     runtime.require_divisible(cfg.batch_size, "batch_size")
-    steps_per_epoch = max(1, len(train_examples) // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    )
+    per_epoch = steps_per_epoch(cfg, data)
+    total_steps = per_epoch * cfg.epochs
+    state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, runtime)
     scorer = _make_scorer(cfg, tokenizer)
+    saved = stage.restore(state)
+    best, history = (saved["best"], saved["history"]) if saved is not None else (None, [])
 
-    step, best, history = 0, None, []
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    resumed = load_latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        step, state = resumed
-        check_resume_compatible(state["config"], cfg, str(out))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        own_rng = runtime.own_rank_state(state["rng"])
-        if own_rng is not None:
-            set_rng_state(own_rng)
-        best, history = state["best"], state["history"]
-        guard.load_state_dict(state.get("guard"))
-        print(f"resumed from step {step}", flush=True)
-
-    tensorboard_dir = out / "tensorboard" if cfg.tensorboard else None
-    metrics = runtime.metrics_writer(out / "metrics.jsonl", tensorboard_dir, resume_step=step if resumed else None)
-    training_model, optimizer = runtime.prepare(model, optimizer)
-    bar = progress(total_steps, step, "sft", disable=not runtime.is_main)
+    # ---- loop: one optimizer step per global batch; at each epoch's end, evaluate for model selection
+    metrics = stage.metrics_writer()
+    training_model = state.prepare()
+    bar = stage.progress(total_steps)
     model.train()
-    while step < total_steps:
-        epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        order = list(range(len(train_examples)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # data order depends only on (seed, epoch)
-        batch_ids = order[index_in_epoch * cfg.batch_size : (index_in_epoch + 1) * cfg.batch_size]
-        local_ids = runtime.shard(batch_ids)  # this rank's contiguous share of the global batch
-        micro_batches = [
-            collate([train_examples[i] for i in local_ids[s : s + micro]], pad_id)
-            for s in range(0, len(local_ids), micro)
-        ]
-        local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
-        n_tokens = runtime.gradient_normalizer(local_tokens)  # global token count / processes
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        with out_of_memory_advice("training", "micro_batch_size", "max_prompt_tokens", "max_response_tokens"):
-            for index, mb in enumerate(micro_batches):
-                with runtime.no_sync([training_model] if index < len(micro_batches) - 1 else []):
-                    nll, _ = response_nll_sum(training_model, mb, PRECISIONS[cfg.precision])
-                    runtime.backward(nll / n_tokens)  # token mean over the whole global batch, whatever the split
-                loss_sum += nll.item()
-        loss_sum = runtime.sum(loss_sum) / runtime.world_size  # so that loss_sum / n_tokens is the global mean
-        grad_norm = runtime.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
-        if guard.step_is_finite(step + 1, loss=loss_sum, grad_norm=grad_norm):  # same verdict on every rank
-            optimizer.step()
-        scheduler.step()
-        step += 1
-        record = {"loss": loss_sum / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
-        record["tokens"] = round(n_tokens * runtime.world_size)  # response tokens of the global batch
-        record.update(guard.metrics())
-        if step % steps_per_epoch == 0:  # end of an epoch: evaluate for checkpoint selection
-            scores = _select_score(cfg, model, tokenizer, valid_examples, valid_demos, pad_id, scorer)
-            record.update(scores, epoch=step // steps_per_epoch)
-            key = "valid_rm_score" if scorer is not None else "valid_loss"
-            value = scores[key] if scorer is not None else -scores[key]
-            history.append({"epoch": step // steps_per_epoch, **scores})
-            if best is None or value > best["value"]:
-                cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = {"value": value, "epoch": step // steps_per_epoch, "state": cpu_state}
+    for step in range(stage.start_step, total_steps):
+        record = train_step(cfg, state, training_model, data, step, pad_id)
+        done = step + 1
+        if done % per_epoch == 0:
+            epoch = done // per_epoch
+            scores = _select_score(cfg, model, tokenizer, data.valid, data.valid_demos, pad_id, scorer)
+            record.update(scores, epoch=epoch)
+            history.append({"epoch": epoch, **scores})
+            value = scores["valid_rm_score"] if scorer is not None else -scores["valid_loss"]
+            best = keep_if_best(best, value, epoch, model)
             bar.set_postfix(valid_loss=f"{scores['valid_loss']:.3f}")
-        metrics.log(step, **record)
+        metrics.log(done, **record)
         bar.update(1)
-        if step % cfg.save_every == 0 and step < total_steps:
-            runtime.save_checkpoint(
-                out,
-                step,
-                {
-                    "config": resume_fingerprint(cfg),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": runtime.rank_states(rng_state()),
-                    "best": best,
-                    "history": history,
-                    "guard": guard.state_dict(),
-                },
-            )
+        if stage.checkpoint_due(done, total_steps):
+            stage.save_checkpoint(done, state, best=best, history=history)
     bar.close()
     metrics.close()
 
+    # ---- save: the selected epoch's weights (LoRA merged) as a Hugging Face model
     if best is not None:
         model.load_state_dict(best["state"])
     model.eval()
@@ -479,20 +460,21 @@ def run(cfg: Config) -> dict:
         model = model.merge_and_unload()
     require_finite_weights(model, "the fine-tuned model")
     if runtime.is_main:  # one writer; every rank holds the same weights
-        model.cpu().save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        model.cpu().save_pretrained(stage.out)
+        tokenizer.save_pretrained(stage.out)
     results = {
         "selected_epoch": best["epoch"] if best else cfg.epochs,
         "selected_by": "reward" if scorer is not None else "loss",
         "history": history,
-        "valid_loss": mean_nll(model, valid_examples, pad_id) if valid_examples else None,
-        "train_sequences": len(train_examples),
-        "dropped_over_length": dropped,
+        "valid_loss": mean_nll(model, data.valid, pad_id) if data.valid else None,
+        "train_sequences": len(data.train),
+        "dropped_over_length": data.dropped,
         "steps": total_steps,
-        "seconds": time.time() - t0,
+        "seconds": stage.seconds(),
     }
-    if runtime.is_main:
-        atomic_write_json(out / "results.json", results)
-    runtime.barrier()
-    print(f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {out}", flush=True)
+    stage.write_results(results)
+    print(
+        f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {stage.out}",
+        flush=True,
+    )
     return results

@@ -48,7 +48,7 @@ class NonFiniteGuard:
 
     max_in_a_row: int
     """Stop when this many optimizer steps in a row were non-finite."""
-    field: str = "max_nonfinite_steps"
+    field: str = "run.max_nonfinite_steps"
     """The config field holding ``max_in_a_row`` (named in the error message)."""
     unit: str = "step"
     """What the ``step`` numbers passed in count, for messages (PPO: "iteration", several steps each)."""

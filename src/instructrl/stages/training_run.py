@@ -1,0 +1,180 @@
+"""The frame every training stage shares around its loop: output folder, seeds, resume, metrics, checkpoints.
+
+A stage reads as ``Config`` → build → loop → save::
+
+    stage = TrainingRun.start(cfg, "sft")                   # output_dir + saved config, threads, seed, checkpoint
+    ... build the data and the model ...
+    state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, stage.runtime)
+    saved = stage.restore(state)                            # the newest checkpoint's entries, or None
+    metrics, bar = stage.metrics_writer(), stage.progress(total_steps)
+    training_model = state.prepare()                        # DDP-wrapped under N processes
+    for step in range(stage.start_step, total_steps):
+        ...
+        if stage.checkpoint_due(step + 1, total_steps):
+            stage.save_checkpoint(step + 1, state)
+    ... save the model, then stage.write_results(results)
+
+The checkpoint holds the config's :func:`~instructrl.config.resume_fingerprint`; :meth:`TrainingRun.start`
+refuses (before anything is built) a checkpoint made with settings that would change the results.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
+from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
+from instructrl.utils.checkpoint import load_latest_checkpoint
+from instructrl.utils.device import resolve_device
+from instructrl.utils.distributed import Runtime, get_runtime
+from instructrl.utils.guards import NonFiniteGuard
+from instructrl.utils.io import atomic_write_json
+from instructrl.utils.seed import rng_state, set_rng_state
+
+
+class Resumable(Protocol):
+    """What a checkpoint stores and restores: :class:`TrainingState`, or PPO's session."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    """The resumable state of a plain training loop: weights, optimizer, LR schedule, guard counters and every RNG
+    (one entry per rank under N processes, see :meth:`Runtime.rank_states`)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    guard: NonFiniteGuard
+    runtime: Runtime
+
+    @classmethod
+    def adam_cosine(
+        cls, model: torch.nn.Module, cfg: Any, total_steps: int, warmup_steps: int, runtime: Runtime
+    ) -> TrainingState:
+        """AdamW with ``cfg.lr``, ``cfg.betas`` and ``cfg.weight_decay``; linear warmup over ``warmup_steps``, then
+        cosine decay to ``cfg.min_lr_ratio`` of the peak at ``total_steps`` (InstructGPT's schedule); the guard
+        stops after ``cfg.run.max_nonfinite_steps`` non-finite steps in a row."""
+        optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+        )
+        return cls(model, optimizer, scheduler, NonFiniteGuard(cfg.run.max_nonfinite_steps), runtime)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self.runtime.rank_states(rng_state()),
+            "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        own_rng = self.runtime.own_rank_state(state["rng"])
+        if own_rng is not None:  # None: written by another number of processes; this rank keeps its fresh seed
+            set_rng_state(own_rng)
+        self.guard.load_state_dict(state.get("guard"))
+
+    def prepare(self, forward: Any = None) -> torch.nn.Module:
+        """The model to call in training steps (DDP-wrapped under N processes, see :meth:`Runtime.prepare`); the
+        optimizer becomes the prepared one. ``model`` stays the plain module whose weights are read and saved."""
+        training_model, self.optimizer = self.runtime.prepare(self.model, self.optimizer, forward=forward)
+        return training_model
+
+
+@dataclass
+class TrainingRun:
+    """One stage's run in ``cfg.output_dir``: its runtime, the checkpoint it resumes from, metrics and saves."""
+
+    cfg: Any
+    """The stage's config: ``output_dir``, ``save_every`` and the ``run`` block are read here."""
+    name: str
+    """Stage name: the saved config is ``instructrl_<name>.yaml``, the progress bar says it."""
+    out: Path
+    """The output folder."""
+    runtime: Runtime
+    """This process's runtime (one process, or this rank of an accelerate/torchrun launch)."""
+    checkpoint: tuple[int, dict[str, Any]] | None
+    """``(step, state)`` of the newest checkpoint to resume from; None for a fresh start."""
+    unit: str = "step"
+    """What the checkpoint's number counts, for messages (PPO: "iteration")."""
+    started: float = field(default_factory=time.time)
+    """Wall-clock time of the start (``seconds`` in results.json)."""
+
+    @classmethod
+    def start(cls, cfg: Any, name: str, *, distributed: bool = True, unit: str = "step") -> TrainingRun:
+        """Create ``output_dir``, save the config (rank 0), set the threads, seed every RNG (per rank) and find the
+        newest checkpoint (with ``run.resume``), refusing one made with results-changing settings.
+
+        ``distributed=False`` keeps one process even under a launcher (a stage without data parallelism)."""
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        runtime = get_runtime(cfg.run.device) if distributed else Runtime(resolve_device(cfg.run.device))
+        if runtime.is_main:
+            save_config(cfg, out / f"instructrl_{name}.yaml")
+        set_threads(cfg.run.threads)
+        runtime.seed(cfg.run.seed)  # per-rank dropout and sampling; data orders use the shared cfg.run.seed
+        checkpoint = load_latest_checkpoint(out) if cfg.run.resume else None
+        if checkpoint is not None:
+            check_resume_compatible(checkpoint[1]["config"], cfg, str(out))
+        return cls(cfg, name, out, runtime, checkpoint, unit)
+
+    @property
+    def resumed(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
+    def start_step(self) -> int:
+        """The step (iteration) the loop starts after: the checkpoint's, or 0."""
+        return self.checkpoint[0] if self.checkpoint is not None else 0
+
+    def restore(self, state: Resumable) -> dict[str, Any] | None:
+        """Load the checkpoint into ``state``; returns the checkpoint (for the stage's own entries), or None."""
+        if self.checkpoint is None:
+            return None
+        step, saved = self.checkpoint
+        state.load_state_dict(saved)
+        print(f"resumed from {self.unit} {step}", flush=True)
+        return saved
+
+    def metrics_writer(self, file: str = "metrics.jsonl", tensorboard: bool = True):
+        """A writer of ``file`` (rank 0; a no-op elsewhere) that, on resume, drops the lines past the checkpoint;
+        mirrored to TensorBoard with ``run.tensorboard`` unless ``tensorboard`` is false."""
+        tensorboard_dir = self.out / "tensorboard" if tensorboard and self.cfg.run.tensorboard else None
+        resume_step = self.start_step if self.resumed else None
+        return self.runtime.metrics_writer(self.out / file, tensorboard_dir, resume_step=resume_step)
+
+    def progress(self, total: int) -> tqdm:
+        return progress(total, self.start_step, self.name, disable=not self.runtime.is_main)
+
+    def checkpoint_due(self, done: int, total: int) -> bool:
+        """A checkpoint every ``save_every`` steps, except at the end (the saved model is the final state)."""
+        return done % self.cfg.save_every == 0 and done < total
+
+    def save_checkpoint(self, done: int, state: Resumable, **extra: Any) -> None:
+        """Write checkpoint ``done``: the config fingerprint, ``state`` and the stage's own ``extra`` entries."""
+        self.runtime.save_checkpoint(
+            self.out, done, {"config": resume_fingerprint(self.cfg), **state.state_dict(), **extra}
+        )
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """``results.json`` (rank 0), then wait for every rank."""
+        if self.runtime.is_main:
+            atomic_write_json(self.out / "results.json", results)
+        self.runtime.barrier()
+
+    def seconds(self) -> float:
+        return time.time() - self.started
