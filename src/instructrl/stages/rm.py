@@ -1,8 +1,9 @@
 """Stage 2 — the reward model r_θ(x, y), trained on K-wise rankings (InstructGPT §3.5, App. C.2).
 
 Model: the SFT model (any causal LM directory) with its unembedding replaced by a projection to one
-scalar, head init N(0, 1/√(d_model+1)) (N detail 8), dropout off (N+ detail 7). The reward is read at the
-EOS that ends ``prompt ⊕ response ⊕ EOS`` (N+ detail 12); sequences are right-padded with a PAD ≠ EOS.
+scalar, head init N(0, 1/√(d_model+1)) [ppo-details: reward-head-init], dropout off
+[ppo-details: dropout-off]. The reward is read at the EOS that ends ``prompt ⊕ response ⊕ EOS``
+[ppo-details: reward-at-eos]; sequences are right-padded with a PAD ≠ EOS.
 
 Loss, Eq. 1, with the paper's batching (footnote 5): an optimizer batch holds ``batch_size`` *prompts*; the
 K completions of each are forwarded **once** (all prompts' completions flattened into one padded tensor),
