@@ -388,3 +388,37 @@ def test_cli_rm_score_reports_a_missing_input(tmp_path, tiny_lm_dir, capsys):
     argv = ["rm", "score", "--set", f"model={tiny_lm_dir}", "--set", f"input={tmp_path / 'nope.jsonl'}"]
     assert main(argv + ["--set", f"output={tmp_path / 'out.jsonl'}"]) == 2
     assert "input" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_with_a_chat_template_every_stage_renders_a_prompt_alike(tiny_tokenizer, tmp_path):
+    """The RM's bias is fitted on demonstrations and shifts the scores of comparisons and PPO prompts: with a
+    chat template, a chat demonstration, a plain one, a comparison, an SFT example, a PPO prompt and the scorer
+    must all see the same prompt tokens (plain prompts go through the template as one user message)."""
+    import copy
+
+    from instructrl.data.loading import render_chat_prompt
+    from instructrl.data.records import Demonstration
+    from instructrl.stages import sft
+    from instructrl.stages.ppo_data import load_prompt_data
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    question = "what is 2 plus 3 ?"
+    turns = ({"role": "user", "content": question},)
+    chat_demo = Demonstration(render_chat_prompt(turns), "5", prompt_messages=turns)
+    plain_demo = Demonstration(question, "5")
+    demonstrations, dropped = rm.encode_demonstrations([chat_demo, plain_demo], tok, 64, 64)
+    (comparison,), _ = rm.encode_comparisons([Comparison(question, ("5", "6"), (0, 1))], tok, 64, 64)
+    assert dropped == 0 and demonstrations[0] == demonstrations[1] == list(comparison.completions[0])
+    assert sft.encode_demonstration(plain_demo, tok, 64, 64).input_ids == demonstrations[0]
+
+    prompt_ids = tok(f"<user> {question}\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert demonstrations[0][: len(prompt_ids)] == prompt_ids  # the template itself, not the plain text
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": question}) + "\n")
+    assert load_prompt_data(str(tmp_path / "prompts.jsonl"), tok, 64, seed=0).ids == [prompt_ids]

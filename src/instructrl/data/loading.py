@@ -147,6 +147,31 @@ def render_chat_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: Any = N
     return "\n".join(lines)
 
 
+def model_prompt(prompt: str, tokenizer: Any = None, messages: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The text a model is given for a prompt: one rule for every stage (SFT, the reward model and its bias, PPO,
+    evaluation and generation).
+
+    With a tokenizer that has a ``chat_template`` every prompt goes through the template: a chat record's
+    ``messages``, a plain prompt as one user message. Otherwise the text as it is (a chat record's ``prompt``
+    already holds its plain rendering, :func:`render_chat_prompt`). One rule keeps the reward model's bias,
+    fitted on demonstrations, on the format of the comparisons and of the PPO prompts whose rewards it shifts.
+    """
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        turns = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+        return render_chat_prompt(turns, tokenizer)
+    return prompt
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], messages: Sequence[Sequence[Mapping[str, Any]] | None] | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt as :func:`model_prompt` renders it (``messages[i]``: the chat turns of prompt i,
+    or None), without added special tokens: responses and EOS are appended after them."""
+    turns = messages if messages is not None else [None] * len(prompts)
+    texts = [model_prompt(prompt, tokenizer, chat) for prompt, chat in zip(prompts, turns)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def _parse_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _BadRecord("wrong_type", f"expected a list of messages, got {_type_name(value)}", "messages")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl.data.loading import encode_prompts
 from instructrl.eval.overopt import (
     OverOptCurve,
     gold_scores,
@@ -132,7 +133,7 @@ def sample_best_of_n(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     model, tokenizer = load_policy(model_dir, torch.device(device))
-    prompt_ids = [list(ids) for ids in tokenizer([t.prompt for t in tasks], add_special_tokens=False)["input_ids"]]
+    prompt_ids = encode_prompts(tokenizer, [t.prompt for t in tasks])
     samples = sample_responses(model, tokenizer, prompt_ids, n, max_new_tokens, temperature, seed, batch_size)
     proxy = proxy_scores(scorer, prompt_ids, samples, missing_eos_score)
     gold = gold_scores(world, tasks, samples)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from instructrl.data.loading import encode_prompts
 from instructrl.fast.kernels import few_rows_cpu_lm_head
 
 
@@ -46,7 +47,7 @@ def generate_responses(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            encoded = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in idx]
+            encoded = encode_prompts(tokenizer, [prompts[i] for i in idx])
             width = max(len(e) for e in encoded)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl.data.loading import encode_prompts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import disable_dropout, load_causal_lm, load_tokenizer
 from instructrl.models.logprobs import response_logits
@@ -328,7 +329,7 @@ def rl_curve(
         )
     device = torch.device(device)
     ref_model, tokenizer = load_policy(reference_dir, device)
-    prompt_ids = [list(ids) for ids in tokenizer([t.prompt for t in tasks], add_special_tokens=False)["input_ids"]]
+    prompt_ids = encode_prompts(tokenizer, [t.prompt for t in tasks])
     raw = []
     for label, step, path in [("reference", 0, None)] + [(f"iter-{i:04d}", i, p) for i, p in snapshots]:
         model = ref_model if path is None else load_policy(path, device)[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from instructrl.data.loading import encode_prompts
 from instructrl.errors import UserFacingError
 from instructrl.models.reward import last_token_scores, load_reward_model
 from instructrl.utils.device import resolve_device
@@ -167,13 +168,17 @@ class RewardScorer:
         sequences = [self._fit(list(p), list(r)) for p, r in zip(prompt_ids, response_ids)]
         return score_sequences(self.model, sequences, self.pad_id, self.batch_size, normalized)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], normalized: bool = True) -> torch.Tensor:
-        """r_θ(x, y) for each (prompt, response): (N,) float32 on the CPU, in the given order.
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], normalized: bool = True, messages=None
+    ) -> torch.Tensor:
+        """r_θ(x, y) for each (prompt, response): (N,) float32 on the CPU, in the given order; ``messages[i]``: the
+        chat turns of prompt i when it came from a chat record (or None), rendered as every stage renders prompts
+        (:func:`instructrl.data.loading.model_prompt`).
 
         ``normalized`` adds the stored bias that makes labeler demonstrations score mean 0 (§3.5).
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return self.score_ids(
-            tokenize_texts(self.tokenizer, prompts), tokenize_texts(self.tokenizer, responses), normalized
+            encode_prompts(self.tokenizer, prompts, messages), tokenize_texts(self.tokenizer, responses), normalized
         )

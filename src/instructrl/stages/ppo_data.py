@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from instructrl.data.loading import load_prompts, load_texts
+from instructrl.data.loading import encode_prompts, load_prompts, load_texts
 from instructrl.errors import UserFacingError
 
 
@@ -40,7 +40,7 @@ def load_prompt_data(
 
         # the PPO pool: train-split prompts that neither the SFT nor the RM data used (InstructGPT Table 6)
         texts = [t.prompt for t in stage_tasks(SandboxWorld(seed=sandbox_seed), "ppo")]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoded = encode_prompts(tokenizer, texts)
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= max_prompt_tokens]
     dropped = len(texts) - len(keep)
     if dropped:

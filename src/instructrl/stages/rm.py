@@ -46,7 +46,7 @@ from instructrl.config import (
     require_path_exists,
     require_positive,
 )
-from instructrl.data.loading import load_comparisons, load_demonstrations
+from instructrl.data.loading import encode_prompts, load_comparisons, load_demonstrations
 from instructrl.data.records import Comparison, Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, disable_dropout, load_tokenizer
@@ -215,7 +215,7 @@ def encode_comparisons(
 ) -> tuple[list[EncodedComparison], EncodeCounts]:
     """Tokenize comparisons into completions + pairs; truncate long prompts, drop long responses."""
     counts = EncodeCounts()
-    prompt_ids = tokenize_texts(tokenizer, [c.prompt for c in comparisons])
+    prompt_ids = encode_prompts(tokenizer, [c.prompt for c in comparisons])
     response_ids = tokenize_texts(tokenizer, [r for c in comparisons for r in c.responses])
     eos = tokenizer.eos_token_id
     encoded, offset = [], 0
@@ -245,19 +245,12 @@ def encode_demonstrations(
     demonstrations: Sequence[Demonstration], tokenizer, max_prompt_tokens: int, max_response_tokens: int
 ) -> tuple[list[list[int]], int]:
     """Demonstrations as scored sequences (same encoding as comparisons); returns them and how many were dropped."""
-    prompts = [d.prompt for d in demonstrations]
-    if getattr(tokenizer, "chat_template", None):  # render chat records like SFT does
-        from instructrl.data.loading import render_chat_prompt
-
-        prompts = [
-            render_chat_prompt(list(d.prompt_messages), tokenizer) if d.prompt_messages is not None else d.prompt
-            for d in demonstrations
-        ]
+    prompt_ids = encode_prompts(
+        tokenizer, [d.prompt for d in demonstrations], [d.prompt_messages for d in demonstrations]
+    )
     eos = tokenizer.eos_token_id
     sequences = []
-    for prompt, response in zip(
-        tokenize_texts(tokenizer, prompts), tokenize_texts(tokenizer, [d.response for d in demonstrations])
-    ):
+    for prompt, response in zip(prompt_ids, tokenize_texts(tokenizer, [d.response for d in demonstrations])):
         if len(response) + 1 > max_response_tokens:  # + 1: the EOS
             continue
         sequences.append(_truncate_prompt(prompt, max_prompt_tokens)[0] + response + [eos])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instructrl.config import require, require_path_exists, require_positive
-from instructrl.data.loading import load_demonstrations, render_chat_prompt
+from instructrl.data.loading import load_demonstrations
 from instructrl.data.records import Demonstration
 from instructrl.models.scoring import RewardScorer
 from instructrl.utils.io import atomic_write_jsonl
@@ -55,22 +55,14 @@ def scored_record(record: Demonstration, score: float) -> dict:
     return {"prompt": record.prompt, "response": record.response, **record.meta, "score": score}
 
 
-def prompt_text(record: Demonstration, tokenizer) -> str:
-    """The prompt as training encoded it: chat records through the tokenizer's chat template when it has one."""
-    if record.prompt_messages is not None and getattr(tokenizer, "chat_template", None):
-        return render_chat_prompt(list(record.prompt_messages), tokenizer)
-    return record.prompt
-
-
 def run(cfg: Config) -> dict:
     t0 = time.time()
     records, stats = load_demonstrations(cfg.input, skip_bad=cfg.skip_bad)
     if stats.n_skipped:
         print(f"rm score: {stats.summary()}", flush=True)
     scorer = RewardScorer(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
-    scores = scorer.score(
-        [prompt_text(r, scorer.tokenizer) for r in records], [r.response for r in records], normalized=cfg.normalized
-    )
+    prompts, turns = [r.prompt for r in records], [r.prompt_messages for r in records]
+    scores = scorer.score(prompts, [r.response for r in records], cfg.normalized, turns)
     atomic_write_jsonl(cfg.output, (scored_record(r, s) for r, s in zip(records, scores.tolist())))
     result = {
         "records": len(records),

@@ -29,7 +29,7 @@ from instructrl.config import (
     require_path_exists,
     require_positive,
 )
-from instructrl.data.loading import load_demonstrations, load_texts
+from instructrl.data.loading import encode_prompts, load_demonstrations, load_texts
 from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
@@ -156,12 +156,7 @@ class Example:
 
 def encode_demonstration(demo: Demonstration, tokenizer, max_prompt: int, max_response: int) -> Example | None:
     """prompt ⊕ response ⊕ EOS with loss on the response and EOS only; None when over a length limit."""
-    prompt = demo.prompt
-    if demo.prompt_messages is not None and getattr(tokenizer, "chat_template", None):
-        from instructrl.data.loading import render_chat_prompt
-
-        prompt = render_chat_prompt(list(demo.prompt_messages), tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    (prompt_ids,) = encode_prompts(tokenizer, [demo.prompt], [demo.prompt_messages])
     response_ids = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt_ids) > max_prompt or len(response_ids) > max_response:
         return None
