@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+def as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A response mask as booleans: bool masks as they are, 0/1 integer or float masks compared with 0."""
     return mask if mask.dtype == torch.bool else mask != 0
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Σ_{t: mask_t = 1} x_t, over all entries (``dim=None``) or along ``dim``."""
-    selected = torch.where(_as_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    selected = torch.where(as_bool_mask(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return selected.sum() if dim is None else selected.sum(dim=dim)
 
 
@@ -26,7 +27,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     An empty selection gives 0, not NaN (the count is clamped to 1), so that a row with no response
     tokens does not poison a per-row mean; this avoids a device sync to check for it.
     """
-    count = _as_bool(mask).to(x.dtype)
+    count = as_bool_mask(mask).to(x.dtype)
     count = count.sum() if dim is None else count.sum(dim=dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
@@ -43,7 +44,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     first leaves one response token. Whitening then only centres (:func:`masked_whiten`), so that lone token's
     advantage is 0 and the batch gives no policy gradient rather than an error.
     """
-    n = int(_as_bool(mask).sum().item())
+    n = int(as_bool_mask(mask).sum().item())
     if n < (2 if unbiased else 1):
         return torch.zeros((), dtype=x.dtype, device=x.device)
     mean = masked_mean(x, mask)
@@ -67,7 +68,7 @@ def masked_whiten(
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(_as_bool(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+    return torch.where(as_bool_mask(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
 def gae(
@@ -105,7 +106,7 @@ def gae(
             f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and response_mask "
             f"{tuple(response_mask.shape)} must have the same (B, T) shape"
         )
-    valid = _as_bool(response_mask)
+    valid = as_bool_mask(response_mask)
     if rewards.shape[1] == 0:
         return torch.zeros_like(values), torch.zeros_like(values)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)

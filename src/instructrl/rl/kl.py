@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from instructrl.rl.advantages import as_bool_mask
+
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 = log π(y) − log π_ref(y), per token. E_{y~π}[k1] = KL(π ‖ π_ref)."""
@@ -76,7 +78,7 @@ def shaped_rewards(
         )
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"scores must be (B,) = {tuple(logprobs.shape[:1])}, got {tuple(scores.shape)}")
-    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    valid = as_bool_mask(response_mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # where, not multiply: pad positions may hold -inf log-probs
     kl = torch.where(valid, kl_k1(logprobs, ref_logprobs), zero)  # (B, T)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from instructrl.rl.advantages import masked_mean, masked_sum
+from instructrl.rl.advantages import as_bool_mask, masked_mean, masked_sum
 from instructrl.rl.kl import kl_k2, kl_k3
 
 Stats = dict[str, torch.Tensor]
@@ -38,10 +38,6 @@ def _token_reduce(
     if not isinstance(normalizer, torch.Tensor) and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
     return masked_sum(per_token, mask) / normalizer
-
-
-def _valid(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def ranking_loss(
@@ -141,7 +137,7 @@ def policy_loss(
     _check_same_shape(
         logprobs=logprobs, rollout_logprobs=rollout_logprobs, advantages=advantages, response_mask=response_mask
     )
-    valid = _valid(response_mask)
+    valid = as_bool_mask(response_mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # Zero the log ratio on padding *before* exp: a where() after it would still send NaN gradients
     # back through exp(inf) at pad positions that hold -inf log-probs.
@@ -196,7 +192,7 @@ def value_loss(
         error is the larger) and ``val/explained_variance``.
     """
     _check_same_shape(values=values, rollout_values=rollout_values, returns=returns, response_mask=response_mask)
-    valid = _valid(response_mask)
+    valid = as_bool_mask(response_mask)
     values_clipped = rollout_values + torch.clamp(values - rollout_values, -clip_range, clip_range)
     unclipped_error = (values - returns) ** 2
     clipped_error = (values_clipped - returns) ** 2

@@ -84,8 +84,8 @@ def mixed_precision(device: torch.device, dtype: torch.dtype | None) -> contextl
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX, as oneDNN sees it).
 
-    Without it PyTorch runs bf16 matmuls in a software path: on an AVX2-only AMD EPYC (2 threads) a
-    (384 × 1376) · (1376 × 512) product took 28 ms in bf16 against 3.5 ms in float32."""
+    Without it PyTorch runs bf16 matmuls in a software path, several times slower than float32
+    (measurements: benchmarks/RESULTS.md)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN

@@ -205,9 +205,7 @@ class Config:
     (logged). Ignored on a GPU and under N processes."""
     run: RunSettings = field(default_factory=RunSettings)
     """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage).
-    ``run.precision=bf16``: bf16 mixed precision (autocast) for generation and every forward pass, rollout and
-    training; weights, gradients, optimizer states, log-sum-exps, values, losses and advantages stay float32;
-    losses track fp32 within the tolerance tested in tests/test_ppo_fast.py."""
+    ``run.precision=bf16`` autocasts generation and every forward pass, rollout and training."""
 
     def validate(self) -> None:
         require_positive(self, "iterations", "batch_size", "minibatch_size", "ppo_epochs", "lr", "value_lr")
