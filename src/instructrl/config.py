@@ -328,9 +328,9 @@ class RunSettings:
     """'bf16': bf16 mixed precision (autocast) for the forward passes (PPO: rollout generation too); weights,
     gradients, Adam states, log-sum-exps, values, losses and advantages stay float32. Faster where matmuls have a
     bf16 path (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), and more so the larger the model (the
-    0.94M-parameter sandbox model is too small for matmuls to dominate; measurements: benchmarks/RESULTS.md); PPO's
-    losses track fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32': everything in float32. pretrain, sft and ppo only (rm and
-    eval run in float32 and refuse 'bf16')."""
+    0.94M-parameter sandbox model is too small for matmuls to dominate; measurements: benchmarks/RESULTS.md);
+    PPO's losses track fp32 within the tolerance tested in tests/test_ppo_fast.py. 'fp32': everything in float32.
+    pretrain, sft and ppo only (rm and eval run in float32 and refuse 'bf16')."""
     resume: bool = True
     """Continue from the newest checkpoint in output_dir if there is one (eval keeps no checkpoints)."""
     force_resume: bool = False
