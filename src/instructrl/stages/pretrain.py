@@ -93,23 +93,17 @@ class Config:
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
-    if cfg.corpus is not None:
-        train, _ = load_texts(cfg.corpus)
-        train_texts = [r.text for r in train]
-    else:
+    """The training and held-out texts: each from its JSONL file, or else from the sandbox world's corpus."""
+
+    def texts(path: str | None, sandbox_docs: int, split: str) -> list[str]:
+        if path is not None:
+            records, _ = load_texts(path)
+            return [r.text for r in records]
         from instructrl.sandbox import SandboxWorld
 
-        world = SandboxWorld(seed=cfg.sandbox_seed)
-        train_texts = world.pretraining_corpus(cfg.sandbox_docs, split="train")
-    if cfg.heldout is not None:
-        held, _ = load_texts(cfg.heldout)
-        held_texts = [r.text for r in held]
-    else:
-        from instructrl.sandbox import SandboxWorld
+        return SandboxWorld(seed=cfg.sandbox_seed).pretraining_corpus(sandbox_docs, split=split)
 
-        world = SandboxWorld(seed=cfg.sandbox_seed)
-        held_texts = world.pretraining_corpus(cfg.heldout_docs, split="valid")
-    return train_texts, held_texts
+    return texts(cfg.corpus, cfg.sandbox_docs, "train"), texts(cfg.heldout, cfg.heldout_docs, "valid")
 
 
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
