@@ -200,9 +200,7 @@ def run(cfg: Config) -> dict:
         "seconds": stage.seconds(),
         "model": dataclasses.asdict(cfg.model),
     }
-    stage.write_results(results)
-    print(f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {stage.out}", flush=True)
-    return results
+    return stage.finish(results, f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {stage.out}")
 
 
 def train_step(cfg: Config, state: TrainingState, window: torch.Tensor, step: int) -> dict:

@@ -781,15 +781,13 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
     agreement_path = stage.out / SANDBOX_AGREEMENT
     if cfg.comparisons is None and agreement_path.exists():
         results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
-    stage.write_results(results)
     valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
     heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
-    print(
+    return stage.finish(
+        results,
         f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
         f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {stage.out}",
-        flush=True,
     )
-    return results
 
 
 def _best(comparison: Comparison) -> int:

@@ -472,9 +472,6 @@ def run(cfg: Config) -> dict:
         "steps": total_steps,
         "seconds": stage.seconds(),
     }
-    stage.write_results(results)
-    print(
-        f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {stage.out}",
-        flush=True,
+    return stage.finish(
+        results, f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {stage.out}"
     )
-    return results

@@ -12,7 +12,8 @@ A stage reads as ``Config`` → build → loop → save::
         ...
         if stage.checkpoint_due(step + 1, total_steps):
             stage.save_checkpoint(step + 1, state)
-    ... save the model, then stage.write_results(results)
+    ... save the model
+    return stage.finish(results, f"sft: ...; saved to {stage.out}")
 
 The checkpoint holds the config's :func:`~instructrl.config.resume_fingerprint`; :meth:`TrainingRun.start`
 refuses (before anything is built) a checkpoint made with settings that would change the results.
@@ -175,6 +176,12 @@ class TrainingRun:
         if self.runtime.is_main:
             atomic_write_json(self.out / "results.json", results)
         self.runtime.barrier()
+
+    def finish(self, results: dict[str, Any], summary: str) -> dict[str, Any]:
+        """The stage's last step: :meth:`write_results`, then print its one-line ``summary``; returns ``results``."""
+        self.write_results(results)
+        print(summary, flush=True)
+        return results
 
     def seconds(self) -> float:
         return time.time() - self.started
