@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from instructrl.config import (
-    RunSettings,
     require,
     require_fraction,
     require_path_exists,
@@ -28,12 +27,12 @@ from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
 from instructrl.stages.common import PRECISIONS, mixed_precision
-from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 
 @dataclass
-class Config:
+class Config(TrainingSettings):
     """Pretraining of the base model."""
 
     output_dir: str = "runs/sandbox/base"
@@ -64,22 +63,13 @@ class Config:
     """Peak learning rate."""
     warmup_steps: int = 100
     """Linear warmup steps before cosine decay."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay floor as a fraction of the peak LR."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam β1, β2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    weight_decay: float = 0.1  # (documented in TrainingSettings) pretraining decays its matrices
     eval_every: int = 250
     """Steps between held-out evaluations."""
     eval_windows: int = 64
     """Held-out windows per evaluation (0 = all)."""
     save_every: int = 500
     """Steps between resumable checkpoints."""
-    run: RunSettings = field(default_factory=RunSettings)
-    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")

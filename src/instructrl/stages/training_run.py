@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
+from instructrl.config import RunSettings, check_resume_compatible, resume_fingerprint, save_config
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
@@ -37,6 +37,24 @@ from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard
 from instructrl.utils.io import atomic_write_json
 from instructrl.utils.seed import rng_state, set_rng_state
+
+
+@dataclass
+class TrainingSettings:
+    """The settings of a stage trained by a :meth:`TrainingState.adam_cosine` loop, besides its own ``lr`` and
+    warmup: the optimizer's and the schedule's, the gradient clip and the run block. The pretrain, sft and rm
+    configs derive from it, so these keys stay top-level (``--set betas=[0.9,0.99]``)."""
+
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak LR (paper: 10%)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2 (paper: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
 
 class Resumable(Protocol):
