@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny tokenizer and tiny causal LMs built in-process (nothing is downloaded)."""
+"""Shared fixtures: a tiny tokenizer and tiny causal LMs built in-process (nothing is downloaded); the labeling
+server in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +75,29 @@ def quick_demo_run(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)  # the demo set one thread; the other tests keep the session's setting
     return out
+
+
+@contextlib.contextmanager
+def label_serve_process(db: Path) -> Iterator[str]:
+    """``instructrl label serve`` on ``db`` in a subprocess on a free port, started through the real command line;
+    yields its base URL (ending in ``/``) and stops it on the way out."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "instructrl", "label", "serve", "--set", f"db={db}", "--set", "port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = None
+        for line in proc.stdout:
+            match = re.search(r" at (http://\S+/) ", line)
+            if match:
+                url = match.group(1)
+                break
+        # keep reading the server's output so that a full pipe can never block it
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert url is not None, "instructrl label serve did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

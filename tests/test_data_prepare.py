@@ -235,16 +235,15 @@ def emails(draw) -> str:
 def phones(draw) -> str:
     d = [str(draw(st.integers(2, 9)))] + [str(draw(st.integers(0, 9))) for _ in range(9)]
     area, exchange, line = "".join(d[:3]), str(draw(st.integers(2, 9))) + "".join(d[4:6]), "".join(d[6:10])
-    style = draw(st.sampled_from(["intl", "paren", "dash", "dot", "trunk"]))
-    if style == "intl":
-        return f"+{draw(st.integers(1, 99))} {area} {exchange} {line}"
-    if style == "paren":
-        return f"({area}) {exchange}-{line}"
-    if style == "dash":
-        return f"{area}-{exchange}-{line}"
-    if style == "dot":
-        return f"{area}.{exchange}.{line}"
-    return f"0{area[:2]} {exchange}{line[0]} {line[1:]}"
+    country = draw(st.integers(1, 99))
+    styles = {
+        "intl": f"+{country} {area} {exchange} {line}",
+        "paren": f"({area}) {exchange}-{line}",
+        "dash": f"{area}-{exchange}-{line}",
+        "dot": f"{area}.{exchange}.{line}",
+        "trunk": f"0{area[:2]} {exchange}{line[0]} {line[1:]}",
+    }
+    return styles[draw(st.sampled_from(list(styles)))]
 
 
 def _luhn_complete(body: str) -> str:

@@ -23,8 +23,8 @@ from instructrl.fast.sampler import CachedSampler
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm
 from instructrl.models.logprobs import FullLogits
 from instructrl.stages.ppo_build import build_run
-from test_overlap import collect_rollout, minibatch_step
-from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
+from test_overlap import minibatch_step
+from test_ppo import env, make_cfg, scored_rollout  # noqa: F401  (its module-scoped fixture is reused)
 
 
 def tiny(tokenizer, arch: str, tie: bool = True) -> torch.nn.Module:
@@ -195,7 +195,7 @@ def test_a_ppo_ptx_step_with_fused_kernels_equals_the_one_without(env, tmp_path,
         # the optimizers keep the dense buffers of the embeddings whose rows go straight into .grad
         assert all(("zero_grad" in vars(o)) == fused for o in (run.actor.optimizer, run.critic.optimizer))
         try:
-            rollout = collect_rollout(run)
+            rollout = scored_rollout(run)
             stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
         finally:
             run.close()

@@ -9,8 +9,6 @@ import http.cookiejar
 import random
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -21,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 from werkzeug.security import generate_password_hash
 
+from conftest import label_serve_process
 from instructrl.data.records import PromptRecord
 from instructrl.label import auth, forms
 from instructrl.label.app import AppSettings, create_app
@@ -673,24 +672,8 @@ class HttpClient:
 def server(tmp_path):
     """``label serve`` (Waitress) in a subprocess on a free port; yields (base_url, db_path)."""
     db_path = tmp_path / "server.sqlite"
-    code = f"from instructrl.label.serve import Config, run; run(Config(db={str(db_path)!r}, port=0, threads=8))"
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        url = None
-        for line in proc.stdout:
-            match = re.search(r"at (http://\S+)/ ", line)
-            if match:
-                url = match.group(1)
-                break
-        # keep reading the server's output so that a full pipe can never block it
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        assert url is not None, "server did not start"
-        yield url, db_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with label_serve_process(db_path) as url:  # 8 threads, the default
+        yield url.rstrip("/"), db_path
 
 
 PARALLEL_SECRET = "shared-secret-for-load-test"

@@ -48,22 +48,16 @@ def test_parse_ranking_reads_ranks_quality_and_flags():
     assert parsed.ratings[0].flags == frozenset()
 
 
+NOT_WHOLE_NUMBERS = ["-1", "1.5", "9" * 50, "²", "٣", "abc"]
+"""Refused by every number field of the ranking form (superscripts and other scripts' digits included)."""
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [
-        ("rank_1", "", "missing"),
-        ("rank_1", "0", "from 1 to 4"),
-        ("rank_1", "5", "from 1 to 4"),
-        ("rank_1", "-1", "whole number"),
-        ("rank_1", "1.5", "whole number"),
-        ("rank_1", "9" * 50, "whole number"),
-        ("rank_1", "²", "whole number"),
-        ("rank_1", "٣", "whole number"),
-        ("quality_2", "0", "from 1 to 7"),
-        ("quality_2", "8", "from 1 to 7"),
-        ("quality_2", "", "missing"),
-        ("quality_2", "abc", "whole number"),
-    ],
+    [(field, value, "whole number") for field in ("rank_1", "quality_2") for value in NOT_WHOLE_NUMBERS]
+    + [(field, "", "missing") for field in ("rank_1", "quality_2")]
+    + [("rank_1", "0", "from 1 to 4"), ("rank_1", "5", "from 1 to 4")]
+    + [("quality_2", "0", "from 1 to 7"), ("quality_2", "8", "from 1 to 7")],
 )
 def test_parse_ranking_rejects_bad_numbers(field, value, message):
     form = _ranking_form(4)

@@ -22,9 +22,9 @@ from instructrl.fast.overlap import (
 )
 from instructrl.stages.ppo import train_iteration
 from instructrl.stages.ppo_build import PPORun, build_run
-from instructrl.stages.ppo_rollout import Rollout, compute_advantages, left_pad, sample_responses, score_rollout
+from instructrl.stages.ppo_rollout import Rollout
 from instructrl.stages.ppo_trainers import reduce_side_stats
-from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
+from test_ppo import env, make_cfg, scored_rollout  # noqa: F401  (its module-scoped fixture is reused)
 
 
 @contextlib.contextmanager
@@ -35,25 +35,6 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def collect_rollout(run: PPORun) -> Rollout:
-    """Steps 1-3 of ``train_iteration`` on one process: the next batch's responses, their scoring forwards (in
-    the run's precision) and the advantages."""
-    cfg, generation = run.cfg, run.cfg.generation
-    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
-    query, query_mask = left_pad([run.prompts.ids[i] for i in run.prompts.next_batch(cfg.batch_size)], pad)
-    with run.models.precision():
-        response, response_mask, has_eos = sample_responses(
-            run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
-            generation.batch_size, run.sampling_generator,
-        )  # fmt: skip
-        rollout = score_rollout(
-            run.models, query, query_mask, response, response_mask, has_eos, generation.temperature,
-            cfg.missing_eos_score, cfg.forward_batch_size or cfg.micro_batch_size or cfg.minibatch_size,
-        )  # fmt: skip
-    return compute_advantages(rollout, run.kl_controller.value, cfg.gamma, cfg.lam, cfg.whiten_rewards,
-                              cfg.whiten_advantages)  # fmt: skip
 
 
 def minibatch_step(run: PPORun, minibatch: Rollout) -> dict[str, float | None]:
@@ -365,7 +346,7 @@ def one_ppo_ptx_step(cfg):
     torch.manual_seed(0)
     run = build_run(cfg)
     try:
-        rollout = collect_rollout(run)
+        rollout = scored_rollout(run)
         before = (params(run.models.policy), params(run.models.value_model))
         stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
         shadow = {k: v.clone() for k, v in run.actor.ema.shadow.items()}

@@ -20,8 +20,8 @@ from instructrl.stages import ppo
 from instructrl.stages.ppo_build import build_run
 from instructrl.stages.ppo_rollout import left_pad, score_rollout
 from instructrl.stages.ppo_trainers import reduce_side_stats
-from test_overlap import collect_rollout, minibatch_step, torch_threads
-from test_ppo import env, make_cfg  # noqa: F401  (its module-scoped fixture is reused)
+from test_overlap import minibatch_step, torch_threads
+from test_ppo import env, make_cfg, scored_rollout  # noqa: F401  (its module-scoped fixture is reused)
 
 FAST, REFERENCE = FusedHeadLogProbs(), FullLogits()
 """The two sides of the log-prob seam: through the fused LM head, and from the model's full logits."""
@@ -141,7 +141,7 @@ def test_rollout_and_update_with_fused_head_equal_the_straightforward_ones(env, 
         if path == "straightforward":  # the rollout's and the training step's log-probs
             run.models.logprobs = run.actor.logprobs = FullLogits()
         try:
-            rollout = collect_rollout(run)
+            rollout = scored_rollout(run)
             stats = minibatch_step(run, rollout.select(slice(0, cfg.minibatch_size)))
         finally:
             run.close()
@@ -335,7 +335,7 @@ def test_bf16_mixed_precision_losses_track_fp32(env, tmp_path):  # noqa: F811
     try:
         run16.models.policy.load_state_dict(run32.models.policy.state_dict())
         run16.models.value_model.load_state_dict(run32.models.value_model.state_dict())
-        rollout = collect_rollout(run32)
+        rollout = scored_rollout(run32)
 
         # the rollout's forwards, re-run in bf16 on the same responses
         assert run32.models.autocast_dtype is None and run16.models.autocast_dtype == torch.bfloat16

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from conftest import label_serve_process
 from instructrl.config import load_config
 from instructrl.data.loading import load_comparisons, load_demonstrations
 
@@ -123,26 +120,8 @@ def label_server(tmp_path_factory) -> Iterator[LabelServer]:
     """``instructrl label serve`` on a free port, started through the real command line."""
     tmp = tmp_path_factory.mktemp("e2e")
     db, ids = _build_database(tmp)
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "instructrl", "label", "serve", "--set", f"db={db}", "--set", "port=0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        url = None
-        for line in proc.stdout:
-            match = re.search(r" at (http://\S+/) ", line)
-            if match:
-                url = match.group(1)
-                break
-        # keep reading the server's output so that a full pipe can never block it
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        assert url is not None, "instructrl label serve did not start"
+    with label_serve_process(db) as url:
         yield LabelServer(url, db, tmp, ids)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -41,24 +41,24 @@ from instructrl.utils.io import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)
-class WinRateRow:
-    """Win rate of ``policy`` over ``baseline`` by ``judge`` on the tasks of ``group`` ("all", "type=plain", …)."""
+class _Matchup:
+    """Who was compared on what: ``policy`` against ``baseline``, by ``judge``, on the tasks of ``group``."""
 
     policy: str
     baseline: str
     judge: str
     group: str
-    rate: float
-    low: float
-    high: float
-    n: int
-    wins: int
-    ties: int
-    losses: int
+
+
+@dataclass(frozen=True)
+class WinRateRow(WinRate, _Matchup):
+    """Win rate of ``policy`` over ``baseline`` by ``judge`` on the tasks of ``group`` ("all", "type=plain", …).
+
+    The fields are the matchup's, then the :class:`WinRate`'s (dataclass fields follow the reversed MRO)."""
 
     @classmethod
     def of(cls, policy: str, baseline: str, judge: str, group: str, wr: WinRate) -> WinRateRow:
-        return cls(policy, baseline, judge, group, wr.rate, wr.low, wr.high, wr.n, wr.wins, wr.ties, wr.losses)
+        return cls(policy, baseline, judge, group, *dataclasses.astuple(wr))
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,14 @@ def _row(
     )
 
 
+def _rate_row(id_: str, claim: str, rate: float | None, n: int, paper: str, count: str = "n") -> HeadlineRow:
+    """A measured rate over ``n`` trials with its Wilson interval, the count in the note as ``count=n``; "not
+    evaluated" when there is no ``rate``."""
+    if rate is None:
+        return _row(id_, claim, None, None, paper, note="not evaluated")
+    return _row(id_, claim, rate, _rate_interval(rate, n), paper, note=f"{count}={n}")
+
+
 def _find_win(rows: Sequence[WinRateRow], policy: str, baseline: str, judge: str) -> WinRateRow | None:
     for r in rows:
         if (r.policy, r.baseline, r.judge, r.group) == (policy, baseline, judge, "all"):
@@ -282,17 +290,13 @@ def build_headline(
     )
 
     by_model = {t.model: t for t in tax}
-    parts = [
-        ("a", roles.base, "base"),
-        ("b", roles.sft, "sft"),
-        ("c", roles.ppo, "ppo"),
-        ("d", roles.ppo_ptx, "ppo_ptx"),
-    ]
-    for letter, name, _ in parts:
+    models = ((roles.base, "base"), (roles.sft, "sft"), (roles.ppo, "ppo"), (roles.ppo_ptx, "ppo_ptx"))
+    perplexity_rows, accuracy_rows = [], []  # 3a-3d, then 3e-3h
+    for perplexity_id, accuracy_id, (name, key) in zip("abcd", "efgh", models):
         t = by_model.get(name)
-        rows.append(
+        perplexity_rows.append(
             _row(
-                f"3{letter}",
+                f"3{perplexity_id}",
                 f"alignment tax: held-out perplexity, {name}",
                 t.heldout_perplexity if t else None,
                 None,
@@ -302,42 +306,37 @@ def build_headline(
                 note="lower is better" if t else "not evaluated",
             )
         )
-    for letter, name, key in parts:
-        t = by_model.get(name)
-        rows.append(
-            _row(
-                f"3{chr(ord(letter) + 4)}",
+        accuracy_rows.append(
+            _rate_row(
+                f"3{accuracy_id}",
                 f"alignment tax: in-context continuation accuracy, {name}",
                 t.continuation_accuracy if t else None,
-                _rate_interval(t.continuation_accuracy, t.continuation_probes) if t else None,
+                t.continuation_probes if t else 0,
                 f"SQuADv2 few-shot F1 (Table 14, 175B): {PAPER_TAX[key]}",
-                note=f"n={t.continuation_probes}" if t else "not evaluated",
             )
         )
+    rows += perplexity_rows + accuracy_rows
 
     has_rm = rm is not None
-    acc_train = rm.train_labelers_accuracy if has_rm else None
-    acc_held = rm.heldout_labelers_accuracy if has_rm else None
-    rows.append(
-        _row(
+    rm_rows = (  # (id, claim, accuracy field, pairs field, paper value)
+        (
             "4a",
             "RM accuracy, labelers it trained on (held-out comparisons)",
-            acc_train,
-            _rate_interval(acc_train, rm.train_labelers_pairs) if acc_train is not None else None,
+            "train_labelers_accuracy",
+            "train_labelers_pairs",
             PAPER_RM_TRAIN,
-            note=f"pairs={rm.train_labelers_pairs}" if acc_train is not None else "not evaluated",
-        )
-    )
-    rows.append(
-        _row(
+        ),
+        (
             "4b",
             "RM accuracy, held-out labelers",
-            acc_held,
-            _rate_interval(acc_held, rm.heldout_labelers_pairs) if acc_held is not None else None,
+            "heldout_labelers_accuracy",
+            "heldout_labelers_pairs",
             PAPER_RM_HELDOUT,
-            note=f"pairs={rm.heldout_labelers_pairs}" if acc_held is not None else "not evaluated",
-        )
+        ),
     )
+    for id_, claim, accuracy_field, pairs_field, paper in rm_rows:
+        accuracy, pairs = (getattr(rm, accuracy_field), getattr(rm, pairs_field)) if has_rm else (None, 0)
+        rows.append(_rate_row(id_, claim, accuracy, pairs, paper, count="pairs"))
     agreement = rm.labeler_agreement if has_rm else None
     stderr = rm.labeler_agreement_stderr if has_rm else None
     rows.append(
@@ -370,17 +369,8 @@ def build_headline(
     for letters, claim, rate_field, count_field, paper in behaviour_rows:
         for letter, name in zip(letters, (roles.sft, roles.ppo_ptx)):
             b = by_behaviour.get(name)
-            rate, count = (getattr(b, rate_field), getattr(b, count_field)) if b else (None, None)
-            rows.append(
-                _row(
-                    f"5{letter}",
-                    f"{claim}, {name}",
-                    rate,
-                    _rate_interval(rate, count) if b else None,
-                    paper,
-                    note=f"n={count}" if b else "not evaluated",
-                )
-            )
+            rate, count = (getattr(b, rate_field), getattr(b, count_field)) if b else (None, 0)
+            rows.append(_rate_row(f"5{letter}", f"{claim}, {name}", rate, count, paper))
     return rows
 
 

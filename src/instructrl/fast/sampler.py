@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from instructrl.rollout.sampler import require_sampling_temperature, sampling_mode
+from instructrl.rollout.sampler import GenerationBackend, sampling_mode
 
 
 def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -34,7 +34,7 @@ def inverse_cdf_index(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=probs.shape[1] - 1)  # u·F(V) rounding up to F(V) itself (p ≈ 2^-53)
 
 
-class CachedSampler:
+class CachedSampler(GenerationBackend):
     """Pure sampling with a KV cache in a plain loop: the distribution of :class:`HFGenerateBackend`, faster.
 
     Each step draws one token per row from ``softmax(float32 logits / T)``, writes PAD into rows that have
@@ -59,12 +59,8 @@ class CachedSampler:
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None, runner=None):
-        if eos_token_id == pad_token_id:
-            # [ppo-details: pad-not-eos]
-            raise ValueError("EOS and PAD must be different tokens: masking PAD would mask EOS too")
+        super().__init__(eos_token_id, pad_token_id)
         self.model = model
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
         self.draw = draw or sample_inverse_cdf
         """``draw(probs (B, V), generator) -> (B,)`` token ids: :func:`sample_inverse_cdf` (default) or
         :func:`sample_multinomial` (``generate``'s draw: then the tokens equal ``generate``'s exactly)."""
@@ -76,17 +72,9 @@ class CachedSampler:
         """The sampler runs the training model object itself, so there is nothing to copy."""
         self.model = model
 
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
         """As :meth:`instructrl.rollout.GenerationBackend.generate`; with a concurrent runner the two halves of the
         batch are sampled at once (with the default draw; the same tokens up to float rounding of the logits)."""
-        require_sampling_temperature(temperature)
         attention_mask = attention_mask.long()
         device_type = prompt_ids.device.type
         batch, device = prompt_ids.shape[0], prompt_ids.device

@@ -264,6 +264,49 @@ def _render_task(
     return render_template("comparison.html", **context), status
 
 
+def _owned_assignment_or_404(s: Any, assignment_id: int) -> Assignment:
+    """The logged-in labeler's assignment ``assignment_id``; any other id is a 404, whether or not it exists."""
+    assignment = tasks.owned_assignment(s, g.user.labeler_id, assignment_id)
+    if assignment is None:
+        abort(404)
+    return assignment
+
+
+def _render_work_list(template: str, name: str, rows: Callable[..., Any]) -> Any:
+    """The queue or history page: ``rows(session, labeler_id, limit=)`` as ``name``, with the status counts."""
+    labeler_id = g.user.labeler_id
+    with _state().db.read() as s:
+        listing = {name: rows(s, labeler_id, limit=LIST_LIMIT)}
+        return render_template(template, **listing, counts=tasks.status_counts(s, labeler_id), snippet=_snippet)
+
+
+def _render_stats(template: str) -> Any:
+    """An admin page over the labeling statistics."""
+    from instructrl.label.stats import collect_stats
+
+    with _state().db.read() as s:
+        return render_template(template, stats=collect_stats(s))
+
+
+def _act_on_task(assignment_id: int, act: Callable[[Any, Assignment], str], show_form_again: bool) -> Any:
+    """Apply ``act(session, assignment)`` to the labeler's assignment in one write transaction, then flash the
+    message it returns and go to the next pending item.
+
+    ``act`` raises :class:`forms.FormError` or :class:`tasks.Conflict` before it writes anything; the task page
+    is then shown again (400 or 409), with the submitted values when ``show_form_again``.
+    """
+    with _state().db.write() as s:
+        assignment = _owned_assignment_or_404(s, assignment_id)
+        try:
+            message = act(s, assignment)
+        except forms.FormError as e:
+            form = request.form if show_form_again else None
+            return _render_task(assignment, form=form, errors=e.errors, status=400)
+        except tasks.Conflict as e:
+            return _render_task(assignment, conflict=str(e), status=409)
+    return _after_submit(g.user.labeler_id, message)
+
+
 def _after_submit(labeler_id: int, message: str) -> Any:
     flash(message)
     with _state().db.read() as s:
@@ -317,83 +360,51 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
     @app.get("/")
     @login_required
     def queue() -> Any:
-        with _state().db.read() as s:
-            return render_template(
-                "queue.html",
-                pending=tasks.queue_for(s, g.user.labeler_id, limit=LIST_LIMIT),
-                counts=tasks.status_counts(s, g.user.labeler_id),
-                snippet=_snippet,
-            )
+        return _render_work_list("queue.html", "pending", tasks.queue_for)
 
     @app.get("/history")
     @login_required
     def history() -> Any:
-        with _state().db.read() as s:
-            return render_template(
-                "history.html",
-                assignments=tasks.history_for(s, g.user.labeler_id, limit=LIST_LIMIT),
-                counts=tasks.status_counts(s, g.user.labeler_id),
-                snippet=_snippet,
-            )
+        return _render_work_list("history.html", "assignments", tasks.history_for)
 
     @app.get("/task/<int:assignment_id>")
     @login_required
     def task(assignment_id: int) -> Any:
         with _state().db.read() as s:
-            assignment = tasks.owned_assignment(s, g.user.labeler_id, assignment_id)
-            if assignment is None:
-                abort(404)
+            assignment = _owned_assignment_or_404(s, assignment_id)
             return _render_task(assignment)
 
     @app.post("/task/<int:assignment_id>")
     @login_required
     def submit_task(assignment_id: int) -> Any:
-        with _state().db.write() as s:
-            assignment = tasks.owned_assignment(s, g.user.labeler_id, assignment_id)
-            if assignment is None:
-                abort(404)
-            try:
-                meta = forms.parse_submission_meta(request.form)
-                if assignment.item.kind == "demonstration":
-                    outcome = tasks.submit_demonstration(s, assignment, forms.parse_demonstration(request.form), meta)
-                else:
-                    data = forms.parse_ranking(request.form, len(assignment.item.responses))
-                    outcome = tasks.submit_ranking(s, assignment, data, meta)
-            except forms.FormError as e:  # raised before anything is written
-                return _render_task(assignment, form=request.form, errors=e.errors, status=400)
-            except tasks.Conflict as e:  # raised before anything is written
-                return _render_task(assignment, conflict=str(e), status=409)
-        messages = {"created": "Submitted.", "updated": "Changes saved.", "unchanged": "Already submitted."}
-        return _after_submit(g.user.labeler_id, messages[outcome])
+        def submit(s: Any, assignment: Assignment) -> str:
+            meta = forms.parse_submission_meta(request.form)
+            if assignment.item.kind == "demonstration":
+                outcome = tasks.submit_demonstration(s, assignment, forms.parse_demonstration(request.form), meta)
+            else:
+                data = forms.parse_ranking(request.form, len(assignment.item.responses))
+                outcome = tasks.submit_ranking(s, assignment, data, meta)
+            return {"created": "Submitted.", "updated": "Changes saved.", "unchanged": "Already submitted."}[outcome]
+
+        return _act_on_task(assignment_id, submit, show_form_again=True)
 
     @app.post("/task/<int:assignment_id>/skip")
     @login_required
     def skip_task(assignment_id: int) -> Any:
-        with _state().db.write() as s:
-            assignment = tasks.owned_assignment(s, g.user.labeler_id, assignment_id)
-            if assignment is None:
-                abort(404)
-            try:
-                reason, note = forms.parse_skip(request.form)
-                tasks.skip_assignment(s, assignment, reason, note)
-            except forms.FormError as e:
-                return _render_task(assignment, errors=e.errors, status=400)
-            except tasks.Conflict as e:
-                return _render_task(assignment, conflict=str(e), status=409)
-        return _after_submit(g.user.labeler_id, "Skipped.")
+        def skip(s: Any, assignment: Assignment) -> str:
+            reason, note = forms.parse_skip(request.form)
+            tasks.skip_assignment(s, assignment, reason, note)
+            return "Skipped."
+
+        # the skip form's fields are not the task form's: after an error the task form shows the saved label
+        return _act_on_task(assignment_id, skip, show_form_again=False)
 
     @app.get("/admin")
     @admin_required
     def admin() -> Any:
-        from instructrl.label.stats import collect_stats
-
-        with _state().db.read() as s:
-            return render_template("admin.html", stats=collect_stats(s))
+        return _render_stats("admin.html")
 
     @app.get("/admin/agreement")
     @admin_required
     def admin_agreement() -> Any:
-        from instructrl.label.stats import collect_stats
-
-        with _state().db.read() as s:
-            return render_template("agreement.html", stats=collect_stats(s))
+        return _render_stats("agreement.html")

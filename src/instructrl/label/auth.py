@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import hashlib
 import hmac
 import re
 import secrets
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from instructrl.errors import UserFacingError
-from instructrl.label.db import ROLES, Labeler, LoginSession, utcnow
+from instructrl.label.db import ROLES, Labeler, LoginSession, sha256_hex, utcnow
 
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")
 """Usernames: 2-64 characters, lower-case letters, digits, '_', '.', '-', starting with a letter or digit."""
@@ -63,11 +62,6 @@ def check_username(username: str) -> str:
 def new_secret() -> str:
     """A fresh random login secret (32 URL-safe characters, 192 bits)."""
     return secrets.token_urlsafe(24)
-
-
-def token_digest(token: str) -> str:
-    """SHA-256 hex of a high-entropy token (session cookies): a fast hash suffices for random tokens."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +166,7 @@ def start_session(
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     session.add(
         LoginSession(
-            token_hash=token_digest(token),
+            token_hash=sha256_hex(token),
             labeler_id=labeler.id,
             csrf_token=csrf,
             created_at=now,
@@ -208,7 +202,7 @@ def resolve_session(
     if not token or len(token) > 128:
         return None
     now = now or utcnow()
-    row = session.scalar(select(LoginSession).where(LoginSession.token_hash == token_digest(token)))
+    row = session.scalar(select(LoginSession).where(LoginSession.token_hash == sha256_hex(token)))
     if row is None or row.expires_at <= now or row.last_seen_at + limits.idle <= now:
         return None
     labeler = row.labeler
@@ -232,7 +226,7 @@ def touch_session(session: Session, session_id: int, now: dt.datetime | None = N
 
 def end_session(session: Session, token: str | None) -> None:
     if token:
-        session.execute(delete(LoginSession).where(LoginSession.token_hash == token_digest(token)))
+        session.execute(delete(LoginSession).where(LoginSession.token_hash == sha256_hex(token)))
 
 
 def same_token(a: str | None, b: str | None) -> bool:

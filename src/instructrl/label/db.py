@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,12 @@ STATUSES = ("pending", "done", "skipped")
 def utcnow() -> dt.datetime:
     """Current UTC time as a naive datetime (how every timestamp is stored)."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def sha256_hex(text: str) -> str:
+    """SHA-256 hex of ``text``'s UTF-8 bytes: the stored key of a prompt's text (``text_sha256``) and of a
+    session token (``token_hash``; a fast hash suffices for a high-entropy random token)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class Base(DeclarativeBase):

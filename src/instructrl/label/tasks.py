@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import random
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -23,7 +22,17 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from instructrl.data.records import PromptRecord
-from instructrl.label.db import Assignment, Item, ItemResponse, Label, Labeler, Prompt, ResponseRating, utcnow
+from instructrl.label.db import (
+    Assignment,
+    Item,
+    ItemResponse,
+    Label,
+    Labeler,
+    Prompt,
+    ResponseRating,
+    sha256_hex,
+    utcnow,
+)
 from instructrl.label.forms import FLAGS, RankingInput, SubmissionMeta
 
 PromptTask = Literal["demonstration", "comparison"]
@@ -31,10 +40,6 @@ PromptTask = Literal["demonstration", "comparison"]
 
 class Conflict(Exception):
     """A submission that cannot be applied to the current state (shown to the labeler, HTTP 409)."""
-
-
-def prompt_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,7 @@ def add_prompts(
     seen = set(session.scalars(select(Prompt.text_sha256).where(Prompt.task == task)))
     added = duplicates = items = 0
     for record in records:
-        digest = prompt_digest(record.prompt)
+        digest = sha256_hex(record.prompt)
         if digest in seen:
             duplicates += 1
             continue

@@ -5,7 +5,8 @@ T (top_k = 0, top_p = 1, no repetition penalty) [ppo-details: pure-sampling]: an
 a different distribution than the one PPO's log-probs describe.
 
 Backends
-    :class:`GenerationBackend` is the whole contract between the PPO loop and the sampler:
+    :class:`GenerationBackend`, the base class of every backend, is the whole contract between the PPO loop and
+    the sampler:
 
     - ``generate(prompt_ids, attention_mask, max_new_tokens, temperature, generator=None)`` returns the
       sampled response token ids, shape (B, max_new_tokens). Positions after a row's first EOS may hold
@@ -29,15 +30,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import GenerationConfig
 
 
-@runtime_checkable
-class GenerationBackend(Protocol):
-    """Samples responses from the current policy; see the module docstring for the contract."""
+class GenerationBackend:
+    """Samples responses from the current policy; see the module docstring for the contract.
+
+    The base of every backend: it holds the EOS and PAD ids (which must differ) and checks the temperature;
+    a backend implements :meth:`_generate` and :meth:`sync_weights`.
+    """
+
+    def __init__(self, eos_token_id: int, pad_token_id: int):
+        if eos_token_id == pad_token_id:
+            # [ppo-details: pad-not-eos]
+            raise ValueError("EOS and PAD must be different tokens: masking PAD would mask EOS too")
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
 
     def generate(
         self,
@@ -47,15 +57,21 @@ class GenerationBackend(Protocol):
         temperature: float,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """(B, Q) left-padded prompts and their mask -> (B, max_new_tokens) sampled response ids."""
-        ...
+        """(B, Q) left-padded prompts and their mask -> (B, max_new_tokens) sampled response ids, drawn with
+        ``generator`` (None: the global RNG) at ``temperature`` > 0."""
+        require_sampling_temperature(temperature)
+        return self._generate(prompt_ids, attention_mask, max_new_tokens, temperature, generator)
+
+    def _generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
+        """:meth:`generate` with its arguments checked."""
+        raise NotImplementedError
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the next ``generate`` sample from ``model``'s current weights."""
-        ...
+        raise NotImplementedError
 
 
-class HFGenerateBackend:
+class HFGenerateBackend(GenerationBackend):
     """Pure sampling with ``transformers``' ``generate`` (KV cache) on the live policy model.
 
     ``generate`` stops early once every row has emitted EOS and pads finished rows with PAD; the output
@@ -65,12 +81,8 @@ class HFGenerateBackend:
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int):
-        if eos_token_id == pad_token_id:
-            # [ppo-details: pad-not-eos]
-            raise ValueError("EOS and PAD must be different tokens: masking PAD would mask EOS too")
+        super().__init__(eos_token_id, pad_token_id)
         self.model = model
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """The backend samples from the training model object itself, so there is nothing to copy."""
@@ -94,15 +106,7 @@ class HFGenerateBackend:
             use_cache=True,
         )
 
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        require_sampling_temperature(temperature)
+    def _generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
         config = self.generation_config(max_new_tokens, temperature)
 
         def sample() -> torch.Tensor:

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from instructrl.rollout.sampler import require_sampling_temperature
+from instructrl.rollout.sampler import GenerationBackend
 
 IN_PROCESS_MODEL_PATHS = (
     ("llm_engine", "model_executor", "driver_worker", "worker", "model_runner", "model"),
@@ -73,7 +73,7 @@ def _load_weights_on_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> 
     worker.model_runner.model.load_weights(weights=weights)
 
 
-class VLLMBackend:
+class VLLMBackend(GenerationBackend):
     """Samples with a vLLM engine on this process's GPU; see the module docstring."""
 
     def __init__(
@@ -85,8 +85,7 @@ class VLLMBackend:
         seed: int = 0,
         under_launcher: bool = False,
     ):
-        if eos_token_id == pad_token_id:
-            raise ValueError("EOS and PAD must be different tokens")  # [ppo-details: pad-not-eos]
+        super().__init__(eos_token_id, pad_token_id)
         if not torch.cuda.is_available():
             raise RuntimeError("generation.backend=vllm needs a CUDA GPU; use generation.backend=cached or hf")
         # keep the engine in this process, so sync_weights can reach its model directly
@@ -105,21 +104,11 @@ class VLLMBackend:
             enable_prefix_caching=False,  # prompts repeat rarely, and cached keys/values would outlive a sync
             **extra,
         )
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
 
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator) -> torch.Tensor:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        require_sampling_temperature(temperature)
         prompts = unpadded_prompts(prompt_ids, attention_mask)
         params = [
             SamplingParams(

@@ -119,16 +119,17 @@ def clean_utilities(spec: TaskSpec, responses: Sequence[str], profile: LabelerPr
     return np.array([score_analysis(spec, analyze(spec, r), profile.weights) for r in responses], dtype=np.float64)
 
 
-def equivalence_groups(clean: np.ndarray, tie_threshold: float) -> list[list[int]]:
-    """Responses whose noise-free utilities form a chain of gaps under ``tie_threshold``: one group each.
+def equivalence_groups(u: np.ndarray, tie_threshold: float) -> list[list[int]]:
+    """Indices of the utilities ``u``, best first, in groups: a chain of neighbours each closer than
+    ``tie_threshold`` is one group.
 
     A person shown two equally good (or equally bad) answers calls them a tie instead of guessing, so such
     responses share a rank; identical texts always do.
     """
-    order = np.argsort(-clean, kind="stable")
+    order = np.argsort(-u, kind="stable")
     groups: list[list[int]] = []
     for index in order.tolist():
-        if groups and clean[groups[-1][-1]] - clean[index] < tie_threshold:
+        if groups and u[groups[-1][-1]] - u[index] < tie_threshold:
             groups[-1].append(index)
         else:
             groups.append([index])
@@ -150,13 +151,7 @@ def utilities(
 
 def ranking_from_utilities(u: np.ndarray, tie_threshold: float) -> Ranking:
     """Best-first ranking of ``u``; a chain of neighbours each closer than ``tie_threshold`` is one tie group."""
-    order = np.argsort(-u, kind="stable")
-    groups: list[list[int]] = []
-    for index in order.tolist():
-        if groups and u[groups[-1][-1]] - u[index] < tie_threshold:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
+    groups = equivalence_groups(u, tie_threshold)
     return tuple(g[0] if len(g) == 1 else tuple(sorted(g)) for g in groups)
 
 

@@ -64,7 +64,7 @@ from instructrl.stages.ppo_rollout import (
 from instructrl.stages.ppo_trainers import reduce_side_stats
 from instructrl.stages.training_run import TrainingRun
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
-from instructrl.utils.io import MetricsWriter, atomic_write_json, read_jsonl_lenient
+from instructrl.utils.io import MetricsWriter, read_jsonl_lenient
 
 __all__ = ["Config", "GenerationSettings", "KLSettings", "PtxSettings", "run", "train_iteration"]
 
@@ -198,14 +198,11 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
         ppo_run.tokenizer.save_pretrained(out / "value")
     runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
     results = _results(cfg, ppo_run, out, stage.seconds())
-    if runtime.is_main:
-        atomic_write_json(out / "results.json", results)
-    print(
+    return stage.finish(
+        results,
         f"ppo: score {results['score_first_iteration']:.3f} -> {results['score_last_iteration']:.3f}, "
         f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}",
-        flush=True,
     )
-    return results
 
 
 def _describe(run: PPORun) -> str:

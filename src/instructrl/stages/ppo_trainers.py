@@ -66,20 +66,28 @@ class PretrainingMix:
 
 
 @dataclass
-class PolicyTrainer:
-    """The actor: π_φ, its optimizer, its LR schedule, its EMA and (PPO-ptx) the pretraining mix."""
+class SideTrainer:
+    """What each side of a PPO step holds, the actor's and the critic's alike: a model, its optimizer and how a
+    step runs it."""
 
     model: torch.nn.Module
-    """π_φ as loaded: the weights the EMA follows and the run saves."""
+    """The model as loaded: the weights the run saves (and, for π_φ, the EMA follows)."""
     training_model: torch.nn.Module
-    """π_φ as called in training steps (DDP-wrapped under N processes)."""
+    """The model as called in training steps (DDP-wrapped under N processes)."""
     optimizer: torch.optim.Optimizer
     runtime: Runtime
     grad_clip: float
     """Gradient-norm clip; 0 = none."""
     micro_batch_size: int
+    """Episodes per forward/backward."""
     autocast_dtype: torch.dtype | None
     """The forward passes' mixed-precision dtype (``precision``); None = the weights' own."""
+
+
+@dataclass
+class PolicyTrainer(SideTrainer):
+    """The actor: π_φ, its optimizer, its LR schedule, its EMA and (PPO-ptx) the pretraining mix."""
+
     scheduler: torch.optim.lr_scheduler.LRScheduler
     logprobs: FullLogits
     """How log π is computed (the same as in the rollout, so the first ratio is 1)."""
@@ -149,18 +157,10 @@ class PolicyTrainer:
 
 
 @dataclass
-class ValueTrainer:
-    """The critic: V and its optimizer."""
+class ValueTrainer(SideTrainer):
+    """The critic: V and its optimizer; its ``training_model`` is wrapped so that DDP sees
+    :func:`response_values` as its forward."""
 
-    model: torch.nn.Module
-    """V as loaded: the weights the run saves."""
-    training_model: torch.nn.Module
-    """V as called in training steps (wrapped so that DDP sees :func:`response_values` as its forward)."""
-    optimizer: torch.optim.Optimizer
-    runtime: Runtime
-    grad_clip: float
-    micro_batch_size: int
-    autocast_dtype: torch.dtype | None
     value_clip_range: float
     """How far V may move from its rollout value before the clipped loss takes over."""
     vf_coef: float

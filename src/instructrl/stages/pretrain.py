@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from instructrl.config import (
-    RunSettings,
     require,
     require_fraction,
     require_path_exists,
@@ -28,12 +27,12 @@ from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
 from instructrl.stages.common import PRECISIONS, mixed_precision
-from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 
 @dataclass
-class Config:
+class Config(TrainingSettings):
     """Pretraining of the base model."""
 
     output_dir: str = "runs/sandbox/base"
@@ -64,22 +63,13 @@ class Config:
     """Peak learning rate."""
     warmup_steps: int = 100
     """Linear warmup steps before cosine decay."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay floor as a fraction of the peak LR."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam β1, β2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    weight_decay: float = 0.1  # (documented in TrainingSettings) pretraining decays its matrices
     eval_every: int = 250
     """Steps between held-out evaluations."""
     eval_windows: int = 64
     """Held-out windows per evaluation (0 = all)."""
     save_every: int = 500
     """Steps between resumable checkpoints."""
-    run: RunSettings = field(default_factory=RunSettings)
-    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
@@ -93,23 +83,17 @@ class Config:
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
-    if cfg.corpus is not None:
-        train, _ = load_texts(cfg.corpus)
-        train_texts = [r.text for r in train]
-    else:
+    """The training and held-out texts: each from its JSONL file, or else from the sandbox world's corpus."""
+
+    def texts(path: str | None, sandbox_docs: int, split: str) -> list[str]:
+        if path is not None:
+            records, _ = load_texts(path)
+            return [r.text for r in records]
         from instructrl.sandbox import SandboxWorld
 
-        world = SandboxWorld(seed=cfg.sandbox_seed)
-        train_texts = world.pretraining_corpus(cfg.sandbox_docs, split="train")
-    if cfg.heldout is not None:
-        held, _ = load_texts(cfg.heldout)
-        held_texts = [r.text for r in held]
-    else:
-        from instructrl.sandbox import SandboxWorld
+        return SandboxWorld(seed=cfg.sandbox_seed).pretraining_corpus(sandbox_docs, split=split)
 
-        world = SandboxWorld(seed=cfg.sandbox_seed)
-        held_texts = world.pretraining_corpus(cfg.heldout_docs, split="valid")
-    return train_texts, held_texts
+    return texts(cfg.corpus, cfg.sandbox_docs, "train"), texts(cfg.heldout, cfg.heldout_docs, "valid")
 
 
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
@@ -206,9 +190,7 @@ def run(cfg: Config) -> dict:
         "seconds": stage.seconds(),
         "model": dataclasses.asdict(cfg.model),
     }
-    stage.write_results(results)
-    print(f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {stage.out}", flush=True)
-    return results
+    return stage.finish(results, f"pretrain: held-out perplexity {heldout_ppl:.3f}; model saved to {stage.out}")
 
 
 def train_step(cfg: Config, state: TrainingState, window: torch.Tensor, step: int) -> dict:

@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 from instructrl.config import (
-    RunSettings,
     require,
     require_fraction,
     require_non_negative,
@@ -53,7 +52,7 @@ from instructrl.models.causal_lm import count_parameters, disable_dropout, load_
 from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
-from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
@@ -67,7 +66,7 @@ UNKNOWN_LABELER = "unknown"
 
 
 @dataclass
-class Config:
+class Config(TrainingSettings):
     """Reward-model training on K-wise comparisons."""
 
     model: str = "runs/sandbox/sft"
@@ -104,22 +103,12 @@ class Config:
     lr: float = 3e-4
     """Peak learning rate (paper 9e-6 at 6B). Sandbox sweep (1e-4 … 3e-3, batch 16 and 64): accuracy flat within
     ±1 point, validation loss lowest at 3e-4 / batch 16."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay floor as a fraction of the peak (paper: 10%)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam β1, β2 (paper: 0.9, 0.95)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
     eval_every: int = 25
     """Optimizer steps between evaluations on the validation and held-out-labeler comparisons."""
     eval_batch_size: int = 64
     """Completions per forward pass when evaluating and normalizing."""
     save_every: int = 25
     """Optimizer steps between resumable checkpoints."""
-    run: RunSettings = field(default_factory=RunSettings)
-    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
     sandbox_seed: int = 0
     """Seed of the sandbox world used when ``comparisons`` is unset."""
     sandbox_prompts: int = 1500
@@ -775,15 +764,13 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
     agreement_path = stage.out / SANDBOX_AGREEMENT
     if cfg.comparisons is None and agreement_path.exists():
         results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
-    stage.write_results(results)
     valid_text = f"{results['valid_accuracy']:.3f}" if results["valid_accuracy"] is not None else "n/a"
     heldout_text = f"{results['heldout_accuracy']:.3f}" if results["heldout_accuracy"] is not None else "n/a"
-    print(
+    return stage.finish(
+        results,
         f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
         f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {stage.out}",
-        flush=True,
     )
-    return results
 
 
 def _best(comparison: Comparison) -> int:

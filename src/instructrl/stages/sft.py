@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from instructrl.config import (
-    RunSettings,
     require,
     require_fraction,
     require_non_negative,
@@ -35,7 +34,7 @@ from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import PRECISIONS, mixed_precision
-from instructrl.stages.training_run import TrainingRun, TrainingState
+from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
 IGNORE = -100
@@ -63,7 +62,7 @@ class LoraSettings:
 
 
 @dataclass
-class Config:
+class Config(TrainingSettings):
     """Supervised fine-tuning on demonstrations."""
 
     model: str = "runs/sandbox/base"
@@ -86,20 +85,12 @@ class Config:
     """Passes over the demonstrations (paper: 16 for the released SFT model, 2 for the PPO initialization)."""
     lr: float = 1e-3
     """Peak learning rate (paper 9.65e-6 at 1.3B; tiny sandbox models need far larger)."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay floor as a fraction of the peak (paper: 10%)."""
     warmup_steps: int = 0
     """Linear warmup steps (paper: none)."""
     batch_size: int = 32
     """Sequences per optimizer step (paper: 32)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation); 0 = batch_size."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam β1, β2 (paper: 0.9, 0.95)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
     residual_dropout: float = 0.1
     """Dropout on each attention / MLP output before the residual add (paper: 0.2)."""
     ptx_fraction: float = 0.1
@@ -122,8 +113,6 @@ class Config:
     """Concatenate short examples into rows of up to max_prompt_tokens + max_response_tokens tokens."""
     save_every: int = 200
     """Optimizer steps between resumable checkpoints."""
-    run: RunSettings = field(default_factory=RunSettings)
-    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr", "batch_size", "max_prompt_tokens", "max_response_tokens", "save_every")
@@ -467,9 +456,6 @@ def run(cfg: Config) -> dict:
         "steps": total_steps,
         "seconds": stage.seconds(),
     }
-    stage.write_results(results)
-    print(
-        f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {stage.out}",
-        flush=True,
+    return stage.finish(
+        results, f"sft: selected epoch {results['selected_epoch']} by {results['selected_by']}; saved to {stage.out}"
     )
-    return results

@@ -12,7 +12,8 @@ A stage reads as ``Config`` → build → loop → save::
         ...
         if stage.checkpoint_due(step + 1, total_steps):
             stage.save_checkpoint(step + 1, state)
-    ... save the model, then stage.write_results(results)
+    ... save the model
+    return stage.finish(results, f"sft: ...; saved to {stage.out}")
 
 The checkpoint holds the config's :func:`~instructrl.config.resume_fingerprint`; :meth:`TrainingRun.start`
 refuses (before anything is built) a checkpoint made with settings that would change the results.
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from instructrl.config import check_resume_compatible, resume_fingerprint, save_config
+from instructrl.config import RunSettings, check_resume_compatible, resume_fingerprint, save_config
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
@@ -36,6 +37,24 @@ from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard
 from instructrl.utils.io import atomic_write_json
 from instructrl.utils.seed import rng_state, set_rng_state
+
+
+@dataclass
+class TrainingSettings:
+    """The settings of a stage trained by a :meth:`TrainingState.adam_cosine` loop, besides its own ``lr`` and
+    warmup: the optimizer's and the schedule's, the gradient clip and the run block. The pretrain, sft and rm
+    configs derive from it, so these keys stay top-level (``--set betas=[0.9,0.99]``)."""
+
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak LR (paper: 10%)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam β1, β2 (paper: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
 
 
 class Resumable(Protocol):
@@ -175,6 +194,12 @@ class TrainingRun:
         if self.runtime.is_main:
             atomic_write_json(self.out / "results.json", results)
         self.runtime.barrier()
+
+    def finish(self, results: dict[str, Any], summary: str) -> dict[str, Any]:
+        """The stage's last step: :meth:`write_results`, then print its one-line ``summary``; returns ``results``."""
+        self.write_results(results)
+        print(summary, flush=True)
+        return results
 
     def seconds(self) -> float:
         return time.time() - self.started
