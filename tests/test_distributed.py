@@ -186,6 +186,7 @@ def test_sft_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_
 
 def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_dir):
     from test_rm import toy_files
+    from test_trackers import assert_tensorboard_matches_jsonl
 
     comparisons, demos = toy_files(tmp_path, 40)
     common = _sets(
@@ -193,7 +194,7 @@ def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_d
         epochs=2, lr=0.003, device="cpu", threads=1, eval_every=3, save_every=1000,
     )  # fmt: skip
     assert main(["rm", *common, "--set", f"output_dir={tmp_path / 'one'}"]) == 0
-    launch_two_processes("rm", *common, "--set", f"output_dir={tmp_path / 'two'}")
+    launch_two_processes("rm", *common, "--set", f"output_dir={tmp_path / 'two'}", "--set", "report_to=tensorboard")
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     for key in ("prompts", "pairs", "completions"):  # global counts: every prompt seen once per step
@@ -205,6 +206,10 @@ def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_d
     assert max_weight_difference(tmp_path / "one", tmp_path / "two") < TOLERANCE
     bias = [json.loads((tmp_path / d / "config.json").read_text())["instructrl_reward_bias"] for d in ("one", "two")]
     assert abs(bias[0] - bias[1]) < TOLERANCE
+    # only rank 0 logs to the trackers: one event file of metrics, equal to the JSONL's
+    board = tmp_path / "two" / "tensorboard" / "rm"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 1
+    assert_tensorboard_matches_jsonl(tmp_path / "two", "rm")
 
 
 # --------------------------------------------------------------------------- PPO

@@ -1,12 +1,10 @@
-"""Metrics files (append-only JSONL, truncated on resume, optionally mirrored to TensorBoard) and JSON lines."""
+"""Metrics files (append-only JSONL, truncated on resume, mirrored to experiment trackers) and JSON lines."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import warnings
 
-import pytest
+from accelerate.tracking import GeneralTracker
 
 from instructrl.utils.io import MetricsWriter, atomic_write_jsonl, jsonl_line
 
@@ -29,20 +27,34 @@ def test_resume_drops_records_past_the_resumed_step_and_a_fresh_run_starts_over(
     assert not path.exists() or path.read_text() == ""
 
 
-def test_tensorboard_mirror_writes_events_or_warns_that_it_cannot(tmp_path):
-    board = tmp_path / "tensorboard"
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.warns(UserWarning, match="tensorboard package is not installed"):
-            writer = MetricsWriter(tmp_path / "metrics.jsonl", board)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            writer = MetricsWriter(tmp_path / "metrics.jsonl", board)
-    writer.log(1, loss=0.5, note="text is skipped by tensorboard")
+class RecordingTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is given."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.logged, self.finished = [], 0
+
+    @property
+    def tracker(self):
+        return self
+
+    def log(self, values, step=None, **kwargs):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_trackers_get_each_steps_numbers_and_are_finished_once_on_close(tmp_path):
+    tracker = RecordingTracker()
+    with MetricsWriter(tmp_path / "metrics.jsonl", [tracker]) as writer:
+        writer.log(1, loss=0.5, note="text stays in the JSONL file", skipped=2)
     writer.close()
+    assert tracker.logged == [(1, {"loss": 0.5, "skipped": 2})] and tracker.finished == 1
     assert _steps(tmp_path / "metrics.jsonl") == [1]
-    if importlib.util.find_spec("tensorboard") is not None:
-        assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
 
 
 def test_json_lines_escape_the_characters_that_splitlines_breaks_on(tmp_path):

@@ -20,6 +20,7 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -335,8 +336,17 @@ class RunSettings:
     """Continue from the newest checkpoint in output_dir if there is one (eval keeps no checkpoints)."""
     force_resume: bool = False
     """Resume even when the config changed in a way that alters results (the run is then not reproducible)."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers to mirror the training metrics to, as a list or a comma-separated string: any tracker
+    accelerate supports (tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab), 'all' for
+    every one installed, or 'none'. metrics.jsonl is written either way. Each needs its package (pip install
+    'instructrl[wandb]', …); local ones write under output_dir/<tracker>; the config goes along as hyperparameters.
+    Not eval."""
+    tracker_project: str = "instructrl"
+    """The project (wandb, trackio, comet_ml, swanlab, clearml) or experiment (mlflow) that report_to's trackers
+    file the run under; each run is named after its stage and output_dir."""
     tensorboard: bool = False
-    """Mirror metrics to TensorBoard under output_dir/tensorboard (needs the tensorboard package); not eval."""
+    """Deprecated: the same as adding 'tensorboard' to report_to."""
     max_nonfinite_steps: int = 3
     """Stop with an error after this many optimizer steps (PPO: iterations) in a row with a NaN/inf loss or
     gradient (each such step is skipped and counted in the metrics as ``nonfinite_skipped``); eval trains nothing
@@ -354,6 +364,19 @@ class RunSettings:
             "run.precision",
             f"must be one of {list(PRECISION_NAMES)}, got {self.precision!r}",
         )
+        if self.tensorboard:
+            warnings.warn("run.tensorboard is deprecated: use run.report_to=tensorboard", FutureWarning, stacklevel=2)
+        if self.tracker_names():  # accelerate's tracker list is only imported when trackers are asked for
+            from instructrl.utils.trackers import tracker_problem
+
+            problem = tracker_problem(self.tracker_names())
+            require(problem is None, "run.report_to", str(problem))
+
+    def tracker_names(self) -> list[str]:
+        """The trackers of ``report_to``, with 'tensorboard' for the deprecated ``tensorboard: true``."""
+        from instructrl.utils.trackers import parse_report_to
+
+        return parse_report_to(self.report_to, tensorboard=self.tensorboard)
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunSettings))
@@ -427,17 +450,24 @@ def require_path_exists(cfg: Any, *names: str) -> None:
         require(Path(value).exists(), name, f"path does not exist: {value}")
 
 
-RESULT_NEUTRAL_KEYS = frozenset({"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps"})
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps"}
+    | {"report_to", "tracker_project", "tensorboard"}  # where metrics are mirrored to
+)
 """Top-level keys (and keys of the ``run`` block) that never change a run's results, so changing them does not
 block a resume."""
 
 
 def resume_fingerprint(cfg: Any) -> dict[str, Any]:
     """The part of a config that determines results; a resume with a different fingerprint is refused."""
-    fingerprint = {k: v for k, v in to_dict(cfg).items() if k not in RESULT_NEUTRAL_KEYS}
-    if has_run_block(type(cfg)):
-        fingerprint["run"] = {k: v for k, v in fingerprint["run"].items() if k not in RESULT_NEUTRAL_KEYS}
-    return fingerprint
+    return _without_neutral_keys(to_dict(cfg))
+
+
+def _without_neutral_keys(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in fingerprint.items() if k not in RESULT_NEUTRAL_KEYS}
+    if isinstance(kept.get("run"), dict):
+        kept["run"] = {k: v for k, v in kept["run"].items() if k not in RESULT_NEUTRAL_KEYS}
+    return kept
 
 
 def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
@@ -448,7 +478,8 @@ def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
     """
     if has_run_block(type(cfg)):
         saved = nest_run_keys(saved)
-    return _differences(saved, resume_fingerprint(cfg))
+    # a key made result-neutral later (run.tensorboard) may be in a fingerprint saved before it was
+    return _differences(_without_neutral_keys(saved), resume_fingerprint(cfg))
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

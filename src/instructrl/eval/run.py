@@ -155,7 +155,7 @@ class Config:
     """Report title."""
     run: RunSettings = field(default_factory=RunSettings)
     """Seed (sampling and the labeler judge), threads and device; eval neither trains nor resumes, so it ignores
-    resume, force_resume and max_nonfinite_steps and refuses precision=bf16 and tensorboard=true."""
+    resume, force_resume and max_nonfinite_steps and refuses precision=bf16 and trackers (report_to)."""
 
     def validate(self) -> None:
         require_non_negative(self, "prompts", "best_of_n", "samples", "temperature", "gold_tie_margin")
@@ -178,7 +178,7 @@ class Config:
                 f"expected 'policy:baseline', got {pair!r}",
             )
         require(self.run.precision == "fp32", "run.precision", "eval runs its models in float32 only")
-        require(not self.run.tensorboard, "run.tensorboard", "eval logs no training metrics")
+        require(not self.run.tracker_names(), "run.report_to", "eval logs no training metrics (it must be 'none')")
 
 
 # --------------------------------------------------------------------------- pieces

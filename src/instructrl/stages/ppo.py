@@ -170,7 +170,7 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
     print(_describe(ppo_run), flush=True)
 
     metrics = stage.metrics_writer()
-    samples = stage.metrics_writer("samples.jsonl", tensorboard=False)
+    samples = stage.metrics_writer("samples.jsonl", trackers=False)
     bar = stage.progress(cfg.iterations)
     try:
         while ppo_run.iteration < cfg.iterations:

@@ -158,23 +158,21 @@ def run(cfg: Config) -> dict:
         data_gen.set_state(saved["data_rng"])
 
     # ---- loop: random windows of the token stream; held-out perplexity every eval_every steps
-    metrics, bar = stage.metrics_writer(), stage.progress(cfg.max_steps)
     model.train()
-    for step in range(stage.start_step, cfg.max_steps):
-        starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
-        window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)  # (B, T+1)
-        record = train_step(cfg, state, window, step)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            record["heldout_ppl"] = stream_perplexity(model, held_stream, cfg.seq_len, cfg.eval_windows)
-            model.train()
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['heldout_ppl']:.2f}")
-        metrics.log(done, **record)
-        bar.update(1)
-        if stage.checkpoint_due(done, cfg.max_steps):
-            stage.save_checkpoint(done, state, data_rng=data_gen.get_state())
-    bar.close()
-    metrics.close()
+    with stage.metrics_writer() as metrics, stage.progress(cfg.max_steps) as bar:
+        for step in range(stage.start_step, cfg.max_steps):
+            starts = torch.randint(0, len(train_stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
+            window = torch.stack([train_stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+            record = train_step(cfg, state, window.to(device), step)
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                record["heldout_ppl"] = stream_perplexity(model, held_stream, cfg.seq_len, cfg.eval_windows)
+                model.train()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['heldout_ppl']:.2f}")
+            metrics.log(done, **record)
+            bar.update(1)
+            if stage.checkpoint_due(done, cfg.max_steps):
+                stage.save_checkpoint(done, state, data_rng=data_gen.get_state())
 
     # ---- save: a Hugging Face model directory with its tokenizer
     model.eval()

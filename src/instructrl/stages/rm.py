@@ -700,25 +700,22 @@ def run(cfg: Config) -> dict:
 
     # ---- loop: one optimizer step per batch of prompts; evaluate every eval_every steps and at the end
     pad_id = tokenizer.pad_token_id
-    metrics = stage.metrics_writer()
     training_model = state.prepare(forward=raw_last_token_scores)
-    bar = stage.progress(total_steps)
     model.train()
-    for step in range(stage.start_step, total_steps):
-        batch = [data.train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-        record = train_step(cfg, state, training_model, batch, pad_id, step)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == total_steps:
-            record.update(evaluate_sets(model, data, pad_id, cfg.eval_batch_size))
-            model.train()
-            if "valid_accuracy" in record:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", valid_acc=f"{record['valid_accuracy']:.3f}")
-        metrics.log(done, **record)
-        bar.update(1)
-        if stage.checkpoint_due(done, total_steps):
-            stage.save_checkpoint(done, state)
-    bar.close()
-    metrics.close()
+    with stage.metrics_writer() as metrics, stage.progress(total_steps) as bar:
+        for step in range(stage.start_step, total_steps):
+            batch = [data.train[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            record = train_step(cfg, state, training_model, batch, pad_id, step)
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == total_steps:
+                record.update(evaluate_sets(model, data, pad_id, cfg.eval_batch_size))
+                model.train()
+                if "valid_accuracy" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", valid_acc=f"{record['valid_accuracy']:.3f}")
+            metrics.log(done, **record)
+            bar.update(1)
+            if stage.checkpoint_due(done, total_steps):
+                stage.save_checkpoint(done, state)
 
     # ---- save: the bias that centres the demonstrations, the final evaluation, the model
     return save(cfg, stage, model, tokenizer, data, total_steps)

@@ -414,27 +414,24 @@ def run(cfg: Config) -> dict:
     best, history = (saved["best"], saved["history"]) if saved is not None else (None, [])
 
     # ---- loop: one optimizer step per global batch; at each epoch's end, evaluate for model selection
-    metrics = stage.metrics_writer()
     training_model = state.prepare()
-    bar = stage.progress(total_steps)
     model.train()
-    for step in range(stage.start_step, total_steps):
-        record = train_step(cfg, state, training_model, data, step, pad_id)
-        done = step + 1
-        if done % per_epoch == 0:
-            epoch = done // per_epoch
-            scores = _select_score(cfg, model, tokenizer, data.valid, data.valid_demos, pad_id, scorer)
-            record.update(scores, epoch=epoch)
-            history.append({"epoch": epoch, **scores})
-            value = scores["valid_rm_score"] if scorer is not None else -scores["valid_loss"]
-            best = keep_if_best(best, value, epoch, model)
-            bar.set_postfix(valid_loss=f"{scores['valid_loss']:.3f}")
-        metrics.log(done, **record)
-        bar.update(1)
-        if stage.checkpoint_due(done, total_steps):
-            stage.save_checkpoint(done, state, best=best, history=history)
-    bar.close()
-    metrics.close()
+    with stage.metrics_writer() as metrics, stage.progress(total_steps) as bar:
+        for step in range(stage.start_step, total_steps):
+            record = train_step(cfg, state, training_model, data, step, pad_id)
+            done = step + 1
+            if done % per_epoch == 0:
+                epoch = done // per_epoch
+                scores = _select_score(cfg, model, tokenizer, data.valid, data.valid_demos, pad_id, scorer)
+                record.update(scores, epoch=epoch)
+                history.append({"epoch": epoch, **scores})
+                value = scores["valid_rm_score"] if scorer is not None else -scores["valid_loss"]
+                best = keep_if_best(best, value, epoch, model)
+                bar.set_postfix(valid_loss=f"{scores['valid_loss']:.3f}")
+            metrics.log(done, **record)
+            bar.update(1)
+            if stage.checkpoint_due(done, total_steps):
+                stage.save_checkpoint(done, state, best=best, history=history)
 
     # ---- save: the selected epoch's weights (LoRA merged) as a Hugging Face model
     if best is not None:

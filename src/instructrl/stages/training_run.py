@@ -6,12 +6,12 @@ A stage reads as ``Config`` → build → loop → save::
     ... build the data and the model ...
     state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, stage.runtime)
     saved = stage.restore(state)                            # the newest checkpoint's entries, or None
-    metrics, bar = stage.metrics_writer(), stage.progress(total_steps)
     training_model = state.prepare()                        # DDP-wrapped under N processes
-    for step in range(stage.start_step, total_steps):
-        ...
-        if stage.checkpoint_due(step + 1, total_steps):
-            stage.save_checkpoint(step + 1, state)
+    with stage.metrics_writer() as metrics, stage.progress(total_steps) as bar:  # closed on errors too
+        for step in range(stage.start_step, total_steps):
+            ...
+            if stage.checkpoint_due(step + 1, total_steps):
+                stage.save_checkpoint(step + 1, state)
     ... save the model
     return stage.finish(results, f"sft: ...; saved to {stage.out}")
 
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from instructrl.config import RunSettings, check_resume_compatible, resume_fingerprint, save_config
+from instructrl.config import RunSettings, check_resume_compatible, resume_fingerprint, save_config, to_dict
 from instructrl.stages.common import cosine_lr_factor, make_adam, progress, set_threads
 from instructrl.utils.checkpoint import load_latest_checkpoint
 from instructrl.utils.device import resolve_device
@@ -37,6 +37,7 @@ from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard
 from instructrl.utils.io import atomic_write_json
 from instructrl.utils.seed import rng_state, set_rng_state
+from instructrl.utils.trackers import flat_hyperparameters, start_trackers
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainingSettings:
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     run: RunSettings = field(default_factory=RunSettings)
-    """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage)."""
+    """Seed, threads, device, precision, resume, trackers and the non-finite-step limit (shared by every stage)."""
 
 
 class Resumable(Protocol):
@@ -169,12 +170,21 @@ class TrainingRun:
         print(f"resumed from {self.unit} {step}", flush=True)
         return saved
 
-    def metrics_writer(self, file: str = "metrics.jsonl", tensorboard: bool = True):
+    def metrics_writer(self, file: str = "metrics.jsonl", trackers: bool = True):
         """A writer of ``file`` (rank 0; a no-op elsewhere) that, on resume, drops the lines past the checkpoint;
-        mirrored to TensorBoard with ``run.tensorboard`` unless ``tensorboard`` is false."""
-        tensorboard_dir = self.out / "tensorboard" if tensorboard and self.cfg.run.tensorboard else None
+        mirrored to the ``run.report_to`` trackers (with the config as hyperparameters) unless ``trackers`` is
+        false. Closing it finishes the trackers: use it in a ``with`` block so that an error closes them too."""
         resume_step = self.start_step if self.resumed else None
-        return self.runtime.metrics_writer(self.out / file, tensorboard_dir, resume_step=resume_step)
+        names = self.cfg.run.tracker_names() if trackers and self.runtime.is_main else []
+        started = start_trackers(
+            names,
+            project=self.cfg.run.tracker_project,
+            stage=self.name,
+            out=self.out,
+            hyperparameters=flat_hyperparameters(to_dict(self.cfg)),
+            resume_step=resume_step,
+        )
+        return self.runtime.metrics_writer(self.out / file, started, resume_step=resume_step)
 
     def progress(self, total: int) -> tqdm:
         return progress(total, self.start_step, self.name, disable=not self.runtime.is_main)

@@ -77,6 +77,12 @@ class NullWriter:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> NullWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
 
 class Runtime:
     """The single-process runtime; :class:`AcceleratedRuntime` overrides the collective parts."""

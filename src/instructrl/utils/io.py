@@ -6,12 +6,12 @@ import contextlib
 import json
 import os
 import tempfile
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from instructrl.utils.kill_hook import kill_point
+from instructrl.utils.trackers import finish_trackers, log_to_trackers
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -95,13 +95,15 @@ def _json_default(obj: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append-only JSONL metrics file (one object per step), with optional TensorBoard mirroring.
+    """Append-only JSONL metrics file (one object per step), mirrored to experiment trackers when given some.
 
     Each record is flushed as written so that a crash loses at most the line being written; on resume
-    the writer drops records past the resumed step so the file never holds a step twice.
+    the writer drops records past the resumed step so the file never holds a step twice. ``trackers``
+    (accelerate trackers from :func:`~instructrl.utils.trackers.start_trackers`) receive every step's numbers
+    and are finished by :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int | None = None):
+    def __init__(self, path: str | Path, trackers: Sequence[Any] = (), resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -110,34 +112,19 @@ class MetricsWriter:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # tensorboard is optional: say so rather than drop the curves silently
-                warnings.warn(
-                    "tensorboard logging was requested but the tensorboard package is not installed "
-                    "(pip install 'instructrl[tensorboard]'); metrics are written to "
-                    f"{self.path} only",
-                    stacklevel=2,
-                )
+        self.trackers = list(trackers)
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, **metrics}
         self._f.write(json.dumps(record, default=_json_default) + "\n")
         self._f.flush()
         kill_point("log", step, self.path)
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        log_to_trackers(self.trackers, step, metrics)
 
     def close(self) -> None:
         self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+        trackers, self.trackers = self.trackers, []  # finished once, even if close() is called again
+        finish_trackers(trackers)
 
     def __enter__(self) -> MetricsWriter:
         return self
