@@ -366,11 +366,10 @@ class RunSettings:
         )
         if self.tensorboard:
             warnings.warn("run.tensorboard is deprecated: use run.report_to=tensorboard", FutureWarning, stacklevel=2)
-        if self.tracker_names():  # accelerate's tracker list is only imported when trackers are asked for
-            from instructrl.utils.trackers import tracker_problem
+        from instructrl.utils.trackers import tracker_problem
 
-            problem = tracker_problem(self.tracker_names())
-            require(problem is None, "run.report_to", str(problem))
+        problem = tracker_problem(self.tracker_names())  # imports accelerate only when trackers are named
+        require(problem is None, "run.report_to", str(problem))
 
     def tracker_names(self) -> list[str]:
         """The trackers of ``report_to``, with 'tensorboard' for the deprecated ``tensorboard: true``."""
