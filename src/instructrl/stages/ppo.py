@@ -22,6 +22,10 @@ One iteration:
      its EMA; the value model's step the clipped value loss.
   5. β update (adaptive controller only), warmup LR schedule step, the sampler synced to the new weights.
 
+After every iteration the guardrails (:mod:`.ppo_guardrails`) check the rollout for the signs of reward hacking
+(KL, entropy, distinct responses, missing EOS, RM scores beyond the reward model's range) and warn; they only
+observe, unless ``guardrails.stop`` ends the run early.
+
 Where the pieces live: the experience (sampling, scoring, rewards, advantages) in :mod:`.ppo_rollout`, the
 two optimizer steps in :mod:`.ppo_trainers`, the losses themselves in :mod:`instructrl.rl`, building the run
 and its checkpoint state in :mod:`.ppo_build`, the settings in :mod:`.ppo_config`. The bracketed
@@ -35,7 +39,8 @@ and training forward passes are the same computation.
 
 Outputs in ``output_dir``: ``policy/`` (the released policy: the EMA weights when ``ema_decay`` is set, as a
 Hugging Face causal-LM directory with tokenizer), ``value/``, ``metrics.jsonl``, ``samples.jsonl``,
-``results.json``, the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
+``results.json`` (with a ``guardrails`` record), ``policy_best/`` (the newest released weights whose samples
+passed every guardrail), the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
 ``policy-iter-XXXX/`` snapshots for over-optimization curves. A rerun with the same config resumes from
 the newest checkpoint and continues exactly where it stopped.
 """
@@ -207,7 +212,8 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
     return stage.finish(
         results,
         f"ppo: score {results['score_first_iteration']:.3f} -> {results['score_last_iteration']:.3f}, "
-        f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}",
+        f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}"
+        + (f" (stopped early at iteration {ppo_run.iteration}: guardrails.stop)" if guard.stopped else ""),
     )
 
 
