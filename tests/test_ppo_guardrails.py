@@ -113,7 +113,7 @@ def test_each_check_fails_exactly_past_its_threshold(capsys):
         **{flag_key(name): 0.0 for name in CHECKS},
     }
     inside = metrics(kl=19.99, entropy=1.01, distinct=0.201, eos_rate=0.71)  # limits 20, 0.25·4, 0.25·0.8, 0.1 + 0.2
-    flags = guard.check(2, inside, FakeRollout([3.5, 0.0, 0.0, 0.0, 0.0, 0.0], [True] * 6))  # share 1/6 < 0.2
+    flags = guard.check(2, inside, FakeRollout([3.5, 0.0, 0.0, 0.0, 0.0, 0.0], [True] * 6))  # share 1/6 < 0 + 0.25
     assert not any(flags[flag_key(name)] for name in CHECKS), flags
     assert guard.clean
     past = metrics(kl=20.5, entropy=0.99, distinct=0.19, eos_rate=0.69)
@@ -273,8 +273,9 @@ def test_a_reward_with_nothing_to_exploit_trips_no_guardrail(env, tmp_path, caps
 
 
 def test_the_rm_range_check_reads_the_reward_models_results(env, tmp_path, tiny_tokenizer):  # noqa: F811
-    """With the reward model scoring finished responses, a range below every score it gives puts every sample out
-    of range, and a range above every score none."""
+    """With the reward model scoring finished responses: a range below every score it gives puts every sample of
+    the SFT policy out of range, which the run notes at iteration 1 (the RM never saw samples like the policy's);
+    a range above every score puts none out. The rise over the SFT policy's share is what fails the check."""
     import shutil
 
     eos = tiny_tokenizer.eos_token_id
@@ -284,12 +285,16 @@ def test_the_rm_range_check_reads_the_reward_models_results(env, tmp_path, tiny_
         shutil.copytree(env["rm"], rm_dir)
         (rm_dir / "results.json").write_text(json.dumps({"score_distribution": {"min": -101.0, "max": high}}))
         out = tmp_path / f"ppo{high}"
-        cfg = make_cfg(env, out, f"reward_model={rm_dir}", "ptx.coef=0", "iterations=1", "kl.coef=0.1")
+        cfg = make_cfg(env, out, f"reward_model={rm_dir}", "ptx.coef=0", "iterations=2", "kl.coef=0.1")
         results = ppo.run(cfg, sampler=ScriptedBackend(responses))
-        [row] = records(out)
-        assert row["response/eos_rate"] == 1.0
-        assert row["guardrails/score_above_rm_max"] == share and row[flag_key("rm_range")] == share
-        assert results["guardrails"]["rm_score_range"]["high"] == high
+        rows = records(out)
+        assert [r["response/eos_rate"] for r in rows] == [1.0, 1.0]
+        assert [r["guardrails/score_above_rm_max"] for r in rows] == [share, share]
+        assert [r[flag_key("rm_range")] for r in rows] == [0.0, 0.0]  # no rise over the SFT policy's share
+        guard = results["guardrails"]
+        assert guard["rm_score_range"]["high"] == high and "rm_range" in guard["checked"]
+        notes = [w for w in guard["startup_warnings"] if "not trained on samples like the policy's" in w]
+        assert len(notes) == (1 if share else 0)
 
 
 def test_best_policy_keeps_the_weights_that_sampled_the_last_passing_rollout():

@@ -124,6 +124,10 @@ CHECKS: dict[str, Check] = {
 """The checks, in the order they are reported."""
 
 
+RELATIVE_CHECKS = ("entropy", "distinct", "missing_eos", "rm_range")
+"""Checks whose threshold is set from the SFT policy's value (the first measured, normally iteration 1)."""
+
+
 def flag_key(name: str) -> str:
     """The metrics key of a check's flag: 1.0 on an iteration that failed it, 0.0 on one that passed."""
     return f"guardrails/{name}"
@@ -142,6 +146,8 @@ class Guardrails:
         self.first_message: dict[str, str] = {}
         """The warning each check printed when it first failed (results.json)."""
         self.recent_kl: list[float] = []
+        self.notes: list[str] = []
+        """Warnings about the setup seen in the first rollouts (results.json)."""
 
     def check(self, iteration: int, metrics: Mapping[str, Any], rollout) -> dict[str, float]:
         """Check the rollout of ``iteration`` (its ``metrics`` from :func:`~.ppo_rollout.rollout_metrics`);
@@ -153,8 +159,18 @@ class Guardrails:
             if share is not None:
                 out["guardrails/score_above_rm_max"] = share
         record = {**metrics, **out}
-        if not self.baseline:
-            self.baseline = {name: CHECKS[name].value(record) for name in ("entropy", "distinct", "missing_eos")}
+        for name in RELATIVE_CHECKS:  # the SFT policy's value: the first one measured
+            value = CHECKS[name].value(record)
+            if name not in self.baseline and value is not None:
+                self.baseline[name] = value
+                if name == "rm_range" and value > (self.settings.max_above_rm_range_rise or 1.0):
+                    self.notes.append(
+                        f"{value:.0%} of the SFT policy's own finished samples (iteration {iteration}) score above "
+                        f"{self.score_range.high:+.3f}, the highest score the reward model gave "
+                        f"{self.score_range.source}: the reward model was not trained on samples like the "
+                        f"policy's; rank samples of this policy and retrain it"
+                    )
+                    print(f"WARNING {self.notes[-1]}", flush=True)
         kl = CHECKS["kl"].value(record)
         for name, check in CHECKS.items():
             limit = self.threshold(name)
@@ -186,8 +202,8 @@ class Guardrails:
             return s.min_distinct_ratio * base["distinct"]
         if name == "missing_eos" and s.max_missing_eos_rise is not None and base.get("missing_eos") is not None:
             return base["missing_eos"] + s.max_missing_eos_rise
-        if name == "rm_range" and self.score_range is not None:
-            return s.max_above_rm_range
+        if name == "rm_range" and s.max_above_rm_range_rise is not None and base.get("rm_range") is not None:
+            return base["rm_range"] + s.max_above_rm_range_rise
         return None
 
     def describe(self, name: str, value: float, limit: float) -> str:
@@ -211,8 +227,9 @@ class Guardrails:
                     f"policy (guardrails.max_missing_eos_rise = {s.max_missing_eos_rise:g})")  # fmt: skip
         assert self.score_range is not None
         high, source = self.score_range.high, self.score_range.source
-        return (f"{value:.0%} of the finished responses score above {high:+.3f}, the highest score the reward "
-                f"model gave {source} (guardrails.max_above_rm_range = {limit:g})")  # fmt: skip
+        return (f"{value:.0%} of the finished responses score above {high:+.3f}, the highest score the reward model "
+                f"gave {source}, against {base['rm_range']:.0%} for the SFT policy "
+                f"(guardrails.max_above_rm_range_rise = {s.max_above_rm_range_rise:g})")  # fmt: skip
 
     @property
     def clean(self) -> bool:
@@ -230,13 +247,14 @@ class Guardrails:
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "streak": self.streak, "first_message": self.first_message,
-                "recent_kl": self.recent_kl}  # fmt: skip
+                "recent_kl": self.recent_kl, "notes": self.notes}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = dict(state["baseline"])
         self.streak = {**self.streak, **state["streak"]}
         self.first_message = dict(state["first_message"])
         self.recent_kl = list(state["recent_kl"])
+        self.notes = list(state["notes"])
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -286,9 +304,9 @@ def startup_warnings(cfg: Config, policy_parameters: int, score_range: ScoreRang
     if kl.adaptive and guard.max_kl is not None and kl.target > guard.max_kl:
         warnings.append(f"kl.target = {kl.target:g} exceeds guardrails.max_kl = {guard.max_kl:g}: the controller "
                         "steers toward a KL the KL check warns about")  # fmt: skip
-    if rm_scores and score_range is None and guard.max_above_rm_range is not None:
+    if rm_scores and score_range is None and guard.max_above_rm_range_rise is not None:
         warnings.append(f"no score_distribution in {Path(cfg.reward_model) / 'results.json'}: the check of the "
-                        "reward model's score range (guardrails.max_above_rm_range) is off")  # fmt: skip
+                        "reward model's score range (guardrails.max_above_rm_range_rise) is off")  # fmt: skip
     return warnings
 
 
@@ -406,7 +424,7 @@ class RunGuard:
         return {
             "checked": checked(records),
             "failed": [{**entry, "first_warning": self.checks.first_message.get(entry["check"])} for entry in failed],
-            "startup_warnings": self.startup,
+            "startup_warnings": self.startup + self.checks.notes,
             "stopped_early": self.stopped,
             "best_policy": best,
             "rm_score_range": vars(score_range) if score_range is not None else None,
