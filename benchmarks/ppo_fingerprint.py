@@ -10,6 +10,8 @@ model's scores should count). Exact equality is expected only on the same machin
 
     python benchmarks/ppo_fingerprint.py --out before.json
     python benchmarks/ppo_fingerprint.py --out after.json --compare before.json
+
+Metrics that only the newer run logs are listed and left out of the comparison.
 """
 
 from __future__ import annotations
@@ -90,9 +92,21 @@ def main() -> int:
     if args.compare is None:
         return 0
     earlier = json.loads(args.compare.read_text())
-    differing = [key for key in ("metrics", "samples", "weights") if earlier.get(key) != result[key]]
-    print("identical" if not differing else f"DIFFERENT: {', '.join(differing)}")
+    differing, added = differences(earlier, result)
+    note = f" (metrics added, not compared: {', '.join(added)})" if added else ""
+    print(("identical" if not differing else f"DIFFERENT: {', '.join(differing)}") + note)
     return 1 if differing else 0
+
+
+def differences(earlier: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The parts of ``current`` that differ from ``earlier``, and the metrics only ``current`` has. A metric that
+    was added (e.g. one more statistic of the rollout) is listed, not counted: the behaviour is the same when
+    every metric the earlier run logged, every sample and every weight are."""
+    keys = lambda rows: {key for row in rows for key in row}  # noqa: E731
+    added = sorted(keys(current["metrics"]) - keys(earlier.get("metrics", [])))
+    kept = [{k: v for k, v in row.items() if k not in added} for row in current["metrics"]]
+    differing = [key for key in ("samples", "weights") if earlier.get(key) != current[key]]
+    return (["metrics"] if earlier.get("metrics") != kept else []) + differing, added
 
 
 if __name__ == "__main__":

@@ -450,11 +450,12 @@ def require_path_exists(cfg: Any, *names: str) -> None:
 
 
 RESULT_NEUTRAL_KEYS = frozenset(
-    {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps"}
+    {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps", "guardrails"}
     | {"report_to", "tracker_project", "tensorboard"}  # where metrics are mirrored to
 )
 """Top-level keys (and keys of the ``run`` block) that never change a run's results, so changing them does not
-block a resume."""
+block a resume (PPO's ``guardrails`` only observe; their ``stop`` ends a run early without changing what it
+computed up to then)."""
 
 
 def resume_fingerprint(cfg: Any) -> dict[str, Any]:

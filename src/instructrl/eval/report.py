@@ -9,7 +9,7 @@ marked as a paper value. Sections:
   are made from the same already-rounded :class:`HeadlineRow` values;
 * win rates with 95% Wilson intervals, and breakdowns by prompt type and category;
 * behaviour (truthfulness, harmlessness, instruction following), the alignment tax, RM accuracy beside
-  labeler agreement;
+  labeler agreement, the PPO guardrails that failed during each run's training;
 * plots (matplotlib, Agg backend, embedded as base64 PNG; also written to ``plots/`` for the Markdown):
   PPO training curves, win rates, over-optimization (gold and proxy against d = √KL with fits);
 * sample responses of each model side by side.
@@ -35,6 +35,7 @@ from instructrl.eval.overopt import Fit, OverOptCurve, predict
 from instructrl.eval.sandbox_eval import BehaviourRow
 from instructrl.eval.stats import WinRate, wilson_interval
 from instructrl.eval.tax import TaxRow
+from instructrl.stages import ppo_guardrails as guardrails
 from instructrl.utils.io import atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------- data
@@ -553,6 +554,7 @@ def build_tables(data: ReportData) -> list[Table]:
             _rm_rows(data.rm),
         ),
         _rm_vs_gold_table(data.rm_vs_gold),
+        _guardrails_table(data.training_curves),
         Table(
             "overopt-fits",
             "Over-optimization fits (Gao et al. 2022)",
@@ -591,6 +593,32 @@ def _rm_vs_gold_table(rows: Sequence[ProxyGoldRow]) -> Table:
         ],
         "All pairs of the best-of-n samples of each prompt. Right = the correct answer (harmful requests: a refusal); "
         "a reward model that only learned style scores right-vs-wrong near 50%, and PPO cannot fix content then.",
+    )
+
+
+def _guardrails_table(curves: dict[str, list[dict[str, Any]]]) -> Table:
+    """The PPO guardrails that failed in each run, from the flags in its metrics.jsonl (:mod:`.ppo_guardrails`)."""
+    rows = []
+    for run, records in curves.items():
+        checks = guardrails.checked(records)
+        failed = guardrails.summarize(records)
+        if not checks:
+            rows.append([run, "not checked (a run without guardrails)", "-", "-", "-", "-"])
+        elif not failed:
+            rows.append([run, f"none failed (checked: {', '.join(checks)})", "0", "-", "-", "-"])
+        for f in failed:
+            values = f"{_num(f['value_first'])} (worst {_num(f['value_worst'])})"
+            span = f"{f['first_iteration']}-{f['last_iteration']}"
+            rows.append([run, f"{f['check']}: {f['what']}", str(f["iterations_failed"]), span, values, f["advice"]])
+    return Table(
+        "ppo-guardrails",
+        "PPO guardrails: signs of reward hacking during training",
+        ["run", "check", "iterations failed", "iterations", "value when first failed", "what to change"],
+        rows,
+        "Checks of every rollout that need no gold judge (the PPO config's guardrails block): KL to the SFT policy, "
+        "per-token entropy and distinct responses against the SFT policy's, responses without EOS, reward-model "
+        "scores above the range of its validation comparisons. A failed check warns that the policy may be "
+        "exploiting its reward model; each run's policy_best/ holds the newest policy whose samples passed them all.",
     )
 
 

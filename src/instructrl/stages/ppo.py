@@ -22,6 +22,10 @@ One iteration:
      its EMA; the value model's step the clipped value loss.
   5. β update (adaptive controller only), warmup LR schedule step, the sampler synced to the new weights.
 
+After every iteration the guardrails (:mod:`.ppo_guardrails`) check the rollout for the signs of reward hacking
+(KL, entropy, distinct responses, missing EOS, RM scores beyond the reward model's range) and warn; they only
+observe, unless ``guardrails.stop`` ends the run early.
+
 Where the pieces live: the experience (sampling, scoring, rewards, advantages) in :mod:`.ppo_rollout`, the
 two optimizer steps in :mod:`.ppo_trainers`, the losses themselves in :mod:`instructrl.rl`, building the run
 and its checkpoint state in :mod:`.ppo_build`, the settings in :mod:`.ppo_config`. The bracketed
@@ -35,7 +39,8 @@ and training forward passes are the same computation.
 
 Outputs in ``output_dir``: ``policy/`` (the released policy: the EMA weights when ``ema_decay`` is set, as a
 Hugging Face causal-LM directory with tokenizer), ``value/``, ``metrics.jsonl``, ``samples.jsonl``,
-``results.json``, the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
+``results.json`` (with a ``guardrails`` record), ``policy_best/`` (the newest released weights whose samples
+passed every guardrail), the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
 ``policy-iter-XXXX/`` snapshots for over-optimization curves. A rerun with the same config resumes from
 the newest checkpoint and continues exactly where it stopped.
 """
@@ -52,6 +57,7 @@ import torch
 from instructrl.errors import UserFacingError
 from instructrl.stages.ppo_build import PPORun, build_run
 from instructrl.stages.ppo_config import Config, GenerationSettings, KLSettings, PtxSettings
+from instructrl.stages.ppo_guardrails import RunGuard
 from instructrl.stages.ppo_rollout import (
     Rollout,
     compute_advantages,
@@ -166,8 +172,9 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
     out, runtime = stage.out, stage.runtime
 
     ppo_run = build_run(cfg, score_fn=score_fn, sampler=sampler)
-    stage.restore(ppo_run)
+    saved = stage.restore(ppo_run)
     print(_describe(ppo_run), flush=True)
+    guard = RunGuard(cfg, ppo_run, rm_scores=score_fn is None, checkpoint=saved)  # prints start-up warnings
 
     metrics = stage.metrics_writer()
     samples = stage.metrics_writer("samples.jsonl", trackers=False)
@@ -176,6 +183,7 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
         while ppo_run.iteration < cfg.iterations:
             record, rollout, prompt_index = train_iteration(ppo_run)
             done = ppo_run.iteration
+            record.update(guard.after_iteration(ppo_run, record, rollout))  # checks, flags, best policy: they observe
             metrics.log(done, **record)
             bar.set_postfix(score=f"{record['objective/score']:.3f}", kl=f"{record['objective/kl']:.3f}")
             bar.update(1)
@@ -184,7 +192,9 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
             if cfg.save_policy_every and done % cfg.save_policy_every == 0:
                 ppo_run.save_policy(out / f"policy-iter-{done:04d}")
             if stage.checkpoint_due(done, cfg.iterations):
-                stage.save_checkpoint(done, ppo_run)
+                stage.save_checkpoint(done, ppo_run, guardrails=guard.state_dict())
+            if guard.stopped:
+                break
     finally:
         bar.close()
         metrics.close()
@@ -192,16 +202,18 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
         ppo_run.close()  # overlap_models' worker threads
 
     ppo_run.save_policy(out / "policy")
+    guard.save_best(ppo_run, out / "policy_best")
     require_finite_weights(ppo_run.critic.model, "the value model")  # on every rank: identical weights
     if runtime.is_main:
         ppo_run.critic.model.save_pretrained(out / "value")
         ppo_run.tokenizer.save_pretrained(out / "value")
     runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
-    results = _results(cfg, ppo_run, out, stage.seconds())
+    results = _results(cfg, ppo_run, out, stage.seconds(), guard)
     return stage.finish(
         results,
         f"ppo: score {results['score_first_iteration']:.3f} -> {results['score_last_iteration']:.3f}, "
-        f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}",
+        f"KL {results['kl_last_iteration']:.3f} nats; policy saved to {out / 'policy'}"
+        + (f" (stopped early at iteration {ppo_run.iteration}: guardrails.stop)" if guard.stopped else ""),
     )
 
 
@@ -257,10 +269,11 @@ SUMMARY_METRICS = (
     "value/explained_variance",
     "response/length",
     "response/eos_rate",
+    "response/distinct_fraction",
 )
 
 
-def _results(cfg: Config, run: PPORun, out: Path, seconds: float) -> dict:
+def _results(cfg: Config, run: PPORun, out: Path, seconds: float, guard: RunGuard) -> dict:
     records = read_jsonl_lenient(out / "metrics.jsonl")
     if not records:
         raise UserFacingError(f"{out / 'metrics.jsonl'} holds no iterations; nothing to summarize")
@@ -268,7 +281,8 @@ def _results(cfg: Config, run: PPORun, out: Path, seconds: float) -> dict:
     return {
         "variant": "PPO-ptx" if cfg.ptx.coef > 0 else "PPO",
         "iterations": cfg.iterations,
-        "episodes": cfg.iterations * cfg.batch_size,
+        "iterations_done": run.iteration,
+        "episodes": run.iteration * cfg.batch_size,
         "score_first_iteration": first["objective/score"],
         "score_last_iteration": last["objective/score"],
         "kl_last_iteration": last["objective/kl"],
@@ -277,5 +291,6 @@ def _results(cfg: Config, run: PPORun, out: Path, seconds: float) -> dict:
         "released_weights": "ema" if run.actor.ema is not None else "live",
         "policy_dir": str(out / "policy"),
         "value_dir": str(out / "value"),
+        "guardrails": guard.finish(records),
         "seconds": seconds,
     }

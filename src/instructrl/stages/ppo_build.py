@@ -35,7 +35,7 @@ from instructrl.stages.common import make_adam
 from instructrl.stages.ppo_config import Config
 from instructrl.stages.ppo_data import PromptData, load_pretraining_windows, load_prompt_data
 from instructrl.stages.ppo_rollout import PPOModels, ScoreFn, response_values, reward_model_scorer
-from instructrl.stages.ppo_trainers import PolicyEMA, PolicyTrainer, PretrainingMix, ValueTrainer
+from instructrl.stages.ppo_trainers import PolicyEMA, PolicyTrainer, PretrainingMix, ValueTrainer, swapped_weights
 from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard, require_finite_weights
 from instructrl.utils.seed import rng_state, set_rng_state
@@ -66,10 +66,13 @@ class PPORun:
     """Stops what the run started besides the models (``overlap_models``' threads)."""
     iteration: int = 0
 
-    def save_policy(self, path: str | Path) -> None:
-        """The released policy (EMA weights when enabled) as a Hugging Face causal-LM directory (rank 0 writes)."""
+    def save_policy(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The released policy (EMA weights when enabled), or the given ``weights``, as a Hugging Face causal-LM
+        directory (rank 0 writes)."""
         policy, ema = self.models.policy, self.actor.ema
-        with ema.swapped_into(policy) if ema is not None else contextlib.nullcontext():
+        if weights is None and ema is not None:
+            weights = ema.shadow
+        with swapped_weights(policy, weights) if weights is not None else contextlib.nullcontext():
             require_finite_weights(policy, f"the policy ({path})")  # every rank: same weights, same verdict
             if self.runtime.is_main:
                 policy.save_pretrained(path)

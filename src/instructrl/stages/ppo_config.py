@@ -20,7 +20,9 @@ class KLSettings:
     """The per-token KL penalty β · log(π/π^SFT) in the reward."""
 
     coef: float = 0.02
-    """β: fixed (InstructGPT 0.02, Stiennon et al. 0.05), or the starting value when ``adaptive``."""
+    """β: fixed (InstructGPT 0.02, Stiennon et al. 0.05), or the starting value when ``adaptive``. On small
+    policies 0.02 lets the policy exploit its reward model (the sandbox demo uses 0.1; the start-up warning of
+    ``guardrails.small_policy_parameters``)."""
     adaptive: bool = False
     """Steer β toward ``target`` with Ziegler et al.'s proportional controller instead of keeping it fixed."""
     target: float = 6.0
@@ -94,6 +96,62 @@ class PtxSettings:
         require_positive(self, "batch_ratio", "sandbox_docs")
         require(self.seq_len >= 2, "ptx.seq_len", f"must be >= 2, got {self.seq_len}")
         require_path_exists(self, "data")
+
+
+@dataclass
+class GuardrailSettings:
+    """Checks of every rollout for the signs that precede reward hacking, none of which needs a gold judge
+    (:mod:`.ppo_guardrails`). A check whose threshold is null is off. "The SFT policy's" value is the one measured
+    on iteration 1's rollout, which is sampled before the first update. A warning is printed when a check first
+    fails (with the value, the iteration and what to change), flagged in metrics.jsonl (``guardrails/<check>``: 1
+    on every iteration that failed it), and summarized in results.json and the eval report. The checks only
+    observe: with ``stop`` false, training is the same with or without them."""
+
+    max_kl: float | None = 20.0
+    """Warn when KL(π ‖ π^SFT) per response exceeds this many nats (``objective/kl``). The collapsed runs of the
+    InstructGPT defaults on small models ended at 71 nats; Ziegler's adaptive runs target 6."""
+    min_entropy_ratio: float | None = 0.25
+    """Warn when the policy's mean per-token entropy falls below this fraction of the SFT policy's: the policy
+    is narrowing onto a few outputs."""
+    min_distinct_ratio: float | None = 0.25
+    """Warn when the fraction of distinct responses in a batch (``response/distinct_fraction``, distinct token
+    sequences / batch_size) falls below this fraction of the SFT policy's. One output for every prompt gives
+    1 / batch_size."""
+    max_missing_eos_rise: float | None = 0.2
+    """Warn when the share of responses without EOS exceeds the SFT policy's share by more than this (an
+    absolute difference of shares): the policy writes long or looping outputs."""
+    max_above_rm_range_rise: float | None = 0.25
+    """Warn when the share of finished responses scoring above the highest score the reward model gave the
+    responses of its validation comparisons (``score_distribution`` in the results.json that ``instructrl rm``
+    writes beside the model) exceeds the SFT policy's share by more than this: the RM is scoring outputs unlike
+    any it learned to rank. A relative check because the maximum of a small validation set is exceeded by some
+    SFT samples already; when the SFT policy's own share exceeds this value, a note at iteration 1 says that the
+    RM was not trained on samples like the policy's. Off when that file is missing or a ``score_fn`` replaces
+    the reward model."""
+    stop: bool = False
+    """Stop the run (saving the policy, the value model and results.json as at the end) once a check has
+    failed ``patience`` iterations in a row."""
+    patience: int = 3
+    """Iterations in a row a check must fail before ``stop`` stops the run."""
+    keep_best: bool = True
+    """Save ``policy_best/`` beside ``policy/``: the released weights (EMA when set) that sampled the newest
+    rollout passing every check. Costs two copies of the policy's weights in CPU memory (and one in each
+    checkpoint)."""
+    small_policy_parameters: int = 1_000_000_000
+    """At start-up, warn about a fixed β ≤ 0.02 (the paper's) on a policy with fewer parameters than this: it
+    collapsed 0.94M-parameter sandbox policies (``kl_coef`` in src/instructrl/demo.py; benchmarks/RESULTS.md).
+    The paper used it on 1.3B-175B policies; sizes in between are unmeasured."""
+
+    def validate(self) -> None:
+        for name in ("max_kl", "max_missing_eos_rise", "max_above_rm_range_rise"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"guardrails.{name}", f"must be >= 0 or null, got {value}")
+        for name in ("min_entropy_ratio", "min_distinct_ratio"):
+            value = getattr(self, name)
+            ok = value is None or 0 <= value <= 1
+            require(ok, f"guardrails.{name}", f"must lie in [0, 1] or be null, got {value}")
+        require(self.patience > 0, "guardrails.patience", f"must be > 0, got {self.patience}")
+        require(self.small_policy_parameters >= 0, "guardrails.small_policy_parameters", "must be >= 0")
 
 
 @dataclass
@@ -172,6 +230,8 @@ class Config:
     """Rollout sampling."""
     ptx: PtxSettings = field(default_factory=PtxSettings)
     """Pretraining mix (PPO-ptx)."""
+    guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+    """Warnings (and optionally an early stop) when the rollouts show the signs of reward hacking."""
     sample_every: int = 10
     """Iterations between printed tables of sample generations (also appended to samples.jsonl); 0 = never."""
     num_samples: int = 4

@@ -29,6 +29,7 @@ from instructrl.models.reward import last_token_scores, reward_bias, token_value
 from instructrl.rl import explained_variance, gae, kl_k3, masked_mean, masked_whiten, shaped_rewards
 from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
 from instructrl.stages.common import mixed_precision
+from instructrl.stages.ppo_guardrails import distinct_fraction
 from instructrl.utils.distributed import Runtime
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -342,6 +343,7 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> dict[str, float | None]
         "policy/entropy": masked_mean(rollout.entropy, mask),
         "response/length": mask.sum(dim=1).float().mean(),
         "response/eos_rate": rollout.has_eos.float().mean(),
+        "response/distinct_fraction": distinct_fraction(rollout.response, mask),
     }
     out: dict[str, float | None] = {k: float(v) for k, v in metrics.items()}
     explained = float(explained_variance(rollout.values, rollout.returns, mask))

@@ -253,22 +253,27 @@ class PolicyEMA:
         for name, p in model.named_parameters():
             self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
-    @contextlib.contextmanager
-    def swapped_into(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    def swapped_into(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """Temporarily load the EMA weights into ``model`` (e.g. to save it); the live weights come back after."""
-        backup = {name: p.detach().clone() for name, p in model.named_parameters()}
-        try:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(self.shadow[name])
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(backup[name])
+        return swapped_weights(model, self.shadow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Temporarily load ``weights`` (by parameter name) into ``model``; its own weights come back after."""
+    backup = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(backup[name])

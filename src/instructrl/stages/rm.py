@@ -728,7 +728,7 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
     normalization = normalize_to_demonstrations(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
     normalization.update(source=data.normalization_source, dropped_over_length=data.demos_dropped)
     results: dict = {"heldout_labelers": list(cfg.heldout_labelers)}
-    distribution_scores = None
+    distribution_scores, distribution_source = None, "the demonstrations"
     for name, encoded in (("valid", data.valid), ("heldout", data.heldout)):
         if not encoded:
             results[name] = None
@@ -737,6 +737,7 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
         results[name] = result
         if distribution_scores is None:
             distribution_scores = scores + normalization["bias"]
+            distribution_source = f"the responses of the {name} comparisons"  # PPO's guardrails read the range
     if distribution_scores is None:
         distribution_scores = score_sequences(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
     require_finite_weights(model, "the reward model")
@@ -748,7 +749,7 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
             "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,
             "heldout_accuracy": results["heldout"]["accuracy"] if results["heldout"] else None,
             "normalization": normalization,
-            "score_distribution": score_distribution(distribution_scores),
+            "score_distribution": {**score_distribution(distribution_scores), "source": distribution_source},
             "data": {
                 "source": data.source,
                 "skipped_records": data.skipped_records,
