@@ -11,8 +11,11 @@ and the C(K,2) pairs of one prompt form one element of the loss:
 
     loss(θ) = −(1/G) Σ_g (1/n_g) Σ_{(w,l) of g} log σ(r_θ(x_g, y_w) − r_θ(x_g, y_l))
 
-with n_g = C(K_g,2) minus tied pairs (ties are dropped). Gradient accumulation over micro-batches of
-prompts divides by the optimizer batch's G, so it reproduces the one-big-batch gradient exactly.
+with n_g = C(K_g,2) minus tied pairs (ties are dropped). K_g counts distinct response texts: copies of one text
+are one completion, and a preference its copies contradict is dropped like a tie (``Comparison.distinct_pairs``).
+An empty response (a sample that ended at once) is the completion ``prompt ⊕ EOS``, ranked like any other.
+Gradient accumulation over micro-batches of prompts divides by the optimizer batch's G, so it reproduces the
+one-big-batch gradient exactly.
 
 Schedule: one epoch (more overfits, App. C.2), Adam β = (0.9, 0.95), cosine decay to 10% of the peak LR,
 no warmup. After training a bias is stored so that labeler demonstrations score mean 0 (§3.5; bias only,
@@ -178,11 +181,14 @@ class EncodeCounts:
     completions: int = 0
     """Completions kept (one forward pass each per epoch)."""
     pairs: int = 0
-    """Untied (winner, loser) pairs kept."""
+    """Distinct untied (winner, loser) pairs kept: identical texts of one comparison count once
+    (``Comparison.distinct_pairs``)."""
+    merged_responses: int = 0
+    """Responses that repeated a text of their own comparison, merged into its first copy."""
     truncated_prompts: int = 0
     """Prompts longer than max_prompt_tokens, kept with their last tokens."""
     dropped_responses: int = 0
-    """Responses longer than max_response_tokens, removed from their comparison."""
+    """Distinct responses longer than max_response_tokens, removed from their comparison."""
     dropped_comparisons: int = 0
     """Comparisons left with no untied pair (after dropped responses)."""
 
@@ -202,7 +208,8 @@ def _truncate_prompt(prompt_ids: list[int], max_prompt_tokens: int) -> tuple[lis
 def encode_comparisons(
     comparisons: Sequence[Comparison], tokenizer, max_prompt_tokens: int, max_response_tokens: int
 ) -> tuple[list[EncodedComparison], EncodeCounts]:
-    """Tokenize comparisons into completions + pairs; truncate long prompts, drop long responses."""
+    """Tokenize comparisons into completions + pairs; merge repeated texts, truncate long prompts, drop long
+    responses. An empty response is kept: its completion is prompt ⊕ EOS, scored at that EOS like any other."""
     counts = EncodeCounts()
     prompt_ids = encode_prompts(tokenizer, [c.prompt for c in comparisons])
     response_ids = tokenize_texts(tokenizer, [r for c in comparisons for r in c.responses])
@@ -213,12 +220,12 @@ def encode_comparisons(
         offset += comparison.k
         prompt, truncated = _truncate_prompt(prompt, max_prompt_tokens)
         counts.truncated_prompts += truncated
-        kept = [i for i, r in enumerate(responses) if len(r) + 1 <= max_response_tokens]  # + 1: the EOS
-        counts.dropped_responses += comparison.k - len(kept)
+        distinct, distinct_pairs = comparison.distinct_pairs()
+        counts.merged_responses += comparison.k - len(distinct)
+        kept = [i for i in distinct if len(responses[i]) + 1 <= max_response_tokens]  # + 1: the EOS
+        counts.dropped_responses += len(distinct) - len(kept)
         new_index = {old: new for new, old in enumerate(kept)}
-        pairs = tuple(
-            (new_index[w], new_index[lo]) for w, lo in comparison.pairs() if w in new_index and lo in new_index
-        )
+        pairs = tuple((new_index[w], new_index[lo]) for w, lo in distinct_pairs if w in new_index and lo in new_index)
         if not pairs:
             counts.dropped_comparisons += 1
             continue
@@ -604,8 +611,9 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
     if not demo_sequences:
         raise UserFacingError(f"no demonstration fits max_response_tokens={cfg.max_response_tokens}")
     print(
-        f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} pairs, {train_counts.completions} "
-        f"completions), {valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
+        f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} distinct pairs, "
+        f"{train_counts.completions} completions, {train_counts.merged_responses} repeated responses merged), "
+        f"{valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
         f"{train_counts.truncated_prompts} prompts truncated, {train_counts.dropped_responses} responses over "
         f"{cfg.max_response_tokens} tokens dropped",
         flush=True,
