@@ -45,6 +45,7 @@ from instructrl.config import (
     require,
     require_fraction,
     require_non_negative,
+    require_own_data,
     require_path_exists,
     require_positive,
 )
@@ -55,6 +56,7 @@ from instructrl.models.causal_lm import count_parameters, disable_dropout, load_
 from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
+from instructrl.stages.common import log_data_source
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
@@ -77,7 +79,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/rm"
     """Where the reward model (HF sequence-classification dir), metrics, checkpoints and results go."""
     comparisons: str | None = None
-    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox."""
+    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox (then
+    ``demonstrations`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_comparisons: str | None = None
     """Validation comparisons; unset = hold out ``valid_fraction`` of the prompts of ``comparisons``."""
     valid_fraction: float = 0.1
@@ -158,6 +161,7 @@ class Config(TrainingSettings):
             "needs comparisons to be set too",
         )
         require(self.run.precision == "fp32", "run.precision", "the reward model trains in float32 only")
+        require_own_data(self, "comparisons", ["demonstrations"])
 
 
 # --------------------------------------------------------------------------- encoding
@@ -580,6 +584,15 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
             sandbox_data(cfg, tokenizer, stage.out)  # a resumed run keeps exactly the data it started with
         runtime.barrier()  # the other ranks read what rank 0 wrote
         comparisons_path, demos_path = sandbox_files
+        sampled = "synthetic candidates" if not cfg.sandbox_samples_from_policy else "samples of "
+        sampled += (cfg.sandbox_sample_policy or cfg.model) if cfg.sandbox_samples_from_policy else ""
+        log_data_source(
+            "rm", "comparisons", f"sandbox world (seed {cfg.sandbox_seed}): {sampled} ranked by its labelers, "
+            f"written to {comparisons_path}"
+        )  # fmt: skip
+    else:
+        log_data_source("rm", "comparisons", str(comparisons_path))
+    log_data_source("rm", "validation comparisons", cfg.valid_comparisons or f"{cfg.valid_fraction:g} of the prompts")
     skipped_records: dict[str, int] = {}
     all_comparisons = _load_comparison_file(str(comparisons_path), cfg, "comparisons", skipped_records)
     valid_file = (
@@ -605,6 +618,10 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
     else:  # no demonstrations given: anchor on the labelers' favourite response of each training comparison
         demos = [Demonstration(c.prompt, c.responses[_best(c)], meta=c.meta) for c in train_c]
         normalization_source = "best-ranked response of each training comparison"
+    sandbox_demos = f"sandbox world (seed {cfg.sandbox_seed}): its labelers' demonstrations, written to {demos_path}"
+    log_data_source(
+        "rm", "demonstrations (the bias)", sandbox_demos if cfg.comparisons is None else normalization_source
+    )
     demo_sequences, demos_dropped = encode_demonstrations(
         demos, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens
     )
