@@ -427,6 +427,11 @@ def collect(cfg: Config) -> ReportData:
         raise UserFacingError(f"the {cfg.split} split has no prompts" if world else f"prompts: {cfg.prompts} is empty")
     # Without a world the user's judge (else the reward model) stands in for the gold judge in the headline.
     headline_judge = "gold" if world else "custom" if cfg.custom_judge and "custom" in cfg.judges else "rm"
+    if world is None and not (headline_judge == "custom" or (cfg.reward_model and "rm" in cfg.judges)):
+        raise UserFacingError(
+            f"prompts: {cfg.prompts} is a file, so there is no world for the gold and labeler judges; set "
+            "custom_judge=file.py:function or reward_model=DIR (with 'custom' or 'rm' in judges)"
+        )
     roles = Roles(
         cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base, judge=headline_judge
     )
@@ -463,11 +468,6 @@ def collect(cfg: Config) -> ReportData:
 
     labelers = cfg.labelers or heldout_labelers_of(rm_results)
     judges = build_judges(cfg, world, scorer, labelers)
-    if not judges and world is None:
-        raise UserFacingError(
-            f"no judge can run: judges={cfg.judges}; without a world (prompts is a file) set custom_judge="
-            "file.py:function or reward_model=DIR"
-        )
     win_rates, breakdowns = judge_all(judges, evals, comparison_pairs(cfg, list(evals), roles))
 
     tax: list[TaxRow] = []

@@ -24,7 +24,7 @@ from instructrl.utils.io import atomic_write_jsonl
 class Config:
     """Batched generation from a saved policy."""
 
-    model: str = "runs/demo/sft"
+    model: str = "runs/sandbox/sft"
     """Policy to sample from: a Hugging Face causal-LM directory with its tokenizer."""
     input: str = "prompts.jsonl"
     """JSONL of {prompt, ...} records."""
