@@ -26,7 +26,8 @@ comparison of the labelers listed in ``heldout_labelers`` (never trained on), th
 69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l).
 
 Without ``comparisons`` the data comes from the sandbox: K in [4, 9] samples per RM-split prompt from the
-policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers.
+policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers. A run
+given ``demonstrations`` of its own refuses that (no silent sandbox data); every data source is logged.
 """
 
 from __future__ import annotations
