@@ -94,7 +94,7 @@ NEEDS_A_WORLD = "gold and labeler judges, reference ceiling, behaviour, alignmen
 
 @dataclass
 class Config:
-    """Evaluation of saved policies on held-out sandbox prompts, and the report."""
+    """Evaluation of saved policies on held-out sandbox prompts (or a prompts file of yours), and the report."""
 
     output_dir: str = "runs/sandbox/eval"
     """Where report.html, report.md, metrics.json, plots/ and results.json go."""
