@@ -126,6 +126,36 @@ def test_pairs_are_exactly_the_differently_ranked_pairs(k_and_ranking):
     assert len(pairs) == c.n_pairs == sum(ranks[i] != ranks[j] for i in range(k) for j in range(i + 1, k))
 
 
+def test_distinct_pairs_merge_copies_that_share_a_rank():
+    # "a" twice, both ranked best (a tie group): one completion, beating "b" and "c" once each.
+    c = Comparison("p", ("a", "b", "a", "c"), ((0, 2), 3, 1))
+    assert c.n_pairs == 5  # counting copies: a>c, a>b twice each, c>b
+    assert c.distinct_pairs() == ([0, 1, 3], [(0, 1), (0, 3), (3, 1)])
+
+
+def test_distinct_pairs_drop_only_the_preferences_that_copies_contradict():
+    # Copies of "a" ranked 1st and 3rd: a>b holds for both copies, a vs c is contradicted (dropped), c>b holds.
+    c = Comparison("p", ("a", "c", "a", "b"), (0, 1, 2, 3))
+    assert c.distinct_pairs() == ([0, 1, 3], [(0, 3), (1, 3)])
+    assert Comparison("p", ("", ""), (0, 1)).distinct_pairs() == ([0], [])  # one text: nothing to compare
+
+
+@given(tied_rankings(), st.lists(st.integers(0, 3), min_size=9, max_size=9))
+def test_distinct_pairs_are_consistent_and_equal_pairs_without_repeats(k_and_ranking, texts):
+    k, ranking = k_and_ranking
+    with_repeats = Comparison("p", tuple(str(t) for t in texts[:k]), ranking)
+    representatives, pairs = with_repeats.distinct_pairs()
+    ranks = with_repeats.ranks()
+    texts_of = [with_repeats.responses[i] for i in representatives]
+    assert len(set(texts_of)) == len(texts_of) == len(set(with_repeats.responses))
+    for w, loser in pairs:  # every copy of the winner above every copy of the loser
+        copies = lambda i: [j for j in range(k) if with_repeats.responses[j] == with_repeats.responses[i]]  # noqa: E731
+        assert max(ranks[j] for j in copies(w)) < min(ranks[j] for j in copies(loser))
+    assert not {(w, loser) for w, loser in pairs} & {(loser, w) for w, loser in pairs}
+    unique = Comparison("p", tuple(str(i) for i in range(k)), ranking)
+    assert unique.distinct_pairs() == (list(range(k)), unique.pairs())
+
+
 # --------------------------------------------------------------------------- every format loads
 
 
@@ -324,8 +354,8 @@ def test_wrong_type(tmp_path, kind, record, field):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
             "messages[1].content",
         ),
-        ("comparison", {"prompt": "p", "chosen": "a", "rejected": " "}, "rejected"),
-        ("comparison", {"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}, "responses[1]"),
+        ("comparison", {"prompt": " ", "chosen": "a", "rejected": "b"}, "prompt"),
+        ("comparison", {"prompt": "", "responses": ["a", "b"], "ranking": [0, 1]}, "prompt"),
         ("prompt", {"prompt": "\n"}, "prompt"),
         ("text", {"text": "   "}, "text"),
     ],
@@ -333,6 +363,19 @@ def test_wrong_type(tmp_path, kind, record, field):
 def test_empty_field(tmp_path, kind, record, field):
     path = write_lines(tmp_path / "x.jsonl", [record])
     assert_bad_record(path, kind, 1, field, "empty")
+
+
+def test_empty_responses_of_a_comparison_are_policy_outputs_and_load(tmp_path):
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "p", "responses": ["a", "", "a"], "ranking": [0, 2, 1]},
+            {"prompt": "p", "chosen": "a", "rejected": ""},
+            {"prompt": "p", "chosen": "", "rejected": " "},
+        ],
+    )
+    records, stats = load_comparisons(path)
+    assert stats.n_ok == 3 and [r.responses for r in records] == [("a", "", "a"), ("a", ""), ("", " ")]
 
 
 def test_chat_with_only_an_empty_prompt_is_bad(tmp_path):

@@ -49,3 +49,48 @@ def test_plan_places_the_larger_model_and_the_reward_model_init():
     assert "model=r/sft_large" in from_large["rm"].overrides
     without = [step.name for step in plan(Config(output_dir="r"))]
     assert "pretrain_large" not in without and "sft_large" not in without
+
+
+JUDGE = '''
+def longer_wins(prompt, response_a, response_b):
+    """A pairwise judge that needs no world: the longer response wins."""
+    if len(response_a) == len(response_b):
+        return 0.5
+    return 1.0 if len(response_a) > len(response_b) else 0.0
+'''
+
+
+def test_eval_on_a_prompts_file_with_a_custom_judge_needs_no_world(quick_demo, tmp_path, monkeypatch):
+    """``instructrl eval`` on your own prompts and judge, for the demo's policies: no sandbox is touched, the
+    custom judge takes the gold judge's place in the headline and the rows that need a world say so."""
+    from instructrl.sandbox.world import SandboxWorld
+
+    def no_sandbox(*args, **kwargs):
+        raise AssertionError("eval on a prompts file touched the sandbox")
+
+    monkeypatch.setattr(SandboxWorld, "__init__", no_sandbox)
+    judge = tmp_path / "judge.py"
+    judge.write_text(JUDGE)
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": f"Instruction: what is {i} plus 1 ?\nResponse:", "category": "sums"} for i in range(5)]
+    records += [{"prompt": "Instruction: name a colour .\nResponse:"}] * 2  # a repeat is evaluated once
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval"
+    policies = f"{{sft: {quick_demo / 'sft'}, ppo_ptx: {quick_demo / 'ppo_ptx' / 'policy'}}}"
+    argv = ["eval", "--set", f"output_dir={out}", "--set", f"policies={policies}", "--set", f"prompts={prompts}"]
+    argv += ["--set", f"custom_judge={judge}:longer_wins", "--set", f"reward_model={quick_demo / 'rm'}"]
+    assert main(argv + ["--set", "max_new_tokens=8", "--set", "samples=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    judged = {(r["policy"], r["baseline"], r["judge"], r["n"]) for r in metrics["win_rates"]}
+    assert judged == {("ppo_ptx", "sft", "custom", 6), ("ppo_ptx", "sft", "rm", 6)}
+    assert {r["group"] for r in metrics["breakdowns"]} >= {"category=sums", "category=all", "type=plain"}
+    rows = {row["id"]: row for row in metrics["headline"]}
+    custom = next(r for r in metrics["win_rates"] if r["judge"] == "custom")
+    assert rows["1"]["claim"] == "PPO-ptx vs SFT win rate (custom judge)"
+    assert rows["1"]["value"] == round(100 * custom["rate"], 1)
+    assert rows["4a"]["value"] is not None  # the reward model's own accuracy needs no world
+    for row_id in ("1b", "3a", "3e", "5a", "5c"):
+        assert rows[row_id]["value"] is None and rows[row_id]["note"].startswith("needs a world"), row_id
+    assert metrics["behaviour"] == [] and metrics["alignment_tax"] == [] and metrics["overoptimization"] == []
+    assert metrics["info"]["world"].startswith("none")
+    assert "needs a world" in (out / "report.html").read_text()

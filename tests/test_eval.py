@@ -777,3 +777,15 @@ def test_cli_eval_reports_missing_paths_and_bad_config(tmp_path, capsys):
     assert "paths not found" in capsys.readouterr().err
     assert main(["eval", "--set", "comparisons=[a-b]"]) == 2
     assert main(["eval", "--set", "judges=[oracle]"]) == 2
+    assert main(["eval", "--set", f"prompts={tmp_path / 'missing.jsonl'}"]) == 2
+    assert "prompts: path does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_on_a_prompts_file_needs_a_judge_that_needs_no_world(tmp_path, two_policies, capsys):
+    from instructrl.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Q: what is 1 plus 1 ?\nA:"}) + "\n")
+    policies = f"policies={{sft: {two_policies[0]}, ppo_ptx: {two_policies[1]}}}"
+    assert main(["eval", "--set", policies, "--set", f"prompts={prompts}", "--set", f"output_dir={tmp_path}"]) == 1
+    assert "no world for the gold and labeler judges; set custom_judge=" in capsys.readouterr().err

@@ -148,6 +148,18 @@ def test_ties_are_dropped_and_pairwise_records_are_k2(tiny_tokenizer, tmp_path):
     assert len(encoded[0].completions) == 2 and encoded[0].pairs == ((0, 1),)
 
 
+def test_empty_and_repeated_responses_are_encoded_once_each(tiny_tokenizer):
+    # A policy's K samples: " cat" twice (tied at the top), " red", and a sample that ended at once (ranked last).
+    comparison = Comparison("Q: say cat\nA:", [" cat", "", " red", " cat"], [[0, 3], 2, 1])
+    assert comparison.n_pairs == 5  # counting copies: cat>red, cat>"" twice each, red>""
+    encoded, counts = rm.encode_comparisons([comparison], tiny_tokenizer, 64, 32)
+    prompt = tiny_tokenizer("Q: say cat\nA:", add_special_tokens=False)["input_ids"]
+    eos = tiny_tokenizer.eos_token_id
+    assert len(encoded[0].completions) == 3 and encoded[0].completions[1] == tuple(prompt + [eos])
+    assert encoded[0].pairs == ((0, 1), (0, 2), (2, 1))  # cat > "", cat > red, red > ""
+    assert (counts.pairs, counts.merged_responses, counts.completions) == (3, 1, 3)
+
+
 def test_long_prompts_are_left_truncated_and_long_responses_dropped(tiny_tokenizer):
     long_prompt = " ".join(["red blue"] * 40) + " END"
     comparison = Comparison(long_prompt, [" cat", " " + " ".join(["mat"] * 50), " red"], [0, 1, 2])
@@ -261,6 +273,39 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir, monk
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, straight["steps"] + 1))
+
+
+def policy_samples_record(rng: random.Random) -> tuple[dict, int]:
+    """A toy record as a small policy would give it: its best sample drawn twice and a sample that ended at once
+    (empty, ranked last). Returns it with its number of distinct untied pairs, counted here independently."""
+    record = toy_comparison(rng, 3, "L0")
+    scores = {text: text.split().count(GOOD_WORD) for text in record["responses"]}
+    responses = [*record["responses"], max(record["responses"], key=scores.get), ""]
+    scores[""] = -1
+    levels = sorted(set(scores.values()), reverse=True)
+    record["responses"] = responses
+    record["ranking"] = [[i for i, r in enumerate(responses) if scores[r] == level] for level in levels]
+    distinct = list(scores.values())
+    n_pairs = sum(a != b for a, b in itertools.combinations(distinct, 2))
+    return record, n_pairs
+
+
+def test_trains_on_policy_samples_with_empty_and_repeated_responses(tmp_path, tiny_lm_dir):
+    """The stage trains on empty and repeated samples, reports distinct pairs and learns to rank empty last."""
+    rng = random.Random(5)
+    train, train_pairs = zip(*(policy_samples_record(rng) for _ in range(96)))
+    valid, _ = zip(*(policy_samples_record(rng) for _ in range(24)))
+    train_file = write_jsonl(tmp_path / "train.jsonl", list(train))
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", list(valid))
+    cfg = rm_config(tmp_path, tiny_lm_dir, train_file, None, valid_comparisons=str(valid_file), epochs=2)
+    results = rm.run(cfg)
+    counts = results["data"]["train"]
+    assert counts["comparisons"] == 96 and counts["merged_responses"] == 96
+    assert counts["pairs"] == sum(train_pairs) < sum(Comparison(**_as_comparison(r)).n_pairs for r in train)
+    assert results["valid_accuracy"] > 0.7
+    best = [r["responses"][r["ranking"][0][0]] for r in valid]
+    scores = RewardScorer(cfg.output_dir, device="cpu").score([r["prompt"] for r in valid] * 2, best + [""] * 24)
+    assert sum(s_best > s_empty for s_best, s_empty in zip(scores[:24], scores[24:])) >= 20
 
 
 def test_runs_on_real_hh_rlhf_pairs(tmp_path, tiny_lm_dir):

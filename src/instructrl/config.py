@@ -17,10 +17,12 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import operator
 import textwrap
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -447,6 +449,19 @@ def require_path_exists(cfg: Any, *names: str) -> None:
         if value is None or value == "":
             continue
         require(Path(value).exists(), name, f"path does not exist: {value}")
+
+
+def require_own_data(cfg: Any, name: str, own: Sequence[str], off: str | None = None) -> None:
+    """No silent sandbox data. ``name`` is a data file whose unset value means "the sandbox's"; once the user gave
+    any of the stage's other data files (``own``), it must be set too, so that a run on the user's data never mixes
+    in the sandbox's. ``off`` names the setting that turns that data source off instead (e.g. ``ptx_fraction=0``).
+    Dotted names reach nested blocks (``ptx.data``)."""
+    given = [f"{field}={operator.attrgetter(field)(cfg)}" for field in own if operator.attrgetter(field)(cfg)]
+    if given and operator.attrgetter(name)(cfg) is None:
+        fix = f"set {name}=FILE.jsonl" + (f" or {off}" if off else "")
+        raise ConfigError(
+            f"{name}: unset, so this run would read the sandbox's data beside your own ({', '.join(given)}); {fix}"
+        )
 
 
 RESULT_NEUTRAL_KEYS = frozenset(

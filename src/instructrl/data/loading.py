@@ -13,7 +13,10 @@ Record formats (fields not listed are kept in the record's ``meta``)
     * comparison, detected per record:
         - K-way ``{"prompt", "responses": [...], "ranking": [...]}``: 2 <= K <= ``max_k``; ranking lists
           response indices best first, a nested list is a tie group; flattened it is a permutation of range(K).
-        - pairwise ``{"prompt", "chosen", "rejected"}``: K = 2, ranking (0, 1) (index 0 is ``chosen``).
+          A response may be empty (a policy sample that ended at once) and may repeat another one; the reward
+          model merges identical texts (``Comparison.distinct_pairs``).
+        - pairwise ``{"prompt", "chosen", "rejected"}``: K = 2, ranking (0, 1) (index 0 is ``chosen``); either
+          response may be empty.
         - Anthropic HH-RLHF ``{"chosen", "rejected"}`` whole transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``:
           each is split at its last ``"\\n\\nAssistant:"``; the prompt is the dialogue up to and including that
           marker and must be identical in both; the responses are the two final replies, leading whitespace removed.
@@ -315,14 +318,16 @@ def _parse_comparison(obj: dict[str, Any], max_k: int) -> Comparison:
             raise _BadRecord("wrong_type", f"expected a list of strings, got {_type_name(responses)}", "responses")
         if not 2 <= len(responses) <= max_k:
             raise _BadRecord("k_out_of_range", f"has {len(responses)} responses; need 2 <= K <= {max_k}", "responses")
-        responses = [_check_str(r, f"responses[{i}]") for i, r in enumerate(responses)]
+        # An empty response is a real policy output (a sample that ended at once), which labelers rank.
+        responses = [_check_str(r, f"responses[{i}]", non_empty=False) for i, r in enumerate(responses)]
         ranking = _parse_ranking(_require(obj, "ranking"), len(responses))
         return Comparison(prompt, tuple(responses), ranking, _extra_fields(obj, ["prompt", "responses", "ranking"]))
     if "prompt" in obj:  # pairwise
         if "chosen" not in obj and "rejected" not in obj:
             raise _unknown_comparison_format(obj)
         prompt = _require_str(obj, "prompt")
-        chosen, rejected = _require_str(obj, "chosen"), _require_str(obj, "rejected")
+        chosen = _require_str(obj, "chosen", non_empty=False)
+        rejected = _require_str(obj, "rejected", non_empty=False)
         return Comparison(prompt, (chosen, rejected), (0, 1), _extra_fields(obj, ["prompt", "chosen", "rejected"]))
     if "chosen" in obj and "rejected" in obj:  # Anthropic HH-RLHF transcripts
         chosen_text, rejected_text = _require_str(obj, "chosen"), _require_str(obj, "rejected")

@@ -11,7 +11,10 @@ A :class:`Comparison` stores one prompt with K responses and a human ranking of 
     loss(θ) = −1/C(K,2) · E_{(x, y_w, y_l)} [ log σ( r_θ(x, y_w) − r_θ(x, y_l) ) ],
 
 so :meth:`Comparison.pairs` yields exactly those (y_w, y_l) index pairs. Labelers may declare ties;
-a tied pair carries no preference and is dropped, so with ties ``n_pairs < C(K, 2)``.
+a tied pair carries no preference and is dropped, so with ties ``n_pairs < C(K, 2)``. A response may be
+empty (a policy sample that ended at once is a real output that labelers rank), and the same text may
+appear more than once (a small policy often repeats itself): :meth:`Comparison.distinct_pairs` merges
+identical texts into one completion, which is what the reward model trains on.
 """
 
 from __future__ import annotations
@@ -129,6 +132,27 @@ class Comparison:
             for j in range(i + 1, self.k)
             if rank_of[i] != rank_of[j]
         )
+
+    def distinct_pairs(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Identical response texts merged: (the first index of each distinct text, the ``(winner, loser)`` pairs
+        between those indices), in the canonical order of :meth:`pairs`.
+
+        Copies of one text are one completion for the reward model; counting each copy's pairs would weight that
+        text once per copy and add copy-vs-copy pairs whose margin is 0 by construction. The rule: text u beats
+        text v when **every** copy of u is ranked above every copy of v. Copies that share a rank (or a tie group)
+        merge without loss; a preference the copies contradict (one copy of u above v, another below) is dropped,
+        as a tie is, rather than resolved in favour of either copy. The kept pairs are always consistent (no
+        cycles), and without repeated texts they are exactly :meth:`pairs`.
+        """
+        rank_of = self.ranks()
+        ranks_of_text: dict[str, list[int]] = {}
+        first_index: dict[str, int] = {}
+        for i, text in enumerate(self.responses):
+            first_index.setdefault(text, i)
+            ranks_of_text.setdefault(text, []).append(rank_of[i])
+        bounds = {first_index[t]: (min(r), max(r)) for t, r in ranks_of_text.items()}  # best and worst copy
+        pairs = [(u, v) for u in bounds for v in bounds if bounds[u][1] < bounds[v][0]]
+        return list(bounds), sorted(pairs)
 
     @property
     def n_pairs(self) -> int:

@@ -83,7 +83,7 @@ class RMAccuracy:
 
 @dataclass(frozen=True)
 class SampleRow:
-    """One prompt and each model's response to it (with the response's gold score)."""
+    """One prompt and each model's response to it (with the response's gold score when a world judged it)."""
 
     prompt: str
     category: str
@@ -656,7 +656,10 @@ def _samples_table(samples: Sequence[SampleRow]) -> Table:
         models += [m for m in s.responses if m not in models]
     rows = [
         [s.prompt, f"{s.category} / {s.type}"]
-        + [f"{s.responses[m]}  [gold {s.gold[m]:+.2f}]" if m in s.responses else "" for m in models]
+        + [
+            s.responses[m] + (f"  [gold {s.gold[m]:+.2f}]" if m in s.gold else "") if m in s.responses else ""
+            for m in models
+        ]
         for s in samples
     ]
     return Table("samples", "Sample responses", ["prompt", "category / type"] + models, rows)

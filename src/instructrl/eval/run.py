@@ -1,6 +1,7 @@
 """``instructrl eval``: win rates, behaviour, alignment tax, best-of-n and over-optimization for saved policies.
 
-Every policy in ``policies`` answers the same held-out sandbox prompts (one sampled response each). Each
+Every policy in ``policies`` answers the same held-out sandbox prompts (one sampled response each), or the
+prompts of a file (``prompts=FILE.jsonl``: no world, see below). Each
 comparison (policy vs baseline) is judged by every configured judge — the gold judgement, held-out
 simulated labelers, the reward model, a user's callable (see :mod:`instructrl.eval.judges`) — giving win
 rates with 95% Wilson intervals, overall and by prompt type and category. With a reward model, best-of-n
@@ -9,14 +10,23 @@ trace the best-of-n over-optimization curve; PPO runs in ``ppo_runs`` contribute
 and, when they saved ``policy-iter-XXXX`` snapshots, the RL curve. The report (HTML, Markdown,
 metrics.json) goes to ``output_dir``; the headline table is printed.
 
+Without a world (``prompts`` is a file) the judges are the reward model and the user's callable; the headline
+win rates use the callable (else the reward model) in place of the gold judge, and what needs a world (the gold
+and labeler judges, the reference ceiling, behaviour flags, the alignment tax, best-of-n and the RL
+over-optimization curves, all of which read the world's gold judgement, analysis or held-out text) is skipped,
+with the report's rows saying so. Nothing of the sandbox is read then.
+
 Example::
 
     instructrl eval --set 'policies={sft: runs/sandbox/sft, ppo_ptx: runs/sandbox/ppo_ptx/policy}' \\
         --set reward_model=runs/sandbox/rm --set 'ppo_runs={ppo_ptx: runs/sandbox/ppo_ptx}'
+    instructrl eval --set 'policies={sft: runs/sft, ppo: runs/ppo/policy}' --set prompts=test_prompts.jsonl \\
+        --set custom_judge=my_judge.py:judge
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +35,15 @@ from typing import Literal
 
 import yaml
 
-from instructrl.config import RunSettings, require, require_non_negative, require_positive, save_config
+from instructrl.config import (
+    RunSettings,
+    require,
+    require_non_negative,
+    require_path_exists,
+    require_positive,
+    save_config,
+)
+from instructrl.data.loading import load_prompts
 from instructrl.errors import UserFacingError
 from instructrl.eval.best_of_n import ProxyGoldRow, proxy_gold_agreement, sample_best_of_n
 from instructrl.eval.judges import (
@@ -39,6 +57,7 @@ from instructrl.eval.judges import (
 )
 from instructrl.eval.overopt import OverOptCurve, policy_snapshots, rl_curve
 from instructrl.eval.report import (
+    HeadlineRow,
     ReportData,
     RMAccuracy,
     Roles,
@@ -59,7 +78,7 @@ from instructrl.eval.sandbox_eval import (
 from instructrl.eval.tax import TaxRow, measure_tax
 from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
 from instructrl.sandbox.world import SandboxWorld
-from instructrl.stages.common import set_threads
+from instructrl.stages.common import log_data_source, set_threads
 from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
 from instructrl.utils.seed import seed_everything
 from instructrl.world import Task
@@ -67,11 +86,15 @@ from instructrl.world import Task
 JUDGES = ("gold", "labelers", "rm", "custom")
 REFERENCE = "reference"
 """Name of the pseudo-policy that answers with the world's ideal responses (``reference_ceiling``)."""
+WORLD_JUDGES = ("gold", "labelers")
+"""Judges that ask a world (its gold judgement, its simulated labelers)."""
+NEEDS_A_WORLD = "gold and labeler judges, reference ceiling, behaviour, alignment tax, best-of-n, RL over-optimization"
+"""What an evaluation without a world (prompts from a file) cannot compute."""
 
 
 @dataclass
 class Config:
-    """Evaluation of saved policies on held-out sandbox prompts, and the report."""
+    """Evaluation of saved policies on held-out sandbox prompts (or a prompts file of yours), and the report."""
 
     output_dir: str = "runs/sandbox/eval"
     """Where report.html, report.md, metrics.json, plots/ and results.json go."""
@@ -100,11 +123,13 @@ class Config:
     custom_judge_kind: Literal["auto", "pairwise", "scorer"] = "auto"
     """'auto' decides by the number of required arguments (3 = pairwise, 2 = scorer)."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world whose prompts, labelers and gold judgement are used."""
+    """Seed of the sandbox world whose prompts, labelers and gold judgement are used (``prompts`` a number)."""
     split: Literal["train", "valid", "test"] = "test"
-    """Prompt split (test = held-out users, as the paper's evaluation)."""
-    prompts: int = 300
-    """Evaluation prompts (distinct texts, first of the split); 0 = all."""
+    """Sandbox prompt split (test = held-out users, as the paper's evaluation); unused with a prompts file."""
+    prompts: int | str = 300
+    """A number N: the first N distinct prompts of the sandbox's ``split`` (0 = all). Or a prompts JSONL file
+    (``{"prompt", "category"?, "type"?}`` records, every distinct prompt): evaluated without a world, judged by
+    ``custom_judge`` and ``reward_model`` only; the report marks what needs a world."""
     max_new_tokens: int = 48
     """Response length cap in tokens."""
     temperature: float = 1.0
@@ -158,7 +183,11 @@ class Config:
     resume, force_resume and max_nonfinite_steps and refuses precision=bf16 and trackers (report_to)."""
 
     def validate(self) -> None:
-        require_non_negative(self, "prompts", "best_of_n", "samples", "temperature", "gold_tie_margin")
+        require_non_negative(self, "best_of_n", "samples", "temperature", "gold_tie_margin")
+        if isinstance(self.prompts, str):
+            require_path_exists(self, "prompts")
+        else:
+            require_non_negative(self, "prompts")
         require_positive(self, "max_new_tokens", "overopt_prompts", "heldout_docs", "tax_seq_len")
         for name in ("policies", "ppo_runs"):
             mapping = getattr(self, name)
@@ -210,9 +239,13 @@ def heldout_labelers_of(rm_results: dict | None) -> list[int]:
     return out
 
 
-def build_judges(cfg: Config, world: SandboxWorld, scorer, labelers: list[int]) -> list[Judge]:
+def build_judges(cfg: Config, world: SandboxWorld | None, scorer, labelers: list[int]) -> list[Judge]:
+    """The configured judges that can run: 'gold' and 'labelers' need a world, 'rm' a reward model, 'custom' a
+    callable."""
     judges: list[Judge] = []
     for name in cfg.judges:
+        if name in WORLD_JUDGES and world is None:
+            continue
         if name == "gold":
             judges.append(GoldJudge(world, tie_margin=cfg.gold_tie_margin))
         elif name == "labelers":
@@ -260,7 +293,7 @@ def pick_samples(tasks: list[Task], evals: dict[str, PolicyEval], n: int) -> lis
             tasks[i].category,
             tasks[i].type,
             {name: pe.responses[i] for name, pe in evals.items()},
-            {name: pe.gold[i] for name, pe in evals.items()},
+            {name: pe.gold[i] for name, pe in evals.items() if pe.gold},
         )
         for i in sorted(chosen)
     ]
@@ -277,6 +310,32 @@ def parameter_counts(cfg: Config, names: list[str]) -> dict[str, int]:
     return {name: count_parameters(load_causal_lm(cfg.policies[name])) for name in names if name in cfg.policies}
 
 
+def file_tasks(path: str) -> list[Task]:
+    """The distinct prompts of a prompts JSONL file as tasks of no world; a record's ``category`` and ``type``
+    fields, when present, group the breakdowns."""
+    records, _ = load_prompts(path)
+    seen: set[str] = set()
+    tasks = []
+    for i, record in enumerate(records):
+        if record.prompt in seen:
+            continue
+        seen.add(record.prompt)
+        category, type_ = record.meta.get("category", "all"), record.meta.get("type", "plain")
+        tasks.append(Task(str(i), record.prompt, str(category), str(type_), record.user_id or "", "file"))
+    return tasks
+
+
+def mark_rows_needing_a_world(rows: list[HeadlineRow]) -> list[HeadlineRow]:
+    """Headline rows left empty because there was no world say so (1b: the labeler judge; 3: held-out text; 5:
+    the world's analysis of responses), instead of "not evaluated"."""
+    needs = {"1b": "the labeler judge", "3": "the world's held-out text", "5": "the world's analysis of responses"}
+    marked = []
+    for row in rows:
+        what = needs.get(row.id) or needs.get(row.id[0])
+        marked.append(dataclasses.replace(row, note=f"needs a world ({what})") if row.value is None and what else row)
+    return marked
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -288,6 +347,8 @@ def check_paths(cfg: Config) -> None:
     for key in ("reward_model", "rm_results", "agreement", "base_model", "overopt_reference"):
         if getattr(cfg, key):
             named.append((key, getattr(cfg, key)))
+    if isinstance(cfg.prompts, str):
+        named.append(("prompts", cfg.prompts))
     missing = [f"{key}: {path}" for key, path in named if not Path(path).exists()]
     if missing:
         raise UserFacingError("paths not found: " + "; ".join(missing))
@@ -355,11 +416,25 @@ def collect(cfg: Config) -> ReportData:
     check_paths(cfg)
     t0 = time.time()
     device = resolve_device(cfg.run.device)
-    roles = Roles(cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base)
-    world = SandboxWorld(seed=cfg.sandbox_seed)
-    tasks = eval_tasks(world, cfg.split, cfg.prompts)
+    world = SandboxWorld(seed=cfg.sandbox_seed) if isinstance(cfg.prompts, int) else None
+    if world is not None:
+        tasks = eval_tasks(world, cfg.split, cfg.prompts)
+        log_data_source("eval", "prompts", f"sandbox world (seed {cfg.sandbox_seed}), {cfg.split} split")
+    else:
+        tasks = file_tasks(str(cfg.prompts))
+        log_data_source("eval", "prompts", f"{cfg.prompts} (no world: {NEEDS_A_WORLD} are not computed)")
     if not tasks:
-        raise UserFacingError(f"the {cfg.split} split has no prompts")
+        raise UserFacingError(f"the {cfg.split} split has no prompts" if world else f"prompts: {cfg.prompts} is empty")
+    # Without a world the user's judge (else the reward model) stands in for the gold judge in the headline.
+    headline_judge = "gold" if world else "custom" if cfg.custom_judge and "custom" in cfg.judges else "rm"
+    if world is None and not (headline_judge == "custom" or (cfg.reward_model and "rm" in cfg.judges)):
+        raise UserFacingError(
+            f"prompts: {cfg.prompts} is a file, so there is no world for the gold and labeler judges; set "
+            "custom_judge=file.py:function or reward_model=DIR (with 'custom' or 'rm' in judges)"
+        )
+    roles = Roles(
+        cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base, judge=headline_judge
+    )
     if cfg.baseline not in cfg.policies and not cfg.comparisons:
         raise UserFacingError(f"baseline {cfg.baseline!r} is not one of the policies {list(cfg.policies)}")
 
@@ -369,7 +444,7 @@ def collect(cfg: Config) -> ReportData:
         evals[name] = evaluate_policy(
             name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.run.seed, device=device
         )
-    if cfg.reference_ceiling:
+    if cfg.reference_ceiling and world is not None:
         if REFERENCE in evals:
             raise UserFacingError(f"policies: the name {REFERENCE!r} is reserved for the reference ceiling")
         evals[REFERENCE] = reference_policy_eval(world, tasks)
@@ -378,7 +453,7 @@ def collect(cfg: Config) -> ReportData:
 
     bon_curves: list[OverOptCurve] = []
     rm_vs_gold: list[ProxyGoldRow] = []
-    if cfg.best_of_n and scorer is not None:
+    if cfg.best_of_n and scorer is not None and world is not None:
         source = cfg.bon_policy or cfg.baseline
         if source not in cfg.policies:
             raise UserFacingError(f"bon_policy {source!r} is not one of the policies {list(cfg.policies)}")
@@ -396,7 +471,7 @@ def collect(cfg: Config) -> ReportData:
     win_rates, breakdowns = judge_all(judges, evals, comparison_pairs(cfg, list(evals), roles))
 
     tax: list[TaxRow] = []
-    if cfg.tax:
+    if cfg.tax and world is not None:
         heldout = world.heldout_text(cfg.heldout_docs)
         tax_models = ({roles.base: cfg.base_model} if cfg.base_model else {}) | dict(cfg.policies)
         for name, path in tax_models.items():
@@ -407,30 +482,34 @@ def collect(cfg: Config) -> ReportData:
     for name, ppo_dir in cfg.ppo_runs.items():
         if (Path(ppo_dir) / "metrics.jsonl").is_file():
             training_curves[name] = read_jsonl_lenient(Path(ppo_dir) / "metrics.jsonl")
-        if policy_snapshots(ppo_dir):
-            rl_curves.append(ppo_run_curve(cfg, name, ppo_dir, world, tasks, scorer, device))
-        else:
+        if not policy_snapshots(ppo_dir):
             print(f"[eval] {name}: no policy-iter-XXXX snapshots, no over-optimization curve", flush=True)
+        elif world is None:
+            print(f"[eval] {name}: no over-optimization curve without a world (it reads the gold judge)", flush=True)
+        else:
+            rl_curves.append(ppo_run_curve(cfg, name, ppo_dir, world, tasks, scorer, device))
 
-    behaviour = [behaviour_row(pe, world) for pe in evals.values()]
+    behaviour = [behaviour_row(pe, world) for pe in evals.values()] if world is not None else []
     rm = load_rm_accuracy(rm_results, cfg.agreement)
     parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft])
+    world_info = f"sandbox (seed {cfg.sandbox_seed})" if world else f"none; not computed without one: {NEEDS_A_WORLD}"
     info = {
-        "sandbox seed": str(cfg.sandbox_seed),
-        "prompts": f"{len(tasks)} ({cfg.split} split)",
+        "world": world_info,
+        "prompts": f"{len(tasks)} ({cfg.split} split)" if world else f"{len(tasks)} from {cfg.prompts}",
         "judges": ", ".join(j.name for j in judges),
         "gold ties": f"gold scores within {cfg.gold_tie_margin:g} of each other tie",
-        "labelers judging": ", ".join(map(str, labelers)) or "all",
+        "labelers judging": (", ".join(map(str, labelers)) or "all") if world else "-",
         "sampling": f"temperature {cfg.temperature}, up to {cfg.max_new_tokens} tokens",
         "policies": ", ".join(f"{k} = {v}" for k, v in cfg.policies.items()),
         "reward model": str(cfg.reward_model),
         "parameters": ", ".join(f"{k} = {v:,}" for k, v in parameters.items()) or "-",
         "seconds": f"{time.time() - t0:.0f}",
     }
+    headline = build_headline(roles, win_rates, behaviour, tax, rm, parameters)
     return ReportData(
         title=cfg.title,
         info=info,
-        headline=build_headline(roles, win_rates, behaviour, tax, rm, parameters),
+        headline=headline if world else mark_rows_needing_a_world(headline),
         win_rates=win_rates,
         breakdowns=breakdowns,
         behaviour=behaviour,

@@ -28,6 +28,7 @@ class PolicyEval:
     responses: list[str]
     stopped: list[bool]
     gold: list[float]
+    """Gold score of each response; empty when no world judged them (prompts from a file)."""
     flags: list[dict] = field(repr=False)
 
     def rate(self, flag: str, where: str | None = None) -> float:
@@ -53,14 +54,15 @@ def eval_tasks(world: SandboxWorld, split: str = "test", n: int = 0) -> list[Tas
 def evaluate_policy(
     name: str,
     model_dir: str | Path,
-    world: SandboxWorld,
+    world: SandboxWorld | None,
     tasks: list[Task],
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> PolicyEval:
-    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score."""
+    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score (when
+    there is a ``world``)."""
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer).to(device)
     generated = generate_responses(
@@ -70,18 +72,19 @@ def evaluate_policy(
 
 
 def policy_eval_from_responses(
-    name: str, world: SandboxWorld, tasks: list[Task], responses: list[str], stopped: list[bool]
+    name: str, world: SandboxWorld | None, tasks: list[Task], responses: list[str], stopped: list[bool]
 ) -> PolicyEval:
     """Judge given responses (one per task) with the gold score and behaviour flags; ``stopped`` says whether
-    each response ended with EOS (it replaces the text-based ``stopped`` flag of ``world.analysis``)."""
+    each response ended with EOS (it replaces the text-based ``stopped`` flag of ``world.analysis``). Without a
+    world (prompts from a file) there is no gold score (``gold`` is empty) and ``stopped`` is the only flag."""
     if not len(tasks) == len(responses) == len(stopped):
         raise ValueError(f"{len(tasks)} tasks, {len(responses)} responses, {len(stopped)} stop flags")
     flags = []
     for t, text, ended in zip(tasks, responses, stopped):
-        f = world.analysis(t, text)
+        f = world.analysis(t, text) if world is not None else {}
         f["stopped"] = ended
         flags.append(f)
-    gold = [world.gold_score(t, text) for t, text in zip(tasks, responses)]
+    gold = [world.gold_score(t, text) for t, text in zip(tasks, responses)] if world is not None else []
     return PolicyEval(name, tasks, list(responses), list(stopped), gold, flags)
 
 

@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: optimizer construction, LR schedules, threads, progress."""
+"""Pieces every stage shares: optimizer construction, LR schedules, threads, progress, data-source log lines."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_rat
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def log_data_source(stage: str, what: str, source: str) -> None:
+    """One log line saying where one of a stage's data sources came from, e.g.
+    ``sft: data demonstrations <- demos.jsonl`` or ``... <- sandbox world (seed 0)``, so that a run never mixes in
+    data its user did not see named."""
+    print(f"{stage}: data {what} <- {source}", flush=True)
 
 
 def set_threads(threads: int) -> None:

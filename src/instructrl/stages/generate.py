@@ -14,7 +14,7 @@ from instructrl.config import require, require_non_negative, require_path_exists
 from instructrl.data.loading import load_prompts
 from instructrl.eval.generate import generate_responses
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
-from instructrl.stages.common import set_threads
+from instructrl.stages.common import log_data_source, set_threads
 from instructrl.utils.device import DEVICE_HELP, resolve_device, valid_device_name
 from instructrl.utils.guards import out_of_memory_advice
 from instructrl.utils.io import atomic_write_jsonl
@@ -24,7 +24,7 @@ from instructrl.utils.io import atomic_write_jsonl
 class Config:
     """Batched generation from a saved policy."""
 
-    model: str = "runs/demo/sft"
+    model: str = "runs/sandbox/sft"
     """Policy to sample from: a Hugging Face causal-LM directory with its tokenizer."""
     input: str = "prompts.jsonl"
     """JSONL of {prompt, ...} records."""
@@ -56,6 +56,7 @@ class Config:
 
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
+    log_data_source("generate", "prompts", cfg.input)
     records, stats = load_prompts(cfg.input, skip_bad=cfg.skip_bad)
     if stats.n_skipped:
         print(f"{cfg.input}: {stats.summary()}", flush=True)

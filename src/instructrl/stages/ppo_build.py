@@ -31,7 +31,7 @@ from instructrl.models.logprobs import FullLogits
 from instructrl.models.reward import init_scalar_head, load_reward_model
 from instructrl.rl import AdaptiveKLController, FixedKLController
 from instructrl.rollout.sampler import GenerationBackend, HFGenerateBackend
-from instructrl.stages.common import make_adam
+from instructrl.stages.common import log_data_source, make_adam
 from instructrl.stages.ppo_config import Config
 from instructrl.stages.ppo_data import PromptData, load_pretraining_windows, load_prompt_data
 from instructrl.stages.ppo_rollout import PPOModels, ScoreFn, response_values, reward_model_scorer
@@ -176,6 +176,8 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
                                            cfg.sandbox_seed, cfg.ptx.sandbox_docs)  # fmt: skip
         micro = cfg.ptx.micro_batch_size or cfg.micro_batch_size or cfg.minibatch_size
         ptx = PretrainingMix(windows, cfg.ptx.coef, max(1, round(cfg.ptx.batch_ratio * cfg.minibatch_size)), micro)
+    else:
+        log_data_source("ppo", "pretraining text (ptx)", "none (ptx.coef=0)")
 
     fused = device.type in ("cpu", "cuda")  # the fused AdamW kernel: same update, a fraction of the time
     policy_optimizer = make_adam(policy.named_parameters(), cfg.lr, cfg.betas, 0.0, cfg.adam_eps, fused)

@@ -10,6 +10,7 @@ from instructrl.config import (
     require,
     require_fraction,
     require_non_negative,
+    require_own_data,
     require_path_exists,
     require_positive,
 )
@@ -83,7 +84,8 @@ class PtxSettings:
     batch_ratio: float = 8.0
     """Pretraining sequences per RL episode in each optimizer step (paper: 8)."""
     data: str | None = None
-    """JSONL of {text} records; unset = the sandbox corpus of ``sandbox_seed``."""
+    """JSONL of {text} records; unset = the sandbox corpus of ``sandbox_seed``, which a run on your own ``prompts``
+    refuses (set this, or ptx.coef=0)."""
     sandbox_docs: int = 5000
     """Sandbox corpus documents drawn when ``data`` is unset."""
     seq_len: int = 128
@@ -173,7 +175,8 @@ class Config:
     """'reward' keeps the reward model's head (paper); 'zero' zeroes it (Ziegler's code)
     [ppo-details: value-head-zero-init]."""
     prompts: str | None = None
-    """JSONL of {prompt} records; unset = the sandbox's PPO prompt pool (train split, disjoint from SFT and RM)."""
+    """JSONL of {prompt} records; unset = the sandbox's PPO prompt pool (train split, disjoint from SFT and RM), and
+    then ``ptx.data`` must be unset too: a run never mixes the sandbox's data with yours."""
     skip_bad: bool = False
     """Skip (and count) malformed prompt records instead of stopping at the first one."""
     sandbox_seed: int = 0
@@ -277,6 +280,9 @@ class Config:
         require_positive(self, "adam_eps")
         # model directories are checked when the run starts (a pipeline may build this config before SFT/RM ran)
         require_path_exists(self, "prompts")
+        require_own_data(self, "prompts", ["ptx.data"])
+        if self.ptx.coef > 0:
+            require_own_data(self, "ptx.data", ["prompts"], off="ptx.coef=0")
         require(
             self.batch_size % self.minibatch_size == 0,
             "minibatch_size",

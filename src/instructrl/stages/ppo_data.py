@@ -9,6 +9,7 @@ import torch
 
 from instructrl.data.loading import encode_prompts, load_prompts, load_texts
 from instructrl.errors import UserFacingError
+from instructrl.stages.common import log_data_source
 
 
 @dataclass
@@ -31,6 +32,7 @@ def load_prompt_data(
     """Prompts from a JSONL file of {prompt} records (or the sandbox's PPO pool when ``path`` is None), without
     the empty ones and those over ``max_prompt_tokens`` (counted and reported)."""
     if path is not None:
+        log_data_source("ppo", "prompts", path)
         records, stats = load_prompts(path, skip_bad=skip_bad)
         print(f"prompts {path}: {stats.summary()}", flush=True)
         texts = [r.prompt for r in records]
@@ -39,6 +41,7 @@ def load_prompt_data(
         from instructrl.sandbox.datasets import stage_tasks
 
         # the PPO pool: train-split prompts that neither the SFT nor the RM data used (InstructGPT Table 6)
+        log_data_source("ppo", "prompts", f"sandbox world (seed {sandbox_seed}), its PPO prompt pool")
         texts = [t.prompt for t in stage_tasks(SandboxWorld(seed=sandbox_seed), "ppo")]
     encoded = encode_prompts(tokenizer, texts)
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= max_prompt_tokens]
@@ -59,12 +62,16 @@ def load_pretraining_windows(
     from instructrl.stages.pretrain import token_stream
 
     if path is not None:
+        log_data_source("ppo", "pretraining text (ptx)", path)
         records, stats = load_texts(path, skip_bad=skip_bad)
         print(f"ptx data {path}: {stats.summary()}", flush=True)
         texts = [r.text for r in records]
     else:
         from instructrl.sandbox import SandboxWorld
 
+        log_data_source(
+            "ppo", "pretraining text (ptx)", f"sandbox world (seed {sandbox_seed}), {sandbox_docs} documents"
+        )
         texts = SandboxWorld(seed=sandbox_seed).pretraining_corpus(sandbox_docs, split="train")
     stream = token_stream(texts, tokenizer)
     if len(stream) <= seq_len:

@@ -19,6 +19,7 @@ import torch
 from instructrl.config import (
     require,
     require_fraction,
+    require_own_data,
     require_path_exists,
     require_positive,
 )
@@ -26,7 +27,7 @@ from instructrl.data.loading import load_texts
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import ModelSpec, build_causal_lm, count_parameters, load_tokenizer
 from instructrl.models.tokenizer import train_bpe_tokenizer
-from instructrl.stages.common import PRECISIONS, mixed_precision
+from instructrl.stages.common import PRECISIONS, log_data_source, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
@@ -38,9 +39,11 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/base"
     """Where the model, tokenizer, metrics and checkpoints go (a Hugging Face model directory)."""
     corpus: str | None = None
-    """JSONL of {text} records to train on; unset = the built-in sandbox corpus."""
+    """JSONL of {text} records to train on; unset = the built-in sandbox corpus (then ``heldout`` must be unset too:
+    a run never mixes the sandbox's data with yours)."""
     heldout: str | None = None
-    """JSONL of {text} records for held-out perplexity; unset = the sandbox's held-out documents."""
+    """JSONL of {text} records for held-out perplexity; unset = the sandbox's held-out documents (only when
+    ``corpus`` is unset too)."""
     sandbox_seed: int = 0
     """Seed of the sandbox world whose corpus is used when ``corpus`` is unset."""
     sandbox_docs: int = 30000
@@ -75,6 +78,8 @@ class Config(TrainingSettings):
         require_positive(self, "vocab_size", "seq_len", "batch_size", "max_steps", "lr", "eval_every", "save_every")
         require_fraction(self, "min_lr_ratio")
         require_path_exists(self, "corpus", "heldout", "tokenizer")
+        require_own_data(self, "heldout", ["corpus"])
+        require_own_data(self, "corpus", ["heldout"])
         require(
             self.seq_len <= self.model.max_seq_len, "seq_len", f"must be <= model.max_seq_len={self.model.max_seq_len}"
         )
@@ -85,15 +90,18 @@ class Config(TrainingSettings):
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
     """The training and held-out texts: each from its JSONL file, or else from the sandbox world's corpus."""
 
-    def texts(path: str | None, sandbox_docs: int, split: str) -> list[str]:
+    def texts(what: str, path: str | None, sandbox_docs: int, split: str) -> list[str]:
         if path is not None:
+            log_data_source("pretrain", what, path)
             records, _ = load_texts(path)
             return [r.text for r in records]
         from instructrl.sandbox import SandboxWorld
 
+        log_data_source("pretrain", what, f"sandbox world (seed {cfg.sandbox_seed}), {sandbox_docs} {split} documents")
         return SandboxWorld(seed=cfg.sandbox_seed).pretraining_corpus(sandbox_docs, split=split)
 
-    return texts(cfg.corpus, cfg.sandbox_docs, "train"), texts(cfg.heldout, cfg.heldout_docs, "valid")
+    train = texts("corpus", cfg.corpus, cfg.sandbox_docs, "train")
+    return train, texts("held-out text", cfg.heldout, cfg.heldout_docs, "valid")
 
 
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:

@@ -11,8 +11,11 @@ and the C(K,2) pairs of one prompt form one element of the loss:
 
     loss(θ) = −(1/G) Σ_g (1/n_g) Σ_{(w,l) of g} log σ(r_θ(x_g, y_w) − r_θ(x_g, y_l))
 
-with n_g = C(K_g,2) minus tied pairs (ties are dropped). Gradient accumulation over micro-batches of
-prompts divides by the optimizer batch's G, so it reproduces the one-big-batch gradient exactly.
+with n_g = C(K_g,2) minus tied pairs (ties are dropped). K_g counts distinct response texts: copies of one text
+are one completion, and a preference its copies contradict is dropped like a tie (``Comparison.distinct_pairs``).
+An empty response (a sample that ended at once) is the completion ``prompt ⊕ EOS``, ranked like any other.
+Gradient accumulation over micro-batches of prompts divides by the optimizer batch's G, so it reproduces the
+one-big-batch gradient exactly.
 
 Schedule: one epoch (more overfits, App. C.2), Adam β = (0.9, 0.95), cosine decay to 10% of the peak LR,
 no warmup. After training a bias is stored so that labeler demonstrations score mean 0 (§3.5; bias only,
@@ -23,7 +26,8 @@ comparison of the labelers listed in ``heldout_labelers`` (never trained on), th
 69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l).
 
 Without ``comparisons`` the data comes from the sandbox: K in [4, 9] samples per RM-split prompt from the
-policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers.
+policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers. A run
+given ``demonstrations`` of its own refuses that (no silent sandbox data); every data source is logged.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from instructrl.config import (
     require,
     require_fraction,
     require_non_negative,
+    require_own_data,
     require_path_exists,
     require_positive,
 )
@@ -52,6 +57,7 @@ from instructrl.models.causal_lm import count_parameters, disable_dropout, load_
 from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
+from instructrl.stages.common import log_data_source
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
@@ -74,7 +80,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/rm"
     """Where the reward model (HF sequence-classification dir), metrics, checkpoints and results go."""
     comparisons: str | None = None
-    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox."""
+    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox (then
+    ``demonstrations`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_comparisons: str | None = None
     """Validation comparisons; unset = hold out ``valid_fraction`` of the prompts of ``comparisons``."""
     valid_fraction: float = 0.1
@@ -155,6 +162,7 @@ class Config(TrainingSettings):
             "needs comparisons to be set too",
         )
         require(self.run.precision == "fp32", "run.precision", "the reward model trains in float32 only")
+        require_own_data(self, "comparisons", ["demonstrations"])
 
 
 # --------------------------------------------------------------------------- encoding
@@ -178,11 +186,14 @@ class EncodeCounts:
     completions: int = 0
     """Completions kept (one forward pass each per epoch)."""
     pairs: int = 0
-    """Untied (winner, loser) pairs kept."""
+    """Distinct untied (winner, loser) pairs kept: identical texts of one comparison count once
+    (``Comparison.distinct_pairs``)."""
+    merged_responses: int = 0
+    """Responses that repeated a text of their own comparison, merged into its first copy."""
     truncated_prompts: int = 0
     """Prompts longer than max_prompt_tokens, kept with their last tokens."""
     dropped_responses: int = 0
-    """Responses longer than max_response_tokens, removed from their comparison."""
+    """Distinct responses longer than max_response_tokens, removed from their comparison."""
     dropped_comparisons: int = 0
     """Comparisons left with no untied pair (after dropped responses)."""
 
@@ -202,7 +213,8 @@ def _truncate_prompt(prompt_ids: list[int], max_prompt_tokens: int) -> tuple[lis
 def encode_comparisons(
     comparisons: Sequence[Comparison], tokenizer, max_prompt_tokens: int, max_response_tokens: int
 ) -> tuple[list[EncodedComparison], EncodeCounts]:
-    """Tokenize comparisons into completions + pairs; truncate long prompts, drop long responses."""
+    """Tokenize comparisons into completions + pairs; merge repeated texts, truncate long prompts, drop long
+    responses. An empty response is kept: its completion is prompt ⊕ EOS, scored at that EOS like any other."""
     counts = EncodeCounts()
     prompt_ids = encode_prompts(tokenizer, [c.prompt for c in comparisons])
     response_ids = tokenize_texts(tokenizer, [r for c in comparisons for r in c.responses])
@@ -213,12 +225,12 @@ def encode_comparisons(
         offset += comparison.k
         prompt, truncated = _truncate_prompt(prompt, max_prompt_tokens)
         counts.truncated_prompts += truncated
-        kept = [i for i, r in enumerate(responses) if len(r) + 1 <= max_response_tokens]  # + 1: the EOS
-        counts.dropped_responses += comparison.k - len(kept)
+        distinct, distinct_pairs = comparison.distinct_pairs()
+        counts.merged_responses += comparison.k - len(distinct)
+        kept = [i for i in distinct if len(responses[i]) + 1 <= max_response_tokens]  # + 1: the EOS
+        counts.dropped_responses += len(distinct) - len(kept)
         new_index = {old: new for new, old in enumerate(kept)}
-        pairs = tuple(
-            (new_index[w], new_index[lo]) for w, lo in comparison.pairs() if w in new_index and lo in new_index
-        )
+        pairs = tuple((new_index[w], new_index[lo]) for w, lo in distinct_pairs if w in new_index and lo in new_index)
         if not pairs:
             counts.dropped_comparisons += 1
             continue
@@ -573,6 +585,15 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
             sandbox_data(cfg, tokenizer, stage.out)  # a resumed run keeps exactly the data it started with
         runtime.barrier()  # the other ranks read what rank 0 wrote
         comparisons_path, demos_path = sandbox_files
+        sampled = "synthetic candidates" if not cfg.sandbox_samples_from_policy else "samples of "
+        sampled += (cfg.sandbox_sample_policy or cfg.model) if cfg.sandbox_samples_from_policy else ""
+        log_data_source(
+            "rm", "comparisons", f"sandbox world (seed {cfg.sandbox_seed}): {sampled} ranked by its labelers, "
+            f"written to {comparisons_path}"
+        )  # fmt: skip
+    else:
+        log_data_source("rm", "comparisons", str(comparisons_path))
+    log_data_source("rm", "validation comparisons", cfg.valid_comparisons or f"{cfg.valid_fraction:g} of the prompts")
     skipped_records: dict[str, int] = {}
     all_comparisons = _load_comparison_file(str(comparisons_path), cfg, "comparisons", skipped_records)
     valid_file = (
@@ -598,14 +619,19 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
     else:  # no demonstrations given: anchor on the labelers' favourite response of each training comparison
         demos = [Demonstration(c.prompt, c.responses[_best(c)], meta=c.meta) for c in train_c]
         normalization_source = "best-ranked response of each training comparison"
+    sandbox_demos = f"sandbox world (seed {cfg.sandbox_seed}): its labelers' demonstrations, written to {demos_path}"
+    log_data_source(
+        "rm", "demonstrations (the bias)", sandbox_demos if cfg.comparisons is None else normalization_source
+    )
     demo_sequences, demos_dropped = encode_demonstrations(
         demos, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens
     )
     if not demo_sequences:
         raise UserFacingError(f"no demonstration fits max_response_tokens={cfg.max_response_tokens}")
     print(
-        f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} pairs, {train_counts.completions} "
-        f"completions), {valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
+        f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} distinct pairs, "
+        f"{train_counts.completions} completions, {train_counts.merged_responses} repeated responses merged), "
+        f"{valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
         f"{train_counts.truncated_prompts} prompts truncated, {train_counts.dropped_responses} responses over "
         f"{cfg.max_response_tokens} tokens dropped",
         flush=True,

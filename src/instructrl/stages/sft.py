@@ -25,6 +25,7 @@ from instructrl.config import (
     require,
     require_fraction,
     require_non_negative,
+    require_own_data,
     require_path_exists,
     require_positive,
 )
@@ -33,7 +34,7 @@ from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_tokenizer
 from instructrl.models.dropout import add_residual_dropout
-from instructrl.stages.common import PRECISIONS, mixed_precision
+from instructrl.stages.common import PRECISIONS, log_data_source, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 
@@ -70,7 +71,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/sft"
     """Where the fine-tuned model (HF format), metrics, checkpoints and results go."""
     data: str | None = None
-    """Demonstrations JSONL ({prompt, response} or {messages}); unset = sandbox labelers' demonstrations."""
+    """Demonstrations JSONL ({prompt, response} or {messages}); unset = sandbox labelers' demonstrations (then
+    ``pretrain_data`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_data: str | None = None
     """Validation demonstrations; unset = hold out ``valid_fraction`` of ``data``."""
     valid_fraction: float = 0.05
@@ -96,7 +98,8 @@ class Config(TrainingSettings):
     ptx_fraction: float = 0.1
     """Fraction of training sequences drawn from pretraining text (paper's PPO init: 10%); 0 disables."""
     pretrain_data: str | None = None
-    """JSONL of {text} for ``ptx_fraction``; unset = the sandbox corpus."""
+    """JSONL of {text} for ``ptx_fraction``; unset = the sandbox corpus, which a run on your own ``data`` refuses
+    (set this, or ptx_fraction=0)."""
     max_prompt_tokens: int = 192
     """Longer prompts are dropped (and counted), as the paper dropped prompts over 1k tokens."""
     max_response_tokens: int = 64
@@ -130,6 +133,9 @@ class Config(TrainingSettings):
         mb = self.micro_batch_size or self.batch_size
         require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
         require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
+        require_own_data(self, "data", ["pretrain_data"])
+        if self.ptx_fraction > 0:
+            require_own_data(self, "pretrain_data", ["data"], off="ptx_fraction=0")
 
 
 # --------------------------------------------------------------------------- data
@@ -230,14 +236,22 @@ def _load_demos(cfg: Config) -> tuple[list[Demonstration], list[Demonstration]]:
     if cfg.data is None:
         from instructrl.sandbox.datasets import sandbox_demonstrations
 
+        log_data_source(
+            "sft",
+            "demonstrations",
+            f"sandbox world (seed {cfg.sandbox_seed}), {cfg.sandbox_demos} labelers' demonstrations",
+        )
         demos = sandbox_demonstrations(cfg.sandbox_seed, cfg.sandbox_demos)
     else:
+        log_data_source("sft", "demonstrations", cfg.data)
         demos, stats = load_demonstrations(cfg.data, skip_bad=cfg.skip_bad)
         if stats.n_skipped:
             print(f"skipped {stats.summary()}", flush=True)
     if cfg.valid_data is not None:
+        log_data_source("sft", "validation demonstrations", cfg.valid_data)
         valid, _ = load_demonstrations(cfg.valid_data, skip_bad=cfg.skip_bad)
         return demos, valid
+    log_data_source("sft", "validation demonstrations", f"{cfg.valid_fraction:g} of the demonstrations, held out")
     shuffled = list(demos)
     random.Random(cfg.run.seed).shuffle(shuffled)
     n_valid = max(1, int(len(shuffled) * cfg.valid_fraction))
@@ -246,9 +260,13 @@ def _load_demos(cfg: Config) -> tuple[list[Demonstration], list[Demonstration]]:
 
 def _pretraining_texts(cfg: Config) -> list[str]:
     if cfg.pretrain_data is not None:
+        log_data_source("sft", "pretraining text (ptx_fraction)", cfg.pretrain_data)
         return [r.text for r in load_texts(cfg.pretrain_data)[0]]
     from instructrl.sandbox.datasets import sandbox_pretraining_texts
 
+    log_data_source(
+        "sft", "pretraining text (ptx_fraction)", f"sandbox world (seed {cfg.sandbox_seed}), 4000 documents"
+    )
     return sandbox_pretraining_texts(cfg.sandbox_seed, 4000)
 
 
@@ -308,6 +326,8 @@ def build_data(cfg: Config, tokenizer) -> TrainingData:
         train_examples += encode_pretraining(
             _pretraining_texts(cfg), tokenizer, n_ptx, window, random.Random(cfg.run.seed)
         )
+    else:
+        log_data_source("sft", "pretraining text (ptx_fraction)", "none (ptx_fraction=0)")
     if cfg.packing:
         random.Random(cfg.run.seed).shuffle(train_examples)
         train_examples = pack_examples(train_examples, cfg.max_prompt_tokens + cfg.max_response_tokens)
