@@ -18,6 +18,7 @@ import functools
 import hmac
 import re
 import secrets
+import threading
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -227,6 +228,58 @@ def touch_session(session: Session, session_id: int, now: dt.datetime | None = N
 def end_session(session: Session, token: str | None) -> None:
     if token:
         session.execute(delete(LoginSession).where(LoginSession.token_hash == sha256_hex(token)))
+
+
+class LoginThrottle:
+    """Failed-login counting with exponential backoff, per account and per client address (in memory).
+
+    Each key (``("account", username)`` or ``("address", ip)``) may fail ``free_failures`` times in a row;
+    after the n-th failure beyond that, logins for the key are refused for ``base_delay · 2^(n-1)``, capped at
+    ``max_delay``. Refused attempts are not checked and not counted; a success clears the account's count.
+    A key's count is forgotten ``max_delay`` after its last failure. The address allowance is larger because
+    several people may share one address (an office, a proxy).
+    """
+
+    def __init__(
+        self,
+        free_account_failures: int = 5,
+        free_address_failures: int = 20,
+        base_delay: dt.timedelta = dt.timedelta(seconds=2),
+        max_delay: dt.timedelta = dt.timedelta(minutes=15),
+    ):
+        self.free = {"account": free_account_failures, "address": free_address_failures}
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self._failures: dict[tuple[str, str], tuple[int, dt.datetime]] = {}
+        self._lock = threading.Lock()
+
+    def _delay(self, key: tuple[str, str], count: int) -> dt.timedelta:
+        over = count - self.free[key[0]]
+        if over <= 0:
+            return dt.timedelta(0)
+        return min(self.base_delay * 2 ** min(over - 1, 30), self.max_delay)
+
+    def retry_after(self, keys: list[tuple[str, str]], now: dt.datetime) -> dt.timedelta:
+        """How long logins for any of ``keys`` must still wait (zero when they may try now)."""
+        wait = dt.timedelta(0)
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, now))
+                wait = max(wait, last + self._delay(key, count) - now)
+        return wait
+
+    def failed(self, keys: list[tuple[str, str]], now: dt.datetime) -> None:
+        with self._lock:
+            if len(self._failures) > 100_000:  # forget stale keys so a flood of addresses cannot fill memory
+                stale = [k for k, (_, last) in self._failures.items() if now - last > self.max_delay]
+                for key in stale:
+                    del self._failures[key]
+            for key in keys:
+                count, last = self._failures.get(key, (0, now))
+                self._failures[key] = (1 if now - last > self.max_delay else count + 1, now)
+
+    def succeeded(self, account: tuple[str, str]) -> None:
+        with self._lock:
+            self._failures.pop(account, None)
 
 
 def same_token(a: str | None, b: str | None) -> bool:

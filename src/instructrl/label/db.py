@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,12 +257,16 @@ class Database:
         self.path = Path(path)
         if must_exist and not self.path.is_file():
             raise UserFacingError(
-                f"labeling database {self.path} does not exist; create it with 'instructrl label create-labeler' "
-                "or 'instructrl label load-prompts'"
+                f"labeling database {self.path} does not exist (a typo in --db?); create it with "
+                "'instructrl label create-labeler' or 'instructrl label load-prompts'"
             )
         if self.path.is_dir():
             raise UserFacingError(f"labeling database path {self.path} is a directory; give a file name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Owner-only: the file holds secret hashes, the cookie-signing key and CSRF tokens. SQLite gives
+            # its -wal, -shm and -journal side files the database file's permissions.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.engine = _make_engine(self.path)
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -185,6 +185,8 @@ class EncodeCounts:
     """Responses longer than max_response_tokens, removed from their comparison."""
     dropped_comparisons: int = 0
     """Comparisons left with no untied pair (after dropped responses)."""
+    all_tied: int = 0
+    """Of those, comparisons whose ranking ties every response (no untied pair to begin with)."""
 
 
 def labeler_of(record: Comparison | Demonstration) -> str:
@@ -221,6 +223,7 @@ def encode_comparisons(
         )
         if not pairs:
             counts.dropped_comparisons += 1
+            counts.all_tied += not comparison.pairs()
             continue
         completions = tuple(tuple(prompt + responses[i] + [eos]) for i in kept)
         encoded.append(EncodedComparison(completions, pairs, labeler_of(comparison)))
@@ -607,7 +610,9 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
         f"rm: {train_counts.comparisons} training prompts ({train_counts.pairs} pairs, {train_counts.completions} "
         f"completions), {valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
         f"{train_counts.truncated_prompts} prompts truncated, {train_counts.dropped_responses} responses over "
-        f"{cfg.max_response_tokens} tokens dropped",
+        f"{cfg.max_response_tokens} tokens dropped; "
+        f"{sum(c.all_tied for c in (train_counts, valid_counts, heldout_counts))} comparisons dropped with every "
+        "response tied",
         flush=True,
     )
     counts = {"train": train_counts, "valid": valid_counts, "heldout": heldout_counts}
