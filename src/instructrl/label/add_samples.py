@@ -165,8 +165,8 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     if replaced:
         print(
-            f"label add-samples: {replaced['responses']} sampled responses held characters labelers may not type, shown "
-            f"as marks: {replaced['control']} control characters (as control pictures such as \u2400), "
+            f"label add-samples: {replaced['responses']} sampled responses held characters labelers may not type, "
+            f"shown as marks: {replaced['control']} control characters (as control pictures such as \u2400), "
             f"{replaced['U+FFFD']} U+FFFD (undecodable bytes, as {UNKNOWN_MARK})",
             flush=True,
         )

@@ -233,9 +233,9 @@ def end_session(session: Session, token: str | None) -> None:
 class LoginThrottle:
     """Failed-login counting with exponential backoff, per account and per client address (in memory).
 
-    Each key (``("account", username)`` or ``("address", ip)``) may fail ``free_failures`` times in a row;
-    after the n-th failure beyond that, logins for the key are refused for ``base_delay · 2^(n-1)``, capped at
-    ``max_delay``. Refused attempts are not checked and not counted; a success clears the account's count.
+    Each key (``("account", username)`` or ``("address", ip)``) may fail ``free_*_failures`` times in a row;
+    after the (free + n)-th failure, n = 0, 1, ..., logins for the key are refused for ``base_delay · 2^n``,
+    capped at ``max_delay``. Refused attempts are not checked and not counted; a success clears the account's count.
     A key's count is forgotten ``max_delay`` after its last failure. The address allowance is larger because
     several people may share one address (an office, a proxy).
     """
@@ -253,10 +253,10 @@ class LoginThrottle:
         self._lock = threading.Lock()
 
     def _delay(self, key: tuple[str, str], count: int) -> dt.timedelta:
-        over = count - self.free[key[0]]
-        if over <= 0:
+        over = count - self.free[key[0]]  # failures beyond the allowance, minus one
+        if over < 0:
             return dt.timedelta(0)
-        return min(self.base_delay * 2 ** min(over - 1, 30), self.max_delay)
+        return min(self.base_delay * 2 ** min(over, 30), self.max_delay)
 
     def retry_after(self, keys: list[tuple[str, str]], now: dt.datetime) -> dt.timedelta:
         """How long logins for any of ``keys`` must still wait (zero when they may try now)."""

@@ -108,8 +108,9 @@ def add_comparison_item(
         raise ValueError("a comparison response is empty or whitespace only")
     if any(is_unprintable(c) for text in responses for c in text):
         # held to the labelers' standard (forms.clean_text); add-samples shows such characters visibly
-        raise ValueError("a comparison response contains control characters or U+FFFD; clean it with "
-                         "forms.clean_generated_text")
+        raise ValueError(
+            "a comparison response contains control characters or U+FFFD; clean it with forms.clean_generated_text"
+        )
     models = list(models) if models is not None else [None] * len(responses)
     if len(models) != len(responses):
         raise ValueError("models must have one entry per response")
