@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 
 import pytest
