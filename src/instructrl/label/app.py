@@ -137,7 +137,6 @@ def _load_user_and_check_csrf() -> Any:
             g.user = auth.resolve_session(s, token, state.settings.limits, now)
         if g.user is None:
             session.pop("sid", None)
-            g.session_expired = True
         elif g.user.needs_touch:
             with state.db.write() as s:
                 auth.touch_session(s, g.user.session_id, now)
@@ -149,9 +148,10 @@ def _load_user_and_check_csrf() -> Any:
             session["csrf"] = secrets.token_urlsafe(32)
         g.csrf_token = session["csrf"]
     if request.method == "POST" and not auth.same_token(request.form.get("csrf_token"), g.csrf_token):
-        if g.get("session_expired"):
-            # Nothing is stored, and nothing is lost: the page kept a draft in the browser (drafts.js), which
-            # the task page brings back after the login.
+        if g.user is None and request.endpoint != "login_submit":
+            # The login expired (in this tab, or in another one that noticed first). Nothing is stored, and
+            # nothing is lost: the page kept a draft in the browser (drafts.js), which the task page brings
+            # back after the login.
             flash("Your login has expired. Log in again: what you typed is kept in this browser and comes back.")
             task_page = re.fullmatch(r"(/task/[0-9]+)(/skip)?", request.path)
             return redirect(url_for("login", next=task_page.group(1) if task_page else None), 303)
