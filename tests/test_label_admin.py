@@ -122,6 +122,15 @@ def test_create_labeler_refuses_silent_secret_change_and_rotates_on_request(tmp_
     assert (enabled["role"], enabled["active"]) == ("admin", True)
 
 
+def test_create_labeler_sets_the_kind_of_work(tmp_path):
+    db_path = tmp_path / "l.sqlite"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana"))["work"] == "mixed"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana", work="comparison"))["work"] == "comparison"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana", active=False))["work"] == "comparison"
+    with pytest.raises(ConfigError, match="work"):
+        _cfg(create_labeler, db_path, username="ana", work="everything")
+
+
 @pytest.mark.parametrize("username", ["a", "has space", "x" * 65, "-dash", "émile", "a/b"])
 def test_create_labeler_rejects_bad_usernames(tmp_path, username):
     with pytest.raises(UserFacingError, match="invalid username"):

@@ -905,17 +905,31 @@ def _add_demonstrations_for(world, name: str, n: int) -> None:
             add_assignment(s, item, labeler, random.Random(0))
 
 
+def _choose_work(client, kind: str):
+    return client.post("/work", data={"csrf_token": _csrf(client.get("/").text), "work": kind})
+
+
 def test_queue_alternates_kinds_and_the_labeler_can_choose_one(world, alice):
     _add_demonstrations_for(world, "alice", 4)  # alice: demo, 2 comparisons, then 4 more demos
     kinds = re.findall(r"<td>(Write a response|Rank responses)</td>", alice.get("/").text)
     assert kinds[:4] == ["Write a response", "Rank responses", "Write a response", "Rank responses"]
-    page = alice.get("/?work=comparison").text
+    assert _choose_work(alice, "comparison").headers["Location"] == "/"
+    page = alice.get("/").text
     assert set(re.findall(r"<td>(Write a response|Rank responses)</td>", page)) == {"Rank responses"}
     form, _ = _form_for(alice, world.ids["cmp_alice"], **_ranking_fields([1, 2, 3, 4]))
     # the choice is kept: after a submission the next item is of the chosen kind
-    assert (
-        alice.post(f"/task/{world.ids['cmp_alice']}", data=form).headers["Location"]
-        == f"/task/{world.ids['cmp2_alice']}"
-    )
-    page = alice.get("/?work=demonstration").text
-    assert set(re.findall(r"<td>(Write a response|Rank responses)</td>", page)) == {"Write a response"}
+    next_page = alice.post(f"/task/{world.ids['cmp_alice']}", data=form).headers["Location"]
+    assert next_page == f"/task/{world.ids['cmp2_alice']}"
+    _choose_work(alice, "demonstration")
+    assert set(re.findall(r"<td>(Write a response|Rank responses)</td>", alice.get("/").text)) == {"Write a response"}
+    assert _choose_work(alice, "everything").status_code == 400
+
+
+def test_an_admin_sets_the_kind_of_work_per_labeler(world, app):
+    with _db(world) as db, db.write() as s:
+        assert create_or_update_labeler(s, "bob", work="comparison").work == "comparison"
+    bob = app.test_client()
+    login(bob, "bob")
+    page = bob.get("/").text
+    assert re.findall(r"<td>(Write a response|Rank responses)</td>", page) == ["Rank responses"]
+    assert 'value="comparison" class="primary" aria-pressed="true"' in page

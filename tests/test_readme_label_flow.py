@@ -63,6 +63,7 @@ def _serve_until_it_answers(argv: list[str]) -> None:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         output = proc.communicate(timeout=30)[0]
     assert "label serve: stopped" in output, output
+    assert '"GET /login" 200' in output  # the access log is on by default
 
 
 def test_readme_labeling_commands_run_in_order(tmp_path, tiny_lm_dir, monkeypatch):

@@ -337,8 +337,8 @@ def test_other_labelers_and_admin_pages(label_server, page_for):
     with boss.expect_navigation():
         boss.click("text=Admin")
     rows = {r.split("\t")[0]: r.split("\t") for r in boss.locator("#labelers tbody tr").all_inner_texts()}
-    assert rows["bob"][2:5] == ["0", "0", "0"]
-    assert int(rows["alice"][3]) + int(rows["alice"][2]) == 3  # pending + done: nothing lost
+    assert rows["bob"][2:6] == ["Both, alternating", "0", "0", "0"]
+    assert int(rows["alice"][4]) + int(rows["alice"][3]) == 3  # pending + done: nothing lost
     with boss.expect_navigation():
         boss.click("text=Agreement between labelers")
     assert "Overall: n/a" in boss.inner_text("#overall-agreement")  # no item was given to two labelers

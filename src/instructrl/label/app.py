@@ -50,7 +50,7 @@ from flask import Flask, abort, current_app, flash, g, redirect, render_template
 from werkzeug.exceptions import HTTPException, TooManyRequests
 
 from instructrl.label import auth, forms, tasks
-from instructrl.label.db import Assignment, Database, app_secret_key, utcnow
+from instructrl.label.db import Assignment, Database, Labeler, app_secret_key, utcnow
 
 ACCESS_LOG = logging.getLogger("instructrl.label.access")
 EVENT_LOG = logging.getLogger("instructrl.label.events")
@@ -111,7 +111,7 @@ def create_app(
     )
     app.extensions["instructrl_label"] = _State(db, settings, clock, throttle or auth.LoginThrottle())
     app.jinja_env.globals.update(
-        letters=LETTERS, flags=forms.FLAGS, skip_reasons=forms.SKIP_REASONS, work_kinds=tasks.WORK_KINDS
+        letters=LETTERS, flags=forms.FLAGS, skip_reasons=forms.SKIP_REASONS, work_names=tasks.WORK_NAMES
     )
     app.before_request(_load_user_and_check_csrf)
     app.after_request(_security_headers)
@@ -376,16 +376,10 @@ def _act_on_task(assignment_id: int, act: Callable[[Any, Assignment], str], post
     return _after_submit(g.user.labeler_id, message)
 
 
-def _work_kind() -> tasks.WorkKind:
-    """The kind of work the labeler chose on the queue page (kept in the session cookie)."""
-    kind = session.get("work", "mixed")
-    return kind if kind in tasks.WORK_KINDS else "mixed"
-
-
 def _after_submit(labeler_id: int, message: str) -> Any:
     flash(message)
     with _state().db.read() as s:
-        next_id = tasks.next_pending(s, labeler_id, _work_kind())
+        next_id = tasks.next_pending(s, labeler_id, g.user.work)
     if next_id is None:
         return redirect(url_for("queue"), 303)
     return redirect(url_for("task", assignment_id=next_id), 303)
@@ -453,10 +447,18 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
     @app.get("/")
     @login_required
     def queue() -> Any:
-        if request.args.get("work") in tasks.WORK_KINDS:
-            session["work"] = request.args["work"]
-        kind = _work_kind()
+        kind = g.user.work
         return _render_work_list("queue.html", "pending", functools.partial(tasks.queue_for, kind=kind), work=kind)
+
+    @app.post("/work")
+    @login_required
+    def choose_work() -> Any:
+        kind = request.form.get("work")
+        if kind not in tasks.WORK_NAMES:
+            abort(400)
+        with _state().db.write() as s:
+            s.get(Labeler, g.user.labeler_id).work = kind
+        return redirect(url_for("queue"), 303)
 
     @app.get("/history")
     @login_required

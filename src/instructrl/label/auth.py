@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from instructrl.errors import UserFacingError
-from instructrl.label.db import ROLES, Labeler, LoginSession, sha256_hex, utcnow
+from instructrl.label.db import ROLES, WORK_KINDS, Labeler, LoginSession, sha256_hex, utcnow
 
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")
 """Usernames: 2-64 characters, lower-case letters, digits, '_', '.', '-', starting with a letter or digit."""
@@ -74,6 +74,7 @@ class CreatedLabeler:
     created: bool
     active: bool
     secret_expires_at: dt.datetime | None
+    work: str
 
 
 def create_or_update_labeler(
@@ -85,19 +86,22 @@ def create_or_update_labeler(
     secret_days: int = 90,
     rotate: bool = False,
     active: bool | None = None,
+    work: str | None = None,
     now: dt.datetime | None = None,
 ) -> CreatedLabeler:
     """Create a labeler, or update an existing one's role / active flag (and secret when ``rotate``).
 
-    ``role`` and ``active`` left as None mean 'labeler' and active for a new account, and unchanged for an
-    existing one. A new labeler always gets a secret (``secret`` or a generated one). Changing an existing
-    labeler's secret needs ``rotate=True``, so re-running a create command cannot silently lock someone
-    out. A new secret, a role change or deactivation end the labeler's open sessions.
+    ``role``, ``active`` and ``work`` left as None mean 'labeler', active and mixed work for a new account,
+    and unchanged for an existing one. A new labeler always gets a secret (``secret`` or a generated one).
+    Changing an existing labeler's secret needs ``rotate=True``, so re-running a create command cannot silently
+    lock someone out. A new secret, a role change or deactivation end the labeler's open sessions.
     """
     now = now or utcnow()
     name = check_username(username)
     if role is not None and role not in ROLES:
         raise UserFacingError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if work is not None and work not in WORK_KINDS:
+        raise UserFacingError(f"work must be one of {', '.join(WORK_KINDS)}, got {work!r}")
     if secret is not None and not (MIN_SECRET_CHARS <= len(secret) <= MAX_SECRET_CHARS):
         raise UserFacingError(f"a secret needs {MIN_SECRET_CHARS} to {MAX_SECRET_CHARS} characters")
     expires = now + dt.timedelta(days=secret_days) if secret_days > 0 else None
@@ -113,6 +117,7 @@ def create_or_update_labeler(
             secret_expires_at=expires,
             active=True if active is None else active,
             created_at=now,
+            work=work or "mixed",
         )
         session.add(labeler)
     else:
@@ -127,10 +132,13 @@ def create_or_update_labeler(
             labeler.secret_expires_at = expires
             end_sessions = True
         labeler.role, labeler.active = role, active
+        labeler.work = labeler.work if work is None else work
         if end_sessions:
             session.execute(delete(LoginSession).where(LoginSession.labeler_id == labeler.id))
     session.flush()
-    return CreatedLabeler(name, labeler.role, clear_secret, created, labeler.active, labeler.secret_expires_at)
+    return CreatedLabeler(
+        name, labeler.role, clear_secret, created, labeler.active, labeler.secret_expires_at, labeler.work
+    )
 
 
 def authenticate(session: Session, username: str, secret: str, now: dt.datetime | None = None) -> Labeler | None:
@@ -190,6 +198,8 @@ class CurrentUser:
     session_id: int
     needs_touch: bool
     """Whether ``last_seen_at`` is stale enough to be refreshed."""
+    work: str = "mixed"
+    """The kind of work the labeler's queue offers (``Labeler.work``)."""
 
     @property
     def is_admin(self) -> bool:
@@ -216,6 +226,7 @@ def resolve_session(
         csrf_token=row.csrf_token,
         session_id=row.id,
         needs_touch=now - row.last_seen_at >= LAST_SEEN_RESOLUTION,
+        work=labeler.work,
     )
 
 

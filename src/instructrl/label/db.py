@@ -57,6 +57,8 @@ BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for the write lock before giving up (SQLite ``busy_timeout``)."""
 
 ROLES = ("labeler", "admin")
+WORK_KINDS = ("mixed", "demonstration", "comparison")
+"""What a labeler's queue offers: both kinds of items alternating, or one kind."""
 ITEM_KINDS = ("demonstration", "comparison")
 STATUSES = ("pending", "done", "skipped")
 
@@ -94,6 +96,8 @@ class Labeler(Base):
     secret_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     active: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    work: Mapped[str] = mapped_column(String(16), default="mixed", server_default="mixed")
+    """The kind of work the queue offers (:data:`WORK_KINDS`): set by an admin, changed by the labeler."""
 
     @property
     def is_admin(self) -> bool:

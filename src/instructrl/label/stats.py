@@ -81,6 +81,7 @@ def collect_stats(session: Session) -> dict[str, Any]:
                 "username": labeler.username,
                 "role": labeler.role,
                 "active": labeler.active,
+                "work": labeler.work,
                 "pending": counts["pending"],
                 "done": counts["done"],
                 "skipped": counts["skipped"],

@@ -142,8 +142,8 @@ def add_assignment(session: Session, item: Item, labeler: Labeler, rng: random.R
 
 
 WorkKind = Literal["mixed", "demonstration", "comparison"]
-WORK_KINDS: dict[str, str] = {"mixed": "Both, alternating", "demonstration": "Writing", "comparison": "Ranking"}
-"""What a labeler can choose to work on (the queue page's choice), with the name shown."""
+WORK_NAMES: dict[str, str] = {"mixed": "Both, alternating", "demonstration": "Writing", "comparison": "Ranking"}
+"""The kinds of work a queue can offer (``Labeler.work``), with the names the queue page shows."""
 
 
 def _pending(labeler_id: int, kind: WorkKind) -> Select[tuple[Assignment]]:
