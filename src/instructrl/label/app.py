@@ -2,7 +2,8 @@
 
 Pages
     ``/login``, ``/logout``            log in with username + secret; log out (POST)
-    ``/``                              the labeler's queue of pending items
+    ``/``                              the labeler's queue of pending items (both kinds alternating, or one)
+    ``/work``                          choose the kind of work the queue offers (POST)
     ``/task/<id>``                     one assignment: write a demonstration, or rank K responses (with the
                                        paper's metadata and a 1-7 quality score per response); skip with a
                                        reason; the same page edits submitted work

@@ -4,9 +4,9 @@ Typical session (every command takes ``--set db=FILE.sqlite``)::
 
     instructrl label create-labeler --set db=l.sqlite --set username=admin --set role=admin
     instructrl label create-labeler --set db=l.sqlite --set username=alice
-    instructrl label load-prompts   --set db=l.sqlite --set prompts=data/prepared/train.jsonl
-    instructrl label load-prompts   --set db=l.sqlite --set prompts=data/prepared/valid.jsonl --set task=comparison
-    instructrl label add-samples    --set db=l.sqlite --set model=runs/sft --set k=4
+    instructrl label load-prompts   --set db=l.sqlite --set prompts=runs/demo/prepared/train.jsonl
+    instructrl label load-prompts   --set db=l.sqlite --set prompts=runs/demo/prepared/valid.jsonl --set task=comparison
+    instructrl label add-samples    --set db=l.sqlite --set model=runs/demo/sft --set k=4
     instructrl label assign         --set db=l.sqlite --set overlap_fraction=0.1
     instructrl label serve          --set db=l.sqlite --set port=8000
     instructrl label export         --set db=l.sqlite --set kind=comparisons --set output=comparisons.jsonl
