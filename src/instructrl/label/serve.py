@@ -1,15 +1,15 @@
 """``instructrl label serve``: run the labeling web app on a labeling database.
 
-Typical session (every command takes ``--set db=FILE.sqlite``)::
+Typical session (every command takes ``--set db=FILE.sqlite``, or ``--db FILE.sqlite``)::
 
-    instructrl label create-labeler --set db=l.sqlite --set username=admin --set role=admin
-    instructrl label create-labeler --set db=l.sqlite --set username=alice
-    instructrl label load-prompts   --set db=l.sqlite --set prompts=runs/demo/prepared/train.jsonl
-    instructrl label load-prompts   --set db=l.sqlite --set prompts=runs/demo/prepared/valid.jsonl --set task=comparison
-    instructrl label add-samples    --set db=l.sqlite --set model=runs/demo/sft --set k=4
-    instructrl label assign         --set db=l.sqlite --set overlap_fraction=0.1
-    instructrl label serve          --set db=l.sqlite --set port=8000
-    instructrl label export         --set db=l.sqlite --set kind=comparisons --set output=comparisons.jsonl
+    instructrl label create-labeler --db l.sqlite --set username=admin --set role=admin
+    instructrl label create-labeler --db l.sqlite --set username=alice
+    instructrl label load-prompts --db l.sqlite --set prompts=runs/demo/prepared/train.jsonl
+    instructrl label load-prompts --db l.sqlite --set prompts=runs/demo/prepared/valid.jsonl --set task=comparison
+    instructrl label add-samples --db l.sqlite --set model=runs/demo/sft --set k=4
+    instructrl label assign --db l.sqlite --set overlap_fraction=0.1
+    instructrl label serve --db l.sqlite --set port=8000
+    instructrl label export --db l.sqlite --set kind=comparisons --set output=comparisons.jsonl
     instructrl rm --set comparisons=comparisons.jsonl
 
 The app is served by Waitress (a multi-threaded production WSGI server). It listens on 127.0.0.1 by
