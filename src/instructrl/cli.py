@@ -243,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return 0
     from instructrl.errors import UserFacingError
-    from instructrl.utils.guards import is_disk_full
 
     try:
         module.run(cfg)
@@ -251,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"instructrl {name}: error: {e}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:
+        from instructrl.utils.guards import is_disk_full  # imports torch: only when needed (label commands)
+
         if not is_disk_full(e):
             raise
         print(
