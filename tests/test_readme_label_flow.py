@@ -26,7 +26,7 @@ from instructrl.config import load_config
 README = Path(__file__).resolve().parents[1] / "README.md"
 ACTIVATE = ". .venv/bin/activate"
 """The block's first line: it puts ``make``'s environment on the PATH, which the test does itself."""
-PROMPTS_PER_SPLIT = 6
+PROMPTS_PER_SPLIT = 3
 
 
 def readme_label_commands() -> list[str]:
