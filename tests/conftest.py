@@ -78,11 +78,12 @@ def quick_demo_run(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def label_serve_process(db: Path) -> Iterator[str]:
-    """``instructrl label serve`` on ``db`` in a subprocess on a free port, started through the real command line;
-    yields its base URL (ending in ``/``) and stops it on the way out."""
+def label_serve_process(db: Path, *settings: str) -> Iterator[str]:
+    """``instructrl label serve`` on ``db`` in a subprocess on a free port, started through the real command line
+    with ``--set`` for each of ``settings``; yields its base URL (ending in ``/``) and stops it on the way out."""
+    overrides = [arg for setting in (f"db={db}", "port=0", *settings) for arg in ("--set", setting)]
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "instructrl", "label", "serve", "--set", f"db={db}", "--set", "port=0"],
+        [sys.executable, "-u", "-m", "instructrl", "label", "serve", *overrides],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

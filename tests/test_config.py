@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -116,6 +117,19 @@ def test_cli_top_level_and_unknown_command(capsys):
     with pytest.raises(SystemExit, match="did you mean 'sft'"):
         main(["sfft"])
     assert set(COMMANDS) >= {"pretrain", "sft", "rm", "ppo", "eval", "generate", "data prepare", "demo"}
+
+
+@pytest.mark.parametrize("argv", [["label", "--help"], ["label", "-h"], ["label"]])
+def test_cli_group_help_lists_its_subcommands_one_line_each(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in [n for n in COMMANDS if n.startswith("label ")]:
+        assert re.search(rf"^  {name} +{re.escape(COMMANDS[name].summary)}$", out, re.MULTILINE), name
+    assert "  sft " not in out
+    with pytest.raises(SystemExit, match="unknown subcommand 'serv'[\\s\\S]*label serve"):
+        main(["label", "serv"])
 
 
 def test_print_config_prints_resolved_values(capsys):

@@ -14,7 +14,7 @@ from werkzeug.security import check_password_hash
 from instructrl.config import ConfigError, field_docs, load_config
 from instructrl.data.loading import load_comparisons, load_demonstrations
 from instructrl.errors import DataError, UserFacingError
-from instructrl.label import add_samples, assign, auth, create_labeler, export, load_prompts, stats
+from instructrl.label import add_samples, assign, auth, create_labeler, export, load_prompts, serve, stats
 from instructrl.label.db import Assignment, Item, Labeler, LoginSession, Prompt, open_database
 from instructrl.label.forms import SubmissionMeta, parse_ranking
 from instructrl.label.tasks import (
@@ -122,6 +122,15 @@ def test_create_labeler_refuses_silent_secret_change_and_rotates_on_request(tmp_
     assert (enabled["role"], enabled["active"]) == ("admin", True)
 
 
+def test_create_labeler_sets_the_kind_of_work(tmp_path):
+    db_path = tmp_path / "l.sqlite"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana"))["work"] == "mixed"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana", work="comparison"))["work"] == "comparison"
+    assert create_labeler.run(_cfg(create_labeler, db_path, username="ana", active=False))["work"] == "comparison"
+    with pytest.raises(ConfigError, match="work"):
+        _cfg(create_labeler, db_path, username="ana", work="everything")
+
+
 @pytest.mark.parametrize("username", ["a", "has space", "x" * 65, "-dash", "émile", "a/b"])
 def test_create_labeler_rejects_bad_usernames(tmp_path, username):
     with pytest.raises(UserFacingError, match="invalid username"):
@@ -220,6 +229,31 @@ def test_sample_non_empty_resamples_only_the_empty_responses():
     calls.clear()
     assert add_samples.sample_non_empty(fake_sample, ["a", "b", "c"], [2, 2, 3], retries=0)[0] == ["a-0"]
     assert len(calls) == 1
+
+
+def test_add_samples_shows_and_reports_characters_labelers_may_not_type(tmp_path, tiny_lm_dir, monkeypatch, capsys):
+    """Samples with control characters or U+FFFD (a token cut inside a character) are held to the web form's
+    rules: stored with visible marks in their place, and the replacements are reported."""
+    from types import SimpleNamespace
+
+    import instructrl.eval.generate
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        texts = ["ok", "colour\x1b[31m red", "caf\ufffd\ufffd", "nul\x00 and\r\nbreak"]
+        return [SimpleNamespace(text=texts[i % 4]) for i in range(len(prompts))]
+
+    monkeypatch.setattr(instructrl.eval.generate, "generate_responses", fake_generate)
+    db_path = tmp_path / "l.sqlite"
+    load_prompts.run(_cfg(load_prompts, db_path, prompts=str(_write_prompts(tmp_path / "p.jsonl", ["a prompt"])),
+                          task="comparison"))  # fmt: skip
+    out = add_samples.run(_cfg(add_samples, db_path, model=str(tiny_lm_dir), k=4))
+    assert out["replaced"] == {"control": 2, "U+FFFD": 2, "responses": 3}
+    assert "3 sampled responses held characters labelers may not type" in capsys.readouterr().out
+    with open_database(db_path) as db, db.read() as s:
+        texts = [r.text for r in s.scalars(select(Item)).one().responses]
+    assert texts == ["ok", "colour\u241b[31m red", "caf\u2370\u2370", "nul\u2400 and\nbreak"]
+    with open_database(db_path) as db, db.write() as s, pytest.raises(ValueError, match="control characters"):
+        add_comparison_item(s, 1, ["fine", "raw\x00"])  # unsanitized text never enters the database
 
 
 def test_empty_responses_never_enter_the_database(tmp_path):
@@ -374,6 +408,40 @@ def test_export_leaves_out_skipped_and_pending_work(tmp_path):
     assert (tmp_path / "c.jsonl").read_text() == ""
 
 
+def test_exports_and_stats_files_are_readable_by_the_owner_only(tmp_path):
+    import stat
+
+    db_path = _world(tmp_path, n_demo=1, n_comp=1, labelers=("alice",))
+    export.run(_cfg(export, db_path, kind="comparisons", output=str(tmp_path / "c.jsonl")))
+    stats.run(_cfg(stats, db_path, output=str(tmp_path / "stats.json")))
+    for path in (db_path, tmp_path / "c.jsonl", tmp_path / "stats.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_serve_refuses_a_missing_database_unless_asked_to_create_it(tmp_path, monkeypatch):
+    import waitress.server
+
+    started = {}
+
+    class FakeServer:  # stands in for Waitress: the test checks what serve asks of it, not the network
+        effective_port = 1234
+
+        def run(self):
+            started["ran"] = True
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(waitress.server, "create_server", lambda app, **kw: started.update(kw) or FakeServer())
+    missing = tmp_path / "typo.sqlite"
+    with pytest.raises(UserFacingError, match="does not exist"):
+        serve.run(_cfg(serve, missing, port=0))
+    assert not missing.exists() and not started
+    serve.run(_cfg(serve, missing, port=0, create=True))
+    assert missing.is_file() and started["ran"]
+    assert started["max_request_body_size"] == 256 * 1024  # the app's form limit, enforced by the server
+
+
 def test_export_and_stats_need_an_existing_database(tmp_path):
     with pytest.raises(UserFacingError, match="does not exist"):
         export.run(_cfg(export, tmp_path / "none.sqlite", kind="comparisons", output=str(tmp_path / "x.jsonl")))
@@ -406,6 +474,31 @@ def test_stats_counts_and_agreement(tmp_path, capsys):
     assert per["alice"]["agreement"]["agreement"] == pytest.approx(10 / 11)
     assert "87.5%" in printed and "alice / carol: 83.3%" in printed
     assert json.loads((tmp_path / "stats.json").read_text())["assignments"]["done"] == 18
+
+
+def test_all_tied_rankings_are_counted_in_stats_and_in_the_reward_models_load_report(tmp_path, tiny_tokenizer):
+    from instructrl.data.records import Comparison
+    from instructrl.stages.rm import encode_comparisons
+
+    db_path = _world(tmp_path, n_demo=0, n_comp=2, labelers=("alice",))
+    assign.run(_cfg(assign, db_path))
+    with open_database(db_path) as db, db.write() as s:
+        first, second = s.scalars(select(Assignment).order_by(Assignment.id)).all()
+        tied = _ranking_form([1, 1, 1, 1])
+        tied.add("confirm_all_tied", "1")
+        submit_ranking(
+            s, owned_assignment(s, first.labeler_id, first.id), parse_ranking(tied, 4), SubmissionMeta(_key(1), None)
+        )
+        ranked = parse_ranking(_ranking_form([1, 2, 3, 3]), 4)
+        submit_ranking(s, owned_assignment(s, second.labeler_id, second.id), ranked, SubmissionMeta(_key(2), None))
+    out = stats.run(_cfg(stats, db_path))
+    assert out["all_tied_rankings"] == 1
+    exported = tmp_path / "c.jsonl"
+    export.run(_cfg(export, db_path, kind="comparisons", output=str(exported)))
+    comparisons, _ = load_comparisons(exported)
+    comparisons.append(Comparison("p", ("a", "b" * 200), (0, 1)))  # dropped for length, not for a tie
+    _, counts = encode_comparisons(comparisons, tiny_tokenizer, max_prompt_tokens=32, max_response_tokens=16)
+    assert (counts.comparisons, counts.dropped_comparisons, counts.all_tied) == (1, 2, 1)
 
 
 def test_reward_model_trains_on_the_export(tmp_path, tiny_lm_dir):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import http.cookiejar
+import logging
 import random
 import re
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -275,12 +277,21 @@ def test_session_expires_after_its_lifetime_even_when_active(app, clock):
     assert client.get("/").status_code == 302
 
 
-def test_submitting_after_the_session_expired_says_so(world, alice, clock):
-    form, _ = _form_for(alice, world.ids["demo_alice"], response="typed for a long time")
+@pytest.mark.parametrize("action", ["", "/skip"])
+def test_submitting_after_the_session_expired_leads_back_to_the_task_after_login(world, alice, clock, action):
+    task = f"/task/{world.ids['demo_alice']}"
+    form, _ = _form_for(alice, world.ids["demo_alice"], response="typed for a long time", reason="unclear")
     clock.now += dt.timedelta(hours=3)
-    response = alice.post(f"/task/{world.ids['demo_alice']}", data=form)
-    assert response.status_code == 403 and "Your login has expired." in response.text
+    response = alice.post(task + action, data=form)
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/login?next=" + task
+    login_page = alice.get(response.headers["Location"])
+    assert "Your login has expired." in login_page.text and "kept in this browser" in login_page.text
     assert _labels(world) == []
+    back = login(alice, "alice", next_url=task)
+    assert back.headers["Location"] == task
+    # the task page carries the draft key under which the browser kept the typed text (see the e2e test)
+    assert 'data-draft="alice:1"' in alice.get(task).text
 
 
 def test_session_expires_when_idle(app, clock):
@@ -672,6 +683,7 @@ class HttpClient:
 def server(tmp_path):
     """``label serve`` (Waitress) in a subprocess on a free port; yields (base_url, db_path)."""
     db_path = tmp_path / "server.sqlite"
+    open_database(db_path).close()  # serve needs an existing database
     with label_serve_process(db_path) as url:  # 8 threads, the default
         yield url.rstrip("/"), db_path
 
@@ -769,3 +781,155 @@ def test_long_queue_shows_the_first_rows_and_a_count(world, alice, monkeypatch):
     page = alice.get("/").text
     assert page.count('<td><a href="/task/') == 1
     assert "3 to do · 0 submitted · 0 skipped" in page and "… and 2 more." in page
+
+
+# --------------------------------------------------------------------------- throttling, logs, the server's limit
+
+
+def test_failed_logins_are_throttled_per_account_with_backoff(app, clock, caplog):
+    client = app.test_client()
+    statuses = [login(client, "alice", "wrong-secret-999").status_code for _ in range(30)]
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}  # 5 free tries, then a wait
+    refused = login(client, "alice")  # even the right secret waits: the account is under attack
+    assert refused.status_code == 429 and "Try again in 2 seconds" in refused.text
+    assert refused.headers["Retry-After"] == "2"
+    clock.now += dt.timedelta(seconds=2)
+    assert login(client, "alice", "wrong-again-999").status_code == 401
+    assert "Try again in 4 seconds" in login(client, "alice").text  # the wait doubles with each failure
+    clock.now += dt.timedelta(seconds=4)
+    assert login(client, "alice").status_code == 303
+    assert login(app.test_client(), "alice", "wrong-secret-999").status_code == 401  # success cleared the count
+    assert login(app.test_client(), "bob").status_code == 303  # other accounts were never held up
+    failed = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert len(failed) == 5 + 1 + 1 and "'alice'" in failed[0]
+    assert any("throttled login" in r.getMessage() for r in caplog.records)
+
+
+def _client_at(app, address: str):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def test_failed_logins_are_throttled_per_address(app):
+    client = _client_at(app, "203.0.113.7")
+    statuses = [login(client, f"nobody{i}", "wrong-secret-999").status_code for i in range(25)]
+    assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
+    assert login(client, "alice").status_code == 429  # a known account, from the guessing address
+    assert login(_client_at(app, "198.51.100.1"), "alice").status_code == 303
+
+
+def test_access_log_has_one_line_per_request_and_no_secrets(app, world, caplog):
+    caplog.set_level(logging.INFO, logger="instructrl.label")
+    client = app.test_client()
+    login(client, "alice")  # two requests: the login page and the POST
+    a = world.ids["demo_alice"]
+    form, _ = _form_for(client, a, response="my demonstration")
+    client.post(f"/task/{a}?x=query-secret", data=form)
+    access = [r.getMessage() for r in caplog.records if r.name == "instructrl.label.access"]
+    assert len(access) == 4
+    assert access[1].startswith('127.0.0.1 - "POST /login" 303') and access[2].startswith(
+        '127.0.0.1 alice "GET /task/1" 200'
+    )
+    assert access[3].startswith('127.0.0.1 alice "POST /task/1" 303')
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    cookie = client.get_cookie("instructrl_label").value
+    for secret in (SECRETS["alice"], form["csrf_token"], cookie, "my demonstration", "query-secret"):
+        assert secret not in text
+    assert any(
+        r.name == "instructrl.label.events" and r.getMessage() == "login 'alice' from 127.0.0.1"
+        for r in caplog.records
+    )
+
+
+def test_admin_lands_on_the_admin_page_and_its_views_are_logged(app, caplog):
+    caplog.set_level(logging.INFO, logger="instructrl.label.events")
+    client = app.test_client()
+    assert login(client, "boss").headers["Location"] == "/admin"
+    assert client.get("/login").headers["Location"] == "/admin"
+    assert login(app.test_client(), "alice").headers["Location"] == "/"
+    client.get("/admin")
+    assert "admin 'boss' viewed /admin" in [r.getMessage() for r in caplog.records]
+
+
+def test_request_bodies_over_the_form_limit_are_refused_before_they_are_read(server):
+    """The server answers 413 from the Content-Length alone: a 50 MB body is never read."""
+    base, _ = server
+    host, port = urllib.parse.urlsplit(base).hostname, urllib.parse.urlsplit(base).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 50000000\r\n\r\n" + b"a" * 1000
+        )
+        sock.settimeout(10)
+        reply = sock.recv(200)  # old behaviour: the server waits for 50 MB, and this times out
+    assert reply.startswith(b"HTTP/1.1 413")
+
+
+# --------------------------------------------------------------------------- task pages and the queue
+
+
+def test_an_all_tied_ranking_is_stored_only_when_confirmed(world, alice):
+    a = world.ids["cmp_alice"]
+    form, _ = _form_for(alice, a, **_ranking_fields([1, 1, 1, 1]))
+    refused = alice.post(f"/task/{a}", data=form)
+    assert refused.status_code == 400 and "equally good" in refused.text
+    assert 'name="confirm_all_tied"' in refused.text and _labels(world) == []
+    assert alice.post(f"/task/{a}", data={**form, "confirm_all_tied": "1"}).status_code == 303
+    (label,) = _labels(world)
+    assert label.ranking == [[0, 1, 2, 3]]
+    assert 'name="confirm_all_tied" value="1" id="confirm-all-tied" checked' in alice.get(f"/task/{a}").text
+
+
+def test_skip_form_keeps_reason_and_note_after_an_error(world, alice):
+    a = world.ids["demo_alice"]
+    token = _csrf(alice.get(f"/task/{a}").text)
+    no_reason = alice.post(f"/task/{a}/skip", data={"csrf_token": token, "reason": "", "note": "my long note"})
+    assert no_reason.status_code == 400 and "Choose a reason" in no_reason.text
+    assert ">my long note</textarea>" in no_reason.text
+    assert not re.search(r'<select id="skip-reason"[^>]*required', no_reason.text)  # no silent browser block
+    no_note = alice.post(f"/task/{a}/skip", data={"csrf_token": token, "reason": "other", "note": ""})
+    assert no_note.status_code == 400 and '<option value="other" selected>' in no_note.text
+
+
+def test_task_page_shows_the_item_number(world, bob):
+    page = bob.get(f"/task/{world.ids['cmp_bob']}").text  # assignment 4 of the shared comparison item 3
+    assert re.search(r"Item 3 ·", page) and "Item 4" not in page
+
+
+def _add_demonstrations_for(world, name: str, n: int) -> None:
+    with _db(world) as db, db.write() as s:
+        labeler = s.scalar(select(Labeler).where(Labeler.username == name))
+        add_prompts(s, [PromptRecord(f"extra demo {i}") for i in range(n)], "demonstration")
+        for item in s.scalars(select(Item).where(Item.kind == "demonstration").order_by(Item.id.desc()).limit(n)):
+            add_assignment(s, item, labeler, random.Random(0))
+
+
+def _choose_work(client, kind: str):
+    return client.post("/work", data={"csrf_token": _csrf(client.get("/").text), "work": kind})
+
+
+def test_queue_alternates_kinds_and_the_labeler_can_choose_one(world, alice):
+    _add_demonstrations_for(world, "alice", 4)  # alice: demo, 2 comparisons, then 4 more demos
+    kinds = re.findall(r"<td>(Write a response|Rank responses)</td>", alice.get("/").text)
+    assert kinds[:4] == ["Write a response", "Rank responses", "Write a response", "Rank responses"]
+    assert _choose_work(alice, "comparison").headers["Location"] == "/"
+    page = alice.get("/").text
+    assert set(re.findall(r"<td>(Write a response|Rank responses)</td>", page)) == {"Rank responses"}
+    form, _ = _form_for(alice, world.ids["cmp_alice"], **_ranking_fields([1, 2, 3, 4]))
+    # the choice is kept: after a submission the next item is of the chosen kind
+    next_page = alice.post(f"/task/{world.ids['cmp_alice']}", data=form).headers["Location"]
+    assert next_page == f"/task/{world.ids['cmp2_alice']}"
+    _choose_work(alice, "demonstration")
+    assert set(re.findall(r"<td>(Write a response|Rank responses)</td>", alice.get("/").text)) == {"Write a response"}
+    assert _choose_work(alice, "everything").status_code == 400
+
+
+def test_an_admin_sets_the_kind_of_work_per_labeler(world, app):
+    with _db(world) as db, db.write() as s:
+        assert create_or_update_labeler(s, "bob", work="comparison").work == "comparison"
+    bob = app.test_client()
+    login(bob, "bob")
+    page = bob.get("/").text
+    assert re.findall(r"<td>(Write a response|Rank responses)</td>", page) == ["Rank responses"]
+    assert 'value="comparison" class="primary" aria-pressed="true"' in page

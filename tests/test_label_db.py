@@ -147,3 +147,20 @@ def test_missing_database_is_reported_when_it_must_exist(tmp_path):
     with pytest.raises(UserFacingError, match="does not exist"):
         open_database(tmp_path / "nope.sqlite", must_exist=True)
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_database_and_its_side_files_are_readable_by_the_owner_only(tmp_path):
+    """The file holds secret hashes, the cookie-signing key and CSRF tokens: mode 0600, whatever the umask."""
+    import os
+    import stat
+
+    path = tmp_path / "new.sqlite"
+    old_umask = os.umask(0o022)
+    try:
+        with open_database(path) as db:
+            app_secret_key(db)  # a write: SQLite creates the -wal and -shm files beside the database
+            files = [p for p in tmp_path.iterdir() if p.name.startswith("new.sqlite")]
+            assert {p.name for p in files} >= {"new.sqlite", "new.sqlite-wal"}
+            assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    finally:
+        os.umask(old_umask)

@@ -90,11 +90,32 @@ def test_parse_demonstration_normalizes_and_limits_text():
         ("x" * (limit + 1), "limit"),
         ("bell\x07", "control characters"),
         ("nul\x00", "control characters"),
+        ("half a character: \ufffd", "U\\+FFFD"),
     ]:
         with pytest.raises(forms.FormError, match=message):
             forms.parse_demonstration(MultiDict({"response": bad}))
     with pytest.raises(forms.FormError, match="empty"):
         forms.parse_demonstration(MultiDict())
+
+
+def test_generated_text_is_held_to_the_labelers_rules_with_visible_marks():
+    """Model samples get the form's normalization; what a labeler could not type is replaced by a visible mark
+    and counted, so the stored text passes the same check as a labeler's."""
+    text, replaced = forms.clean_generated_text(" nul\x00 esc\x1b[0m del\x7f c1\x85 bad\ufffd\r\nok\t ")
+    assert text == "nul\u2400 esc\u241b[0m del\u2421 c1\u2370 bad\u2370\nok"
+    assert replaced == {"control": 4, "U+FFFD": 1}
+    assert forms.clean_text(text, 10_000, required=True) == text
+    assert forms.clean_generated_text("plain\ttext\n") == ("plain\ttext", {})
+
+
+def test_an_all_tied_ranking_needs_the_labelers_confirmation():
+    form = _ranking_form(4, ranks=[1, 1, 1, 1])
+    with pytest.raises(forms.FormError) as error:
+        forms.parse_ranking(form, 4)
+    assert "equally good" in error.value.errors["confirm_all_tied"]
+    form.add("confirm_all_tied", "1")
+    assert forms.parse_ranking(form, 4).ranking == ((0, 1, 2, 3),)
+    assert forms.parse_ranking(_ranking_form(4, ranks=[1, 1, 1, 2]), 4).ranking == ((0, 1, 2), 3)  # a partial tie
 
 
 def test_parse_skip_needs_a_known_reason_and_a_note_for_other():

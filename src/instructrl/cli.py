@@ -123,11 +123,15 @@ def _available() -> dict[str, Command]:
     return out
 
 
-def _top_help(commands: dict[str, Command]) -> str:
-    width = max((len(n) for n in commands), default=8)
-    lines = ["usage: instructrl COMMAND [--config FILE.yaml] [--set key=value ...]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in commands.items()]
-    lines += ["", "Run 'instructrl COMMAND --help' for every option of a command."]
+def _top_help(commands: dict[str, Command], group: str | None = None) -> str:
+    """The command list: every command, or with ``group`` (e.g. "label") that group's subcommands."""
+    prefix = f"{group} " if group else ""
+    listed = {name: cmd for name, cmd in commands.items() if name.startswith(prefix)}
+    width = max((len(n) for n in listed), default=8)
+    command = f"{group} SUBCOMMAND" if group else "COMMAND"
+    lines = [f"usage: instructrl {command} [--config FILE.yaml] [--set key=value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in listed.items()]
+    lines += ["", f"Run 'instructrl {command} --help' for every option of a command."]
     return "\n".join(lines)
 
 
@@ -138,8 +142,10 @@ def _resolve(argv: list[str], commands: dict[str, Command]) -> tuple[str, list[s
         return argv[0], argv[1:]
     groups = sorted({n.split()[0] for n in commands if " " in n})
     if argv and argv[0] in groups:
-        subs = [n.split()[1] for n in commands if n.startswith(argv[0] + " ")]
-        raise SystemExit(f"instructrl {argv[0]}: expected one of: {', '.join(subs)}")
+        if argv[1:2] in ([], ["-h"], ["--help"]):
+            print(_top_help(commands, argv[0]))
+            raise SystemExit(0)
+        raise SystemExit(f"instructrl {argv[0]}: unknown subcommand '{argv[1]}'\n\n{_top_help(commands, argv[0])}")
     import difflib
 
     wanted = argv[0] if argv else ""
@@ -237,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return 0
     from instructrl.errors import UserFacingError
-    from instructrl.utils.guards import is_disk_full
 
     try:
         module.run(cfg)
@@ -245,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"instructrl {name}: error: {e}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:
+        from instructrl.utils.guards import is_disk_full  # imports torch: only when needed (label commands)
+
         if not is_disk_full(e):
             raise
         print(

@@ -337,9 +337,104 @@ def test_other_labelers_and_admin_pages(label_server, page_for):
     with boss.expect_navigation():
         boss.click("text=Admin")
     rows = {r.split("\t")[0]: r.split("\t") for r in boss.locator("#labelers tbody tr").all_inner_texts()}
-    assert rows["bob"][2:5] == ["0", "0", "0"]
-    assert int(rows["alice"][3]) + int(rows["alice"][2]) == 3  # pending + done: nothing lost
+    assert rows["bob"][2:6] == ["Both, alternating", "0", "0", "0"]
+    assert int(rows["alice"][4]) + int(rows["alice"][3]) == 3  # pending + done: nothing lost
     with boss.expect_navigation():
         boss.click("text=Agreement between labelers")
     assert "Overall: n/a" in boss.inner_text("#overall-agreement")  # no item was given to two labelers
     shoot(boss, "09-admin")
+
+
+IDLE_MINUTES = 0.1
+"""The expiry test's idle limit: a login ends 6 s after its last request (long enough to log in and submit)."""
+
+
+def _storage_keys(page) -> list[str]:
+    return page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('instructrl-draft:'))")
+
+
+def test_typed_work_survives_an_expired_login_and_is_submitted_after_it(tmp_path, page_for):
+    """A demonstration, a ranking with scores and flags, and a skip reason with its note, all typed while the
+    login runs out: each submission leads to the login page, and after logging in the task page brings the
+    typed values back (kept in the browser), ready to submit. Drafts are gone once the server stored the work."""
+    import time
+
+    db, ids = _build_database(tmp_path)
+    demo_id, ranking_id, skip_id = ids["alice"]
+    with label_serve_process(db, f"idle_minutes={IDLE_MINUTES}") as base:
+        page = page_for("alice")
+        _login(page, base, "alice")
+        page.goto(f"{base}task/{demo_id}")
+        page.fill("#response", DEMO_ANSWER)
+        ranking = page.context.new_page()
+        ranking.goto(f"{base}task/{ranking_id}")
+        target = [2, 0, 3, 1]
+        for index, position in enumerate(target):
+            current = _ranking_positions(ranking).index(position)
+            if current != index:
+                _keyboard_move_up(ranking, position, current - index)
+        _rate_all(ranking, {0: 6, 1: 2, 2: 7, 3: 4})
+        ranking.check(f"#flag-{_letter_of(ranking, 1)}-hallucination")
+        skip = page.context.new_page()
+        skip.goto(f"{base}task/{skip_id}")
+        skip.click("details.skip summary")
+        skip.select_option("#skip-reason", "other")
+        skip.fill("#skip-note", "The prompt names a product I do not know.")
+
+        time.sleep(IDLE_MINUTES * 60 + 1)  # the login expires while the labeler types
+        for tab, selector in [(page, "#submit"), (ranking, "#submit"), (skip, "#skip-form button[type=submit]")]:
+            _submit(tab, selector)
+            assert "/login" in tab.url and "what you typed is kept in this browser" in tab.inner_text(".flash")
+
+        page.fill("#username", "alice")
+        page.fill("#secret", SECRETS["alice"])
+        _submit(page, "form.login button[type=submit]")  # back to the task, the text restored
+        assert page.url == f"{base}task/{demo_id}" and page.input_value("#response") == DEMO_ANSWER
+        _submit(page)
+        assert "Submitted." in page.inner_text(".flash")
+        assert not any(key.endswith(f":{demo_id}:label-form") for key in _storage_keys(page))
+
+        ranking.goto(f"{base}task/{ranking_id}")  # the same browser, now logged in again
+        assert _ranking_positions(ranking) == target and _rank_values(ranking, 4) == [2, 4, 1, 3]
+        assert ranking.is_checked(f"#quality-{_letter_of(ranking, 2)}-7")
+        assert ranking.is_checked(f"#flag-{_letter_of(ranking, 1)}-hallucination")
+        _submit(ranking)
+        skip.goto(f"{base}task/{skip_id}")
+        assert skip.input_value("#skip-reason") == "other"
+        assert skip.input_value("#skip-note") == "The prompt names a product I do not know."
+        _submit(skip, "#skip-form button[type=submit]")
+        assert _storage_keys(skip) == []  # every draft was dropped once its work was stored
+
+    (demo,) = _export(LabelServer("", db, tmp_path, ids), "demonstrations")
+    assert demo.response == DEMO_ANSWER
+    (comparison,) = _export(LabelServer("", db, tmp_path, ids), "comparisons")
+    assert comparison.ranking == (2, 0, 3, 1)
+    assert [r["quality"] for r in comparison.meta["ratings"]] == [6, 2, 7, 4]
+    assert [r["hallucination"] for r in comparison.meta["ratings"]] == [False, True, False, False]
+    from instructrl.label.db import Assignment, open_database
+
+    with open_database(db) as database, database.read() as s:
+        skipped = s.get(Assignment, skip_id)
+        assert (skipped.status, skipped.skip_reason, skipped.skip_note) == (
+            "skipped",
+            "other",
+            "The prompt names a product I do not know.",
+        )
+
+
+def test_pages_fit_a_phone_screen(label_server, browser):
+    """At 390 px (a phone held upright) no page scrolls sideways: the response cards take the screen's width."""
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = context.new_page()
+        _login(page, label_server.url, "alice")
+        for assignment_id in label_server.assignment_ids["alice"]:
+            page.goto(f"{label_server.url}task/{assignment_id}")
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"task {assignment_id} is {overflow} px wider than the screen"
+        shoot(page, "10-phone-ranking")
+        for path in ("", "history"):
+            page.goto(label_server.url + path)
+            assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0, path
+    finally:
+        context.close()

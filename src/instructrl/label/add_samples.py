@@ -11,19 +11,23 @@ Responses are sampled exactly like the reward-model stage's own samples: pure sa
 processed in chunks of ``chunk_prompts``, each committed on its own, so an interrupted run keeps the finished
 chunks and the same command continues with the rest. Prompts too long for the model's context with
 ``max_new_tokens`` added are skipped and counted. An empty response is re-sampled (``empty_retries``
-times at most) because the data loaders refuse empty responses.
+times at most) because the data loaders refuse empty responses. Responses are held to the web form's rules
+for labelers' text (:func:`instructrl.label.forms.clean_generated_text`): control characters and U+FFFD
+(undecodable bytes, e.g. a token that ends inside a character) are replaced by visible marks, and how many
+were replaced is reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from instructrl.config import require, require_non_negative, require_path_exists, require_positive
 from instructrl.label.db import open_database
-from instructrl.label.forms import MAX_K
+from instructrl.label.forms import MAX_K, UNKNOWN_MARK, clean_generated_text
 from instructrl.label.tasks import add_comparison_item, prompts_needing_samples
 
 
@@ -109,11 +113,13 @@ def run(cfg: Config) -> dict[str, Any]:
             todo = prompts_needing_samples(session, cfg.limit, cfg.resample)
         if not todo:
             print("label add-samples: no comparison prompts need samples (load some with task=comparison)")
-            return {"items": 0, "responses": 0, "too_long": 0, "too_empty": 0}
+            return {"items": 0, "responses": 0, "too_long": 0, "too_empty": 0, "replaced": {}}
         tokenizer = load_tokenizer(cfg.model)
         model = load_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device))
         context = max_positions(model)
         n_items = n_responses = too_long = too_empty = 0
+        # unprintable characters replaced, by kind, and in how many sampled responses (re-sampled ones too)
+        replaced: Counter[str] = Counter()
         for start in range(0, len(todo), cfg.chunk_prompts):
             chunk = todo[start : start + cfg.chunk_prompts]
             if context is not None:
@@ -135,7 +141,10 @@ def run(cfg: Config) -> dict[str, Any]:
                     batch_size=cfg.batch_size,
                     seed=(cfg.seed * 1_000_003 + first_prompt_id) * 31 + attempt,
                 )
-                return [g.text for g in generated]
+                cleaned = [clean_generated_text(g.text) for g in generated]
+                for _, counts in cleaned:
+                    replaced.update(counts, responses=bool(counts))
+                return [text for text, _ in cleaned]
 
             samples = sample_non_empty(sample, [text for _, text in chunk], ks, cfg.empty_retries)
             with db.write() as session:
@@ -154,4 +163,17 @@ def run(cfg: Config) -> dict[str, Any]:
         + (f"; {too_empty} prompts skipped for lack of 2 non-empty responses" if too_empty else ""),
         flush=True,
     )
-    return {"items": n_items, "responses": n_responses, "too_long": too_long, "too_empty": too_empty}
+    if replaced:
+        print(
+            f"label add-samples: {replaced['responses']} sampled responses held characters labelers may not type, "
+            f"shown as marks: {replaced['control']} control characters (as control pictures such as \u2400), "
+            f"{replaced['U+FFFD']} U+FFFD (undecodable bytes, as {UNKNOWN_MARK})",
+            flush=True,
+        )
+    return {
+        "items": n_items,
+        "responses": n_responses,
+        "too_long": too_long,
+        "too_empty": too_empty,
+        "replaced": dict(replaced),
+    }

@@ -2,7 +2,8 @@
 
 Pages
     ``/login``, ``/logout``            log in with username + secret; log out (POST)
-    ``/``                              the labeler's queue of pending items
+    ``/``                              the labeler's queue of pending items (both kinds alternating, or one)
+    ``/work``                          choose the kind of work the queue offers (POST)
     ``/task/<id>``                     one assignment: write a demonstration, or rank K responses (with the
                                        paper's metadata and a 1-7 quality score per response); skip with a
                                        reason; the same page edits submitted work
@@ -18,7 +19,19 @@ Security
     * Templates are autoescaped, and prompts and responses are only ever inserted as text; a strict
       Content-Security-Policy (scripts from this site only, no inline scripts) backs that up.
     * Input is validated and length-limited in :mod:`instructrl.label.forms`; bodies over
-      ``MAX_FORM_BYTES`` are refused with 413.
+      ``MAX_FORM_BYTES`` are refused with 413 (by the server before they are read, see ``label serve``).
+    * Failed logins are throttled per account and per client address with exponential backoff
+      (:class:`instructrl.label.auth.LoginThrottle`, 429 with ``Retry-After``).
+
+Logs (Python logging; ``label serve`` prints them)
+    ``instructrl.label.access``  one line per request: address, user, method, path (no query string), status,
+                                 bytes, milliseconds; never form fields or cookies
+    ``instructrl.label.events``  logins, failed and throttled logins, logouts, admin page views
+
+Typed work is never lost to an expired login: the task pages keep a draft of every field in the browser
+(``static/drafts.js``, localStorage keyed by user and assignment), restored when the page is opened again and
+cleared once the server has accepted the submission; a submission that arrives after the login expired is
+sent to the login page, which returns to the task with the draft in place.
 """
 
 from __future__ import annotations
@@ -26,17 +39,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import logging
+import re
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, abort, current_app, flash, g, redirect, render_template, request, session, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, TooManyRequests
 
 from instructrl.label import auth, forms, tasks
-from instructrl.label.db import Assignment, Database, app_secret_key, utcnow
+from instructrl.label.db import Assignment, Database, Labeler, app_secret_key, utcnow
 
+ACCESS_LOG = logging.getLogger("instructrl.label.access")
+EVENT_LOG = logging.getLogger("instructrl.label.events")
 LETTERS = "ABCDEFGHI"
 SNIPPET_CHARS = 90
 LIST_LIMIT = 200
@@ -62,16 +80,22 @@ class _State:
     db: Database
     settings: AppSettings
     clock: Callable[[], dt.datetime]
+    throttle: auth.LoginThrottle
 
 
 def _state() -> _State:
     return current_app.extensions["instructrl_label"]
 
 
-def create_app(db: Database, settings: AppSettings | None = None, clock: Callable[[], dt.datetime] = utcnow) -> Flask:
+def create_app(
+    db: Database,
+    settings: AppSettings | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
+    throttle: auth.LoginThrottle | None = None,
+) -> Flask:
     """The WSGI app serving the labeling database ``db`` (already migrated).
 
-    ``clock`` returns the current UTC time; tests pass a fake one to check expiry.
+    ``clock`` returns the current UTC time; tests pass a fake one to check expiry and login backoff.
     """
     settings = settings or AppSettings()
     app = Flask(__name__)
@@ -86,10 +110,13 @@ def create_app(db: Database, settings: AppSettings | None = None, clock: Callabl
         MAX_FORM_MEMORY_SIZE=forms.MAX_FORM_BYTES,
         TEMPLATES_AUTO_RELOAD=False,
     )
-    app.extensions["instructrl_label"] = _State(db, settings, clock)
-    app.jinja_env.globals.update(letters=LETTERS, flags=forms.FLAGS, skip_reasons=forms.SKIP_REASONS)
+    app.extensions["instructrl_label"] = _State(db, settings, clock, throttle or auth.LoginThrottle())
+    app.jinja_env.globals.update(
+        letters=LETTERS, flags=forms.FLAGS, skip_reasons=forms.SKIP_REASONS, work_names=tasks.WORK_NAMES
+    )
     app.before_request(_load_user_and_check_csrf)
     app.after_request(_security_headers)
+    app.after_request(_log_request)
     app.register_error_handler(HTTPException, _http_error)
     _register_routes(app)
     return app
@@ -98,8 +125,9 @@ def create_app(db: Database, settings: AppSettings | None = None, clock: Callabl
 # --------------------------------------------------------------------------- request plumbing
 
 
-def _load_user_and_check_csrf() -> None:
+def _load_user_and_check_csrf() -> Any:
     g.user = None
+    g.started = time.perf_counter()
     if request.endpoint == "static":  # public files: no session lookup needed
         return
     state = _state()
@@ -110,7 +138,6 @@ def _load_user_and_check_csrf() -> None:
             g.user = auth.resolve_session(s, token, state.settings.limits, now)
         if g.user is None:
             session.pop("sid", None)
-            g.session_expired = True
         elif g.user.needs_touch:
             with state.db.write() as s:
                 auth.touch_session(s, g.user.session_id, now)
@@ -122,9 +149,15 @@ def _load_user_and_check_csrf() -> None:
             session["csrf"] = secrets.token_urlsafe(32)
         g.csrf_token = session["csrf"]
     if request.method == "POST" and not auth.same_token(request.form.get("csrf_token"), g.csrf_token):
-        if g.get("session_expired"):
-            abort(403, "Your login has expired. Log in again; your browser's Back button brings back what you typed.")
+        if g.user is None and request.endpoint != "login_submit":
+            # The login expired (in this tab, or in another one that noticed first). Nothing is stored, and
+            # nothing is lost: the page kept a draft in the browser (drafts.js), which the task page brings
+            # back after the login.
+            flash("Your login has expired. Log in again: what you typed is kept in this browser and comes back.")
+            task_page = re.fullmatch(r"(/task/[0-9]+)(/skip)?", request.path)
+            return redirect(url_for("login", next=task_page.group(1) if task_page else None), 303)
         abort(403, "The form has expired or did not come from this site. Reload the page and try again.")
+    return None
 
 
 _CSP = (
@@ -143,15 +176,34 @@ def _security_headers(response: Any) -> Any:
     return response
 
 
+def _log_request(response: Any) -> Any:
+    """The access log: one line per request (the path without its query string; no form fields, no cookies)."""
+    user = g.user.username if g.get("user") is not None else "-"
+    millis = (time.perf_counter() - g.started) * 1000 if "started" in g else 0.0
+    ACCESS_LOG.info(
+        '%s %s "%s %s" %d %s %.0fms',
+        request.remote_addr or "-",
+        user,
+        request.method,
+        request.path,
+        response.status_code,
+        response.calculate_content_length() or "-",
+        millis,
+    )
+    return response
+
+
 def _http_error(error: HTTPException) -> Any:
     if error.code is None or 300 <= error.code < 400:
         return error
     titles = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Method not allowed"}
     titles[409] = "Conflict"
     titles[413] = "Too large"
+    titles[429] = "Too many attempts"
     title = titles.get(error.code, error.name)
-    message = error.description if error.code in (403, 409, 413) else None
-    return render_template("error.html", title=title, message=message, code=error.code), error.code
+    message = error.description if error.code in (403, 409, 413, 429) else None
+    headers = {"Retry-After": str(error.retry_after)} if getattr(error, "retry_after", None) else {}
+    return render_template("error.html", title=title, message=message, code=error.code), error.code, headers
 
 
 def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -171,6 +223,7 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
             return redirect(url_for("login", next=request.full_path.rstrip("?")))
         if not g.user.is_admin:
             abort(403, "This page is for admins.")
+        EVENT_LOG.info("admin %r viewed %s", g.user.username, request.path)
         return view(*args, **kwargs)
 
     return wrapped
@@ -194,6 +247,7 @@ def _form_values(assignment: Assignment, form: Any | None) -> dict[str, Any]:
             "ranks": {p: _int_or_none(form.get(f"rank_{p}")) for p in range(k)},
             "quality": {p: _int_or_none(form.get(f"quality_{p}")) for p in range(k)},
             "flags": {p: set(form.getlist(f"flag_{p}")) & set(forms.FLAGS) for p in range(k)},
+            "confirm_all_tied": form.get("confirm_all_tied") == "1",
         }
     label = assignment.label
     if label is not None:
@@ -203,9 +257,11 @@ def _form_values(assignment: Assignment, form: Any | None) -> dict[str, Any]:
             "ranks": dict(enumerate(forms.ranking_to_ranks(label.ranking, k))) if label.ranking else {},
             "quality": {p: r.quality for p, r in ratings.items()},
             "flags": {p: {f for f in forms.FLAGS if getattr(r, f)} for p, r in ratings.items()},
+            "confirm_all_tied": label.ranking is not None and len(label.ranking) == 1,
         }
     order = assignment.display_order or list(range(k))
-    return {"response": "", "ranks": {p: i + 1 for i, p in enumerate(order)}, "quality": {}, "flags": {}}
+    ranks = {p: i + 1 for i, p in enumerate(order)}
+    return {"response": "", "ranks": ranks, "quality": {}, "flags": {}, "confirm_all_tied": False}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -236,9 +292,14 @@ def _render_task(
     errors: dict[str, str] | None = None,
     conflict: str | None = None,
     status: int = 200,
+    skip_form: Any | None = None,
 ) -> Any:
+    """The task page; after an error ``form`` (the label form) or ``skip_form`` holds the values to show again."""
     item = assignment.item
     values = _form_values(assignment, form)
+    skip = {"reason": assignment.skip_reason, "note": assignment.skip_note or ""}
+    if skip_form is not None:
+        skip = {"reason": skip_form.get("reason"), "note": str(skip_form.get("note", ""))[: forms.MAX_NOTE_CHARS]}
     key = form.get("submission_key") if form is not None else None
     if not (isinstance(key, str) and forms.SUBMISSION_KEY.match(key)) or conflict:
         key = uuid.uuid4().hex
@@ -251,6 +312,8 @@ def _render_task(
         "conflict": conflict,
         "submission_key": key,
         "version": assignment.label.version if assignment.label is not None else None,
+        "skip": skip,
+        "draft_key": _draft_key(assignment.id),
     }
     if item.kind == "demonstration":
         context["max_chars"] = forms.MAX_DEMONSTRATION_CHARS
@@ -264,6 +327,11 @@ def _render_task(
     return render_template("comparison.html", **context), status
 
 
+def _draft_key(assignment_id: int) -> str:
+    """Where the browser keeps the drafts of one labeler's task page (see static/drafts.js)."""
+    return f"{g.user.username}:{assignment_id}"
+
+
 def _owned_assignment_or_404(s: Any, assignment_id: int) -> Assignment:
     """The logged-in labeler's assignment ``assignment_id``; any other id is a 404, whether or not it exists."""
     assignment = tasks.owned_assignment(s, g.user.labeler_id, assignment_id)
@@ -272,12 +340,12 @@ def _owned_assignment_or_404(s: Any, assignment_id: int) -> Assignment:
     return assignment
 
 
-def _render_work_list(template: str, name: str, rows: Callable[..., Any]) -> Any:
+def _render_work_list(template: str, name: str, rows: Callable[..., Any], **context: Any) -> Any:
     """The queue or history page: ``rows(session, labeler_id, limit=)`` as ``name``, with the status counts."""
     labeler_id = g.user.labeler_id
     with _state().db.read() as s:
-        listing = {name: rows(s, labeler_id, limit=LIST_LIMIT)}
-        return render_template(template, **listing, counts=tasks.status_counts(s, labeler_id), snippet=_snippet)
+        context[name] = rows(s, labeler_id, limit=LIST_LIMIT)
+        return render_template(template, **context, counts=tasks.status_counts(s, labeler_id), snippet=_snippet)
 
 
 def _render_stats(template: str) -> Any:
@@ -288,29 +356,31 @@ def _render_stats(template: str) -> Any:
         return render_template(template, stats=collect_stats(s))
 
 
-def _act_on_task(assignment_id: int, act: Callable[[Any, Assignment], str], show_form_again: bool) -> Any:
+def _act_on_task(assignment_id: int, act: Callable[[Any, Assignment], str], posted: str) -> Any:
     """Apply ``act(session, assignment)`` to the labeler's assignment in one write transaction, then flash the
     message it returns and go to the next pending item.
 
     ``act`` raises :class:`forms.FormError` or :class:`tasks.Conflict` before it writes anything; the task page
-    is then shown again (400 or 409), with the submitted values when ``show_form_again``.
+    is then shown again (400 or 409) with the submitted values in the form that was ``posted`` ("label" or
+    "skip").
     """
     with _state().db.write() as s:
         assignment = _owned_assignment_or_404(s, assignment_id)
         try:
             message = act(s, assignment)
         except forms.FormError as e:
-            form = request.form if show_form_again else None
-            return _render_task(assignment, form=form, errors=e.errors, status=400)
+            submitted = {"form": request.form} if posted == "label" else {"skip_form": request.form}
+            return _render_task(assignment, errors=e.errors, status=400, **submitted)
         except tasks.Conflict as e:
             return _render_task(assignment, conflict=str(e), status=409)
+    flash(_draft_key(assignment_id), "stored")  # the next page tells the browser to drop this page's drafts
     return _after_submit(g.user.labeler_id, message)
 
 
 def _after_submit(labeler_id: int, message: str) -> Any:
     flash(message)
     with _state().db.read() as s:
-        next_id = tasks.next_pending(s, labeler_id)
+        next_id = tasks.next_pending(s, labeler_id, g.user.work)
     if next_id is None:
         return redirect(url_for("queue"), 303)
     return redirect(url_for("task", assignment_id=next_id), 303)
@@ -327,7 +397,7 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
     @app.get("/login")
     def login() -> Any:
         if g.user is not None:
-            return redirect(url_for("queue"))
+            return redirect(url_for("admin" if g.user.is_admin else "queue"))
         return render_template("login.html", next=forms.safe_next_url(request.args.get("next")), errors={})
 
     @app.post("/login")
@@ -339,19 +409,37 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
         except forms.FormError as e:
             return render_template("login.html", next=next_url, errors=e.errors), 400
         now = state.clock()
+        address = request.remote_addr or "-"
+        account = ("account", auth.normalize_username(username))
+        keys = [account, ("address", address)]
+        wait = state.throttle.retry_after(keys, now)
+        if wait > dt.timedelta(0):
+            seconds = max(1, round(wait.total_seconds()))
+            EVENT_LOG.warning("throttled login for %r from %s (%d s left)", username, address, seconds)
+            raise TooManyRequests(
+                f"Too many failed logins for this account or from this address. Try again in {seconds} seconds.",
+                retry_after=seconds,
+            )
         with state.db.write() as s:
             labeler = auth.authenticate(s, username, secret, now)
             if labeler is None:
+                state.throttle.failed(keys, now)
+                EVENT_LOG.warning("failed login for %r from %s", username, address)
                 errors = {"login": "Unknown username, or wrong or expired secret."}
                 return render_template("login.html", next=next_url, errors=errors, username=username), 401
             token, _csrf = auth.start_session(s, labeler, state.settings.limits, now)
+            is_admin = labeler.is_admin
+        state.throttle.succeeded(account)
+        EVENT_LOG.info("login %r from %s", username, address)
         session.clear()  # a fresh cookie on login: no session fixation
         session["sid"] = token
         session.permanent = True
-        return redirect(next_url or url_for("queue"), 303)
+        return redirect(next_url or url_for("admin" if is_admin else "queue"), 303)
 
     @app.post("/logout")
     def logout() -> Any:
+        if g.user is not None:
+            EVENT_LOG.info("logout %r", g.user.username)
         with _state().db.write() as s:
             auth.end_session(s, session.get("sid"))
         session.clear()
@@ -360,7 +448,18 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
     @app.get("/")
     @login_required
     def queue() -> Any:
-        return _render_work_list("queue.html", "pending", tasks.queue_for)
+        kind = g.user.work
+        return _render_work_list("queue.html", "pending", functools.partial(tasks.queue_for, kind=kind), work=kind)
+
+    @app.post("/work")
+    @login_required
+    def choose_work() -> Any:
+        kind = request.form.get("work")
+        if kind not in tasks.WORK_NAMES:
+            abort(400)
+        with _state().db.write() as s:
+            s.get(Labeler, g.user.labeler_id).work = kind
+        return redirect(url_for("queue"), 303)
 
     @app.get("/history")
     @login_required
@@ -386,7 +485,7 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
                 outcome = tasks.submit_ranking(s, assignment, data, meta)
             return {"created": "Submitted.", "updated": "Changes saved.", "unchanged": "Already submitted."}[outcome]
 
-        return _act_on_task(assignment_id, submit, show_form_again=True)
+        return _act_on_task(assignment_id, submit, posted="label")
 
     @app.post("/task/<int:assignment_id>/skip")
     @login_required
@@ -396,8 +495,7 @@ def _register_routes(app: Flask) -> None:  # noqa: C901 - one place that lists e
             tasks.skip_assignment(s, assignment, reason, note)
             return "Skipped."
 
-        # the skip form's fields are not the task form's: after an error the task form shows the saved label
-        return _act_on_task(assignment_id, skip, show_form_again=False)
+        return _act_on_task(assignment_id, skip, posted="skip")
 
     @app.get("/admin")
     @admin_required

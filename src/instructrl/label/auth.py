@@ -18,13 +18,14 @@ import functools
 import hmac
 import re
 import secrets
+import threading
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from instructrl.errors import UserFacingError
-from instructrl.label.db import ROLES, Labeler, LoginSession, sha256_hex, utcnow
+from instructrl.label.db import ROLES, WORK_KINDS, Labeler, LoginSession, sha256_hex, utcnow
 
 USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")
 """Usernames: 2-64 characters, lower-case letters, digits, '_', '.', '-', starting with a letter or digit."""
@@ -73,6 +74,7 @@ class CreatedLabeler:
     created: bool
     active: bool
     secret_expires_at: dt.datetime | None
+    work: str
 
 
 def create_or_update_labeler(
@@ -84,19 +86,22 @@ def create_or_update_labeler(
     secret_days: int = 90,
     rotate: bool = False,
     active: bool | None = None,
+    work: str | None = None,
     now: dt.datetime | None = None,
 ) -> CreatedLabeler:
     """Create a labeler, or update an existing one's role / active flag (and secret when ``rotate``).
 
-    ``role`` and ``active`` left as None mean 'labeler' and active for a new account, and unchanged for an
-    existing one. A new labeler always gets a secret (``secret`` or a generated one). Changing an existing
-    labeler's secret needs ``rotate=True``, so re-running a create command cannot silently lock someone
-    out. A new secret, a role change or deactivation end the labeler's open sessions.
+    ``role``, ``active`` and ``work`` left as None mean 'labeler', active and mixed work for a new account,
+    and unchanged for an existing one. A new labeler always gets a secret (``secret`` or a generated one).
+    Changing an existing labeler's secret needs ``rotate=True``, so re-running a create command cannot silently
+    lock someone out. A new secret, a role change or deactivation end the labeler's open sessions.
     """
     now = now or utcnow()
     name = check_username(username)
     if role is not None and role not in ROLES:
         raise UserFacingError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if work is not None and work not in WORK_KINDS:
+        raise UserFacingError(f"work must be one of {', '.join(WORK_KINDS)}, got {work!r}")
     if secret is not None and not (MIN_SECRET_CHARS <= len(secret) <= MAX_SECRET_CHARS):
         raise UserFacingError(f"a secret needs {MIN_SECRET_CHARS} to {MAX_SECRET_CHARS} characters")
     expires = now + dt.timedelta(days=secret_days) if secret_days > 0 else None
@@ -112,6 +117,7 @@ def create_or_update_labeler(
             secret_expires_at=expires,
             active=True if active is None else active,
             created_at=now,
+            work=work or "mixed",
         )
         session.add(labeler)
     else:
@@ -126,10 +132,13 @@ def create_or_update_labeler(
             labeler.secret_expires_at = expires
             end_sessions = True
         labeler.role, labeler.active = role, active
+        labeler.work = labeler.work if work is None else work
         if end_sessions:
             session.execute(delete(LoginSession).where(LoginSession.labeler_id == labeler.id))
     session.flush()
-    return CreatedLabeler(name, labeler.role, clear_secret, created, labeler.active, labeler.secret_expires_at)
+    return CreatedLabeler(
+        name, labeler.role, clear_secret, created, labeler.active, labeler.secret_expires_at, labeler.work
+    )
 
 
 def authenticate(session: Session, username: str, secret: str, now: dt.datetime | None = None) -> Labeler | None:
@@ -189,6 +198,8 @@ class CurrentUser:
     session_id: int
     needs_touch: bool
     """Whether ``last_seen_at`` is stale enough to be refreshed."""
+    work: str = "mixed"
+    """The kind of work the labeler's queue offers (``Labeler.work``)."""
 
     @property
     def is_admin(self) -> bool:
@@ -215,6 +226,7 @@ def resolve_session(
         csrf_token=row.csrf_token,
         session_id=row.id,
         needs_touch=now - row.last_seen_at >= LAST_SEEN_RESOLUTION,
+        work=labeler.work,
     )
 
 
@@ -227,6 +239,58 @@ def touch_session(session: Session, session_id: int, now: dt.datetime | None = N
 def end_session(session: Session, token: str | None) -> None:
     if token:
         session.execute(delete(LoginSession).where(LoginSession.token_hash == sha256_hex(token)))
+
+
+class LoginThrottle:
+    """Failed-login counting with exponential backoff, per account and per client address (in memory).
+
+    Each key (``("account", username)`` or ``("address", ip)``) may fail ``free_*_failures`` times in a row;
+    after the (free + n)-th failure, n = 0, 1, ..., logins for the key are refused for ``base_delay · 2^n``,
+    capped at ``max_delay``. Refused attempts are not checked and not counted; a success clears the account's count.
+    A key's count is forgotten ``max_delay`` after its last failure. The address allowance is larger because
+    several people may share one address (an office, a proxy).
+    """
+
+    def __init__(
+        self,
+        free_account_failures: int = 5,
+        free_address_failures: int = 20,
+        base_delay: dt.timedelta = dt.timedelta(seconds=2),
+        max_delay: dt.timedelta = dt.timedelta(minutes=15),
+    ):
+        self.free = {"account": free_account_failures, "address": free_address_failures}
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self._failures: dict[tuple[str, str], tuple[int, dt.datetime]] = {}
+        self._lock = threading.Lock()
+
+    def _delay(self, key: tuple[str, str], count: int) -> dt.timedelta:
+        over = count - self.free[key[0]]  # failures beyond the allowance, minus one
+        if over < 0:
+            return dt.timedelta(0)
+        return min(self.base_delay * 2 ** min(over, 30), self.max_delay)
+
+    def retry_after(self, keys: list[tuple[str, str]], now: dt.datetime) -> dt.timedelta:
+        """How long logins for any of ``keys`` must still wait (zero when they may try now)."""
+        wait = dt.timedelta(0)
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, now))
+                wait = max(wait, last + self._delay(key, count) - now)
+        return wait
+
+    def failed(self, keys: list[tuple[str, str]], now: dt.datetime) -> None:
+        with self._lock:
+            if len(self._failures) > 100_000:  # forget stale keys so a flood of addresses cannot fill memory
+                stale = [k for k, (_, last) in self._failures.items() if now - last > self.max_delay]
+                for key in stale:
+                    del self._failures[key]
+            for key in keys:
+                count, last = self._failures.get(key, (0, now))
+                self._failures[key] = (1 if now - last > self.max_delay else count + 1, now)
+
+    def succeeded(self, account: tuple[str, str]) -> None:
+        with self._lock:
+            self._failures.pop(account, None)
 
 
 def same_token(a: str | None, b: str | None) -> bool:

@@ -34,6 +34,10 @@ class Config:
     """Days until the secret expires (0 = never)."""
     rotate: bool = False
     """For an existing account: replace its secret (ends its sessions)."""
+    work: Literal["mixed", "demonstration", "comparison"] | None = None
+    """The kind of work the labeler's queue offers: 'mixed' (writing and ranking alternate), 'demonstration' or
+    'comparison' only. The labeler can change it on the queue page. Unset: 'mixed' for a new account, unchanged
+    for an existing one."""
     active: bool | None = None
     """false disables the account (its sessions end; its work stays and is exported), true enables it again.
     Unset: a new account is active, an existing one unchanged."""
@@ -52,6 +56,7 @@ def run(cfg: Config) -> dict[str, Any]:
             secret_days=cfg.secret_days,
             rotate=cfg.rotate,
             active=cfg.active,
+            work=cfg.work,
         )
     action = "created" if result.created else "updated"
     print(
@@ -65,6 +70,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "role": result.role,
         "created": result.created,
         "active": result.active,
+        "work": result.work,
         "secret": result.secret,
         "secret_expires_at": result.secret_expires_at,
     }

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,8 @@ BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for the write lock before giving up (SQLite ``busy_timeout``)."""
 
 ROLES = ("labeler", "admin")
+WORK_KINDS = ("mixed", "demonstration", "comparison")
+"""What a labeler's queue offers: both kinds of items alternating, or one kind."""
 ITEM_KINDS = ("demonstration", "comparison")
 STATUSES = ("pending", "done", "skipped")
 
@@ -93,6 +96,8 @@ class Labeler(Base):
     secret_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     active: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    work: Mapped[str] = mapped_column(String(16), default="mixed", server_default="mixed")
+    """The kind of work the queue offers (:data:`WORK_KINDS`): set by an admin, changed by the labeler."""
 
     @property
     def is_admin(self) -> bool:
@@ -256,12 +261,16 @@ class Database:
         self.path = Path(path)
         if must_exist and not self.path.is_file():
             raise UserFacingError(
-                f"labeling database {self.path} does not exist; create it with 'instructrl label create-labeler' "
-                "or 'instructrl label load-prompts'"
+                f"labeling database {self.path} does not exist (a typo in --db?); create it with "
+                "'instructrl label create-labeler' or 'instructrl label load-prompts'"
             )
         if self.path.is_dir():
             raise UserFacingError(f"labeling database path {self.path} is a directory; give a file name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Owner-only: the file holds secret hashes, the cookie-signing key and CSRF tokens. SQLite gives
+            # its -wal, -shm and -journal side files the database file's permissions.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.engine = _make_engine(self.path)
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)

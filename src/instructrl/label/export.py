@@ -44,7 +44,7 @@ class Config:
     kind: ExportKind
     """What to export: 'demonstrations' (for sft) or 'comparisons' (for rm)."""
     output: str
-    """JSONL file to write (replaced atomically)."""
+    """JSONL file to write (replaced atomically; readable by its owner only, mode 0600)."""
 
     def validate(self) -> None:
         require(bool(self.output.strip()), "output", "must name a file")
@@ -126,7 +126,7 @@ def run(cfg: Config) -> dict[str, Any]:
     with open_database(cfg.db, must_exist=True) as db:
         with db.read() as session:  # one snapshot for every query of the export
             records = export_records(session, cfg.kind)
-        n = atomic_write_jsonl(cfg.output, records)
+        n = atomic_write_jsonl(cfg.output, records, private=True)  # labelers' work and names: owner only
     labelers = sorted({r["labeler_id"] for r in records})
     print(f"label export: wrote {n} {cfg.kind} from {len(labelers)} labeler(s) to {cfg.output}", flush=True)
     return {"kind": cfg.kind, "records": n, "labelers": labelers, "output": cfg.output}

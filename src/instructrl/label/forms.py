@@ -67,24 +67,68 @@ class FormError(ValueError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in self.errors.items()))
 
 
+REPLACEMENT_CHARACTER = "\ufffd"
+"""What a decoder puts where bytes were not valid UTF-8 (e.g. a token cut in the middle of a character)."""
+UNKNOWN_MARK = "\u2370"
+"""Shown in place of U+FFFD and of control characters that have no Unicode control picture."""
+
+
+def is_unprintable(char: str) -> bool:
+    """Characters refused in stored text: control characters other than newline and tab (invisible on the
+    page, they only ever arrive by accident or by intent) and U+FFFD (the trace of undecodable bytes)."""
+    return char == REPLACEMENT_CHARACTER or (unicodedata.category(char) == "Cc" and char not in "\n\t")
+
+
+def _normalize_text(value: str) -> str:
+    return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
 def clean_text(value: Any, max_chars: int, *, required: bool) -> str:
     """Normalize line breaks, strip surrounding whitespace, and check length and characters.
 
-    Raises ``ValueError`` with the message for the field. Control characters other than newline and
-    tab are refused: they are invisible on the page and only ever arrive by accident or by intent.
+    Raises ``ValueError`` with the message for the field; unprintable characters (:func:`is_unprintable`)
+    are refused.
     """
     if value is None:
         value = ""
     if not isinstance(value, str):
         raise ValueError("must be text")
-    text = value.replace("\r\n", "\n").replace("\r", "\n").strip()
+    text = _normalize_text(value)
     if len(text) > max_chars:
         raise ValueError(f"is {len(text)} characters long; the limit is {max_chars}")
-    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
+    if any(c == REPLACEMENT_CHARACTER for c in text):
+        raise ValueError("contains U+FFFD replacement characters (text that was not valid UTF-8)")
+    if any(is_unprintable(c) for c in text):
         raise ValueError("contains control characters")
     if required and not text:
         raise ValueError("is empty")
     return text
+
+
+def visible_mark(char: str) -> str:
+    """What an unprintable character is shown as: its Unicode control picture (NUL -> U+2400 '␀', ESC -> '␛',
+    DEL -> '␡'), else :data:`UNKNOWN_MARK`."""
+    code = ord(char)
+    if code < 0x20:
+        return chr(0x2400 + code)
+    return "\u2421" if code == 0x7F else UNKNOWN_MARK
+
+
+def clean_generated_text(text: str) -> tuple[str, dict[str, int]]:
+    """Model output made storable like a labeler's text (:func:`clean_text`'s normalization, no length limit):
+    each unprintable character is replaced by its :func:`visible_mark`, so labelers see where it was.
+
+    Returns the text and what was replaced: ``{"control": n, "U+FFFD": m}`` (only the non-zero counts).
+    """
+    replaced: dict[str, int] = {}
+    out = []
+    for char in _normalize_text(text):
+        if is_unprintable(char):
+            kind = "U+FFFD" if char == REPLACEMENT_CHARACTER else "control"
+            replaced[kind] = replaced.get(kind, 0) + 1
+            char = visible_mark(char)
+        out.append(char)
+    return "".join(out), replaced
 
 
 def parse_small_int(value: Any) -> int:
@@ -153,6 +197,12 @@ class RankingInput:
     """Per canonical position."""
 
 
+ALL_TIED_MESSAGE = (
+    "You ranked every response the same, which tells the reward model nothing. Rank them, or tick "
+    "“They are all equally good” to confirm the tie."
+)
+
+
 def ranks_to_ranking(ranks: Sequence[int]) -> tuple[RankingElement, ...]:
     """Rank numbers per position (lower is better, equal = tied) -> ranking of positions, best first.
 
@@ -194,6 +244,9 @@ def parse_ranking(form: FormData, k: int) -> RankingInput:
         if unknown or len(flags) > len(FLAGS):
             errors[f"flag_{p}"] = f"Unknown flags: {', '.join(unknown)}." if unknown else "Too many flags."
         ratings.append(ResponseRatingInput(quality, frozenset(f for f in flags if f in FLAGS)))
+    # a ranking that ties everything gives no pair to train on: accept it only when the labeler confirms it
+    if len(ranks) == k > 1 and len(set(ranks)) == 1 and form.get("confirm_all_tied") != "1":
+        errors["confirm_all_tied"] = ALL_TIED_MESSAGE
     if errors:
         raise FormError(errors)
     return RankingInput(ranks_to_ranking(ranks), tuple(ratings))

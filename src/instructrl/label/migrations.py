@@ -127,7 +127,14 @@ _INITIAL_SCHEMA = (
     )""",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL_SCHEMA),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _INITIAL_SCHEMA),
+    Migration(
+        2,
+        "the kind of work each labeler is given",
+        ("ALTER TABLE labelers ADD COLUMN work VARCHAR(16) NOT NULL DEFAULT 'mixed'",),
+    ),
+)
 """Every migration, oldest first. Append only."""
 
 LATEST_VERSION = MIGRATIONS[-1].version

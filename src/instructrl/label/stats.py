@@ -62,6 +62,7 @@ def collect_stats(session: Session) -> dict[str, Any]:
         )
     )
     ranks_by_item: dict[int, dict[str, list[int]]] = defaultdict(dict)
+    all_tied = 0  # rankings that tie every response: confirmed by the labeler, but no pair for the reward model
     for item_id, username, ranking in session.execute(
         select(Assignment.item_id, Labeler.username, Label.ranking)
         .join(Label, Label.assignment_id == Assignment.id)
@@ -69,6 +70,7 @@ def collect_stats(session: Session) -> dict[str, Any]:
         .where(Assignment.status == "done", Label.ranking.is_not(None))
     ):
         ranks_by_item[item_id][username] = _ranks(ranking)
+        all_tied += len(ranking) == 1
     report = agreement_report(ranks_by_item)
     labelers = []
     for labeler in session.scalars(select(Labeler).order_by(Labeler.username)):
@@ -79,6 +81,7 @@ def collect_stats(session: Session) -> dict[str, Any]:
                 "username": labeler.username,
                 "role": labeler.role,
                 "active": labeler.active,
+                "work": labeler.work,
                 "pending": counts["pending"],
                 "done": counts["done"],
                 "skipped": counts["skipped"],
@@ -91,6 +94,7 @@ def collect_stats(session: Session) -> dict[str, Any]:
         "assignments": {status: statuses.get(status, 0) for status in ("pending", "done", "skipped")},
         "overlap_items": overlap_items or 0,
         "skip_reasons": skip_reasons,
+        "all_tied_rankings": all_tied,
         "labelers": labelers,
         "agreement": {
             "overall": report.overall.as_dict(),
@@ -118,6 +122,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"({stats['overlap_items']} assigned to more than one labeler)",
         f"assignments: {a['pending']} pending, {a['done']} done, {a['skipped']} skipped",
     ]
+    if stats["all_tied_rankings"]:
+        lines.append(
+            f"rankings with every response tied: {stats['all_tied_rankings']} (they give the reward model no pair)"
+        )
     if stats["skip_reasons"]:
         lines.append("skip reasons: " + ", ".join(f"{r}: {n}" for r, n in stats["skip_reasons"].items()))
     overall = stats["agreement"]["overall"]
@@ -151,6 +159,6 @@ def run(cfg: Config) -> dict[str, Any]:
         stats = collect_stats(session)
     print(format_stats(stats), flush=True)
     if cfg.output:
-        atomic_write_json(cfg.output, stats)
+        atomic_write_json(cfg.output, stats, private=True)
         print(f"label stats: wrote {cfg.output}", flush=True)
     return stats

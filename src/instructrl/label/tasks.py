@@ -18,7 +18,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import Select, exists, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from instructrl.data.records import PromptRecord
@@ -33,7 +33,7 @@ from instructrl.label.db import (
     sha256_hex,
     utcnow,
 )
-from instructrl.label.forms import FLAGS, RankingInput, SubmissionMeta
+from instructrl.label.forms import FLAGS, RankingInput, SubmissionMeta, is_unprintable
 
 PromptTask = Literal["demonstration", "comparison"]
 
@@ -106,6 +106,11 @@ def add_comparison_item(
     if any(not text.strip() for text in responses):
         # the training loaders refuse empty responses, so they never enter the database
         raise ValueError("a comparison response is empty or whitespace only")
+    if any(is_unprintable(c) for text in responses for c in text):
+        # held to the labelers' standard (forms.clean_text); add-samples shows such characters visibly
+        raise ValueError(
+            "a comparison response contains control characters or U+FFFD; clean it with forms.clean_generated_text"
+        )
     models = list(models) if models is not None else [None] * len(responses)
     if len(models) != len(responses):
         raise ValueError("models must have one entry per response")
@@ -136,17 +141,35 @@ def add_assignment(session: Session, item: Item, labeler: Labeler, rng: random.R
 # --------------------------------------------------------------------------- the labeler's view
 
 
-def queue_for(session: Session, labeler_id: int, limit: int | None = None) -> list[Assignment]:
-    """The labeler's pending assignments, oldest first (the first ``limit`` of them)."""
-    return list(
-        session.scalars(
-            select(Assignment)
-            .where(Assignment.labeler_id == labeler_id, Assignment.status == "pending")
-            .options(selectinload(Assignment.item).selectinload(Item.prompt))
-            .order_by(Assignment.id)
-            .limit(limit)
-        )
+WorkKind = Literal["mixed", "demonstration", "comparison"]
+WORK_NAMES: dict[str, str] = {"mixed": "Both, alternating", "demonstration": "Writing", "comparison": "Ranking"}
+"""The kinds of work a queue can offer (``Labeler.work``), with the names the queue page shows."""
+
+
+def _pending(labeler_id: int, kind: WorkKind) -> Select[tuple[Assignment]]:
+    """The labeler's pending assignments in queue order.
+
+    ``mixed`` alternates the kinds (the oldest demonstration, the oldest comparison, the next demonstration,
+    ...), so that both kinds of work are reached early however many of one kind were loaded first; one kind
+    lists only that kind, oldest first.
+    """
+    query = (
+        select(Assignment)
+        .join(Item, Assignment.item_id == Item.id)
+        .where(Assignment.labeler_id == labeler_id, Assignment.status == "pending")
     )
+    if kind != "mixed":
+        return query.where(Item.kind == kind).order_by(Assignment.id)
+    turn = func.row_number().over(partition_by=Item.kind, order_by=Assignment.id)
+    return query.order_by(turn, Item.kind.desc(), Assignment.id)
+
+
+def queue_for(
+    session: Session, labeler_id: int, limit: int | None = None, kind: WorkKind = "mixed"
+) -> list[Assignment]:
+    """The labeler's pending assignments of ``kind`` in queue order (the first ``limit`` of them)."""
+    query = _pending(labeler_id, kind).options(selectinload(Assignment.item).selectinload(Item.prompt))
+    return list(session.scalars(query.limit(limit)))
 
 
 def history_for(session: Session, labeler_id: int, limit: int | None = None) -> list[Assignment]:
@@ -185,13 +208,9 @@ def owned_assignment(session: Session, labeler_id: int, assignment_id: int) -> A
     )
 
 
-def next_pending(session: Session, labeler_id: int) -> int | None:
-    return session.scalar(
-        select(Assignment.id)
-        .where(Assignment.labeler_id == labeler_id, Assignment.status == "pending")
-        .order_by(Assignment.id)
-        .limit(1)
-    )
+def next_pending(session: Session, labeler_id: int, kind: WorkKind = "mixed") -> int | None:
+    """The id of the labeler's first pending assignment of ``kind`` in queue order (None when there is none)."""
+    return session.scalar(_pending(labeler_id, kind).with_only_columns(Assignment.id).limit(1))
 
 
 # --------------------------------------------------------------------------- submissions

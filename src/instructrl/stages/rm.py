@@ -196,6 +196,8 @@ class EncodeCounts:
     """Distinct responses longer than max_response_tokens, removed from their comparison."""
     dropped_comparisons: int = 0
     """Comparisons left with no untied pair (after dropped responses)."""
+    all_tied: int = 0
+    """Of those, comparisons whose ranking ties every response (no untied pair to begin with)."""
 
 
 def labeler_of(record: Comparison | Demonstration) -> str:
@@ -233,6 +235,7 @@ def encode_comparisons(
         pairs = tuple((new_index[w], new_index[lo]) for w, lo in distinct_pairs if w in new_index and lo in new_index)
         if not pairs:
             counts.dropped_comparisons += 1
+            counts.all_tied += not comparison.pairs()
             continue
         completions = tuple(tuple(prompt + responses[i] + [eos]) for i in kept)
         encoded.append(EncodedComparison(completions, pairs, labeler_of(comparison)))
@@ -633,7 +636,9 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
         f"{train_counts.completions} completions, {train_counts.merged_responses} repeated responses merged), "
         f"{valid_counts.comparisons} validation, {heldout_counts.comparisons} from held-out labelers; "
         f"{train_counts.truncated_prompts} prompts truncated, {train_counts.dropped_responses} responses over "
-        f"{cfg.max_response_tokens} tokens dropped",
+        f"{cfg.max_response_tokens} tokens dropped; "
+        f"{sum(c.all_tied for c in (train_counts, valid_counts, heldout_counts))} comparisons dropped with every "
+        "response tied",
         flush=True,
     )
     counts = {"train": train_counts, "valid": valid_counts, "heldout": heldout_counts}

@@ -18,15 +18,19 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+def atomic_open(
+    path: str | Path, mode: str = "w", encoding: str | None = "utf-8", private: bool = False
+) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
 
     On any exception (including a full disk) the temporary file is removed and ``path`` is untouched.
+    ``private`` files are readable by their owner only (mode 0600), others get the permissions open() gives.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
+    if not private:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -50,13 +54,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> None:
+    with atomic_open(path, "w", private=private) as f:
         f.write(text)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, private: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n", private)
 
 
 _LINE_BREAKS_IN_STRINGS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -74,10 +78,10 @@ def jsonl_line(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=_json_default).translate(_LINE_BREAKS_IN_STRINGS) + "\n"
 
 
-def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records as JSON lines atomically; returns how many were written."""
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]], private: bool = False) -> int:
+    """Write records as JSON lines atomically (``private``: see :func:`atomic_open`); returns how many."""
     n = 0
-    with atomic_open(path, "w") as f:
+    with atomic_open(path, "w", private=private) as f:
         for rec in records:
             f.write(jsonl_line(rec))
             n += 1

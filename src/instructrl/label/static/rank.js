@@ -3,7 +3,9 @@
 // The form's real fields are the per-response <select name="rank_P"> elements (1 = best, equal = tie);
 // without JavaScript the labeler sets them directly. This script hides them, shows an ordered list of the
 // responses instead, and after every change writes the list's order into the selects:
-// ranks are dense, and a response marked "tied with the one above" gets that response's rank.
+// ranks are dense, and a response marked "tied with the one above" gets that response's rank. The list
+// starts in the order of the selects' ranks (the server's, or a draft's restored by drafts.js), and every
+// change by the labeler is announced to the form as a "change" event, which drafts.js saves.
 (function () {
   "use strict";
 
@@ -34,6 +36,18 @@
       });
     }
 
+    // start from the ranks in the selects: sort by rank (stable, so ties keep their order), tie equal ranks
+    function rankOf(li) { return Number(form.querySelector('select[name="rank_' + li.dataset.position + '"]').value); }
+    rows().slice().sort(function (a, b) { return rankOf(a) - rankOf(b); }).forEach(function (li, i, sorted) {
+      list.appendChild(li);
+      tieBox(li).checked = i > 0 && rankOf(li) === rankOf(sorted[i - 1]);
+    });
+
+    function changed() {
+      sync();
+      form.dispatchEvent(new Event("change"));
+    }
+
     function describe(li) { return "Response " + li.dataset.letter + " is now " + li.getAttribute("aria-label").toLowerCase(); }
 
     // ---- keyboard: Space/Enter picks up and drops, arrows move focus or the picked-up response, T ties
@@ -50,7 +64,7 @@
       // move the neighbour rather than li itself: moving a focused element would blur it
       if (delta < 0) list.insertBefore(other, li.nextElementSibling); else list.insertBefore(other, li);
       tieBox(li).checked = false;  // a response placed explicitly starts its own rank
-      sync();
+      changed();
       li.focus();
       announce(describe(li));
     }
@@ -77,7 +91,7 @@
       } else if (key === "t" || key === "T") {
         ev.preventDefault();
         var box = tieBox(li);
-        if (!box.disabled) { box.checked = !box.checked; sync(); announce(describe(li)); }
+        if (!box.disabled) { box.checked = !box.checked; changed(); announce(describe(li)); }
       }
     });
     list.addEventListener("focusout", function (ev) {
@@ -115,7 +129,7 @@
       var li = dragging;
       dragging = null;
       li.classList.remove("dragging");
-      if (moved) { tieBox(li).checked = false; sync(); announce(describe(li)); }
+      if (moved) { tieBox(li).checked = false; changed(); announce(describe(li)); }
       li.focus();
     }
     document.addEventListener("pointerup", endDrag);
