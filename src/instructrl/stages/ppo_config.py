@@ -180,7 +180,7 @@ class Config:
     skip_bad: bool = False
     """Skip (and count) malformed prompt records instead of stopping at the first one."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world used when ``prompts`` or ``ptx.data`` is unset."""
+    """Seed of the world (``run.world``, default the sandbox) used when ``prompts`` or ``ptx.data`` is unset."""
     iterations: int = 100
     """PPO iterations (rollout + update); episodes = iterations × batch_size (paper: 256k = 500 × 512)."""
     batch_size: int = 64
