@@ -40,7 +40,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/base"
     """Where the model, tokenizer, metrics and checkpoints go (a Hugging Face model directory)."""
     corpus: str | None = None
-    """JSONL of {text} records to train on; unset = the built-in sandbox corpus (then ``heldout`` must be unset too:
+    """JSONL of {text} records to train on; unset = the world's corpus (``run.world``, the built-in sandbox
+    by default; then ``heldout`` must be unset too:
     a run never mixes the sandbox's data with yours)."""
     heldout: str | None = None
     """JSONL of {text} records for held-out perplexity; unset = the sandbox's held-out documents (only when

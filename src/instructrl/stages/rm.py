@@ -81,7 +81,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/rm"
     """Where the reward model (HF sequence-classification dir), metrics, checkpoints and results go."""
     comparisons: str | None = None
-    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox (then
+    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = K samples of the SFT policy per prompt ranked by
+    the world's labelers (``run.world``, the sandbox by default; then
     ``demonstrations`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_comparisons: str | None = None
     """Validation comparisons; unset = hold out ``valid_fraction`` of the prompts of ``comparisons``."""

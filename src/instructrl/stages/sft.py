@@ -72,7 +72,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/sft"
     """Where the fine-tuned model (HF format), metrics, checkpoints and results go."""
     data: str | None = None
-    """Demonstrations JSONL ({prompt, response} or {messages}); unset = sandbox labelers' demonstrations (then
+    """Demonstrations JSONL ({prompt, response} or {messages}); unset = the world's labelers' demonstrations
+    (``run.world``, the sandbox by default; then
     ``pretrain_data`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_data: str | None = None
     """Validation demonstrations; unset = hold out ``valid_fraction`` of ``data``."""
@@ -99,7 +100,7 @@ class Config(TrainingSettings):
     ptx_fraction: float = 0.1
     """Fraction of training sequences drawn from pretraining text (paper's PPO init: 10%); 0 disables."""
     pretrain_data: str | None = None
-    """JSONL of {text} for ``ptx_fraction``; unset = the sandbox corpus, which a run on your own ``data`` refuses
+    """JSONL of {text} for ``ptx_fraction``; unset = the world's corpus, which a run on your own ``data`` refuses
     (set this, or ptx_fraction=0)."""
     max_prompt_tokens: int = 192
     """Longer prompts are dropped (and counted), as the paper dropped prompts over 1k tokens."""
