@@ -80,7 +80,7 @@ from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
 from instructrl.stages.common import log_data_source, set_threads
 from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
 from instructrl.utils.seed import seed_everything
-from instructrl.world import OPTIONAL_EXTRAS, Task, World, describe_world, has_extra, load_world
+from instructrl.world import DEFAULT_WORLD, OPTIONAL_EXTRAS, Task, World, describe_world, has_extra, load_world
 
 JUDGES = ("gold", "labelers", "rm", "custom")
 REFERENCE = "reference"
@@ -495,7 +495,8 @@ def collect(cfg: Config) -> ReportData:
         tax_models = ({roles.base: cfg.base_model} if cfg.base_model else {}) | dict(cfg.policies)
         for name, path in tax_models.items():
             print(f"[eval] alignment tax: {name}", flush=True)
-            tax.append(measure_tax(name, path, heldout, cfg.tax_seq_len, device=device))
+            facts = None if cfg.run.world == DEFAULT_WORLD else []  # the closed-book probes are the sandbox's facts
+            tax.append(measure_tax(name, path, heldout, cfg.tax_seq_len, fact_probe_list=facts, device=device))
 
     training_curves, rl_curves = {}, []
     for name, ppo_dir in cfg.ppo_runs.items():
