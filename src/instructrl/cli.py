@@ -50,14 +50,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("instructrl.stages.generate", "Sample responses from a saved policy for a file of prompts."),
     "eval": Command("instructrl.eval.run", "Win rates, alignment tax and over-optimization for saved policies."),
     "data prepare": Command("instructrl.data.prepare", "Prompt pipeline: dedup, per-user caps, PII scrub, splits."),
-    "sandbox make": Command(
-        "instructrl.sandbox.make", "Write a world's corpus, prompts and labels to a folder (the sandbox's by default)."
-    ),
-    "demo": Command(
-        "instructrl.demo",
-        "The whole InstructGPT pipeline on the sandbox (or --set world=file.py:factory).",
-        {"--quick": "quick=true"},
-    ),
+    "sandbox make": Command("instructrl.sandbox.make", "Write a world's corpus, prompts and labels to a folder."),
+    "demo": Command("instructrl.demo", "The whole InstructGPT pipeline on the sandbox.", {"--quick": "quick=true"}),
     "label serve": Command("instructrl.label.serve", "Start the labeling web app.", _DB_FLAG),
     "label create-labeler": Command(
         "instructrl.label.create_labeler", "Add or change a labeler/admin account (prints its secret once).", _DB_FLAG
