@@ -145,3 +145,11 @@ def test_quick_demo_on_the_example_world_reports_row_1_by_its_gold_judge(tmp_pat
             assert sample["gold"][name] == pytest.approx(shop.gold_score(task, response), abs=1e-3)
     rm_comparisons = (out / "rm" / "sandbox_comparisons.jsonl").read_text().splitlines()
     assert json.loads(rm_comparisons[0])["prompt"].startswith("Customer: ")  # SFT samples ranked by shop labelers
+
+
+def test_the_demo_refuses_a_bad_world_before_any_stage(tmp_path, capsys):
+    from instructrl.cli import main
+
+    assert main(["demo", "--quick", "--set", "world=no/such.py:make", "--set", f"output_dir={tmp_path / 'run'}"]) != 0
+    assert "world: 'no/such.py:make': no such file no/such.py" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -366,13 +366,7 @@ class RunSettings:
         steps = self.max_nonfinite_steps
         require(steps > 0, "run.max_nonfinite_steps", f"must be > 0, got {steps}")
         require(valid_device_name(self.device), "run.device", f"must be {DEVICE_HELP}")
-        if self.world != "sandbox":
-            from instructrl.world import WorldError, check_world_spec
-
-            try:
-                check_world_spec(self.world)
-            except WorldError as e:
-                raise ConfigError(str(e)) from None
+        require_world(self.world, "run.world")
         require(
             self.precision in PRECISION_NAMES,
             "run.precision",
@@ -428,6 +422,18 @@ def nest_run_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- validation helpers
+
+
+def require_world(spec: str, setting: str) -> None:
+    """``spec`` names a world ('sandbox', 'file.py:factory' with an existing file, 'package.module:factory'),
+    checked up front without importing it (:func:`instructrl.world.load_world` checks the rest)."""
+    if spec != "sandbox":
+        from instructrl.world import WorldError, check_world_spec
+
+        try:
+            check_world_spec(spec, setting)
+        except WorldError as e:
+            raise ConfigError(str(e)) from None
 
 
 def require(condition: bool, field: str, message: str) -> None:

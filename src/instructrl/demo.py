@@ -24,6 +24,7 @@ from instructrl.config import (
     require,
     require_non_negative,
     require_positive,
+    require_world,
     resume_fingerprint,
     run_key,
     save_config,
@@ -87,6 +88,7 @@ class Config:
         require_positive(self, "ptx_batch_ratio")
         require_positive(self, "eval_prompts", "large_d_model", "large_n_layers", "large_pretrain_steps")
         require(self.large_d_model % 64 == 0, "large_d_model", "must be a multiple of 64 (64-wide heads)")
+        require_world(self.world, "world")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from instructrl.config import ConfigError, require, require_positive, save_config
+from instructrl.config import require, require_positive, require_world, save_config
 from instructrl.sandbox.labelers import pairwise_agreement
 from instructrl.sandbox.world import SandboxWorld
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
@@ -41,8 +41,6 @@ from instructrl.world import (
     STAGE_SHARES,
     Task,
     World,
-    WorldError,
-    check_world_spec,
     describe_world,
     has_extra,
     load_world,
@@ -92,11 +90,7 @@ class Config:
         require(self.rm_prompts >= 0, "rm_prompts", f"must be >= 0, got {self.rm_prompts}")
         require(self.min_k >= 2, "min_k", f"must be >= 2, got {self.min_k}")
         require(self.max_k >= self.min_k, "max_k", f"must be >= min_k={self.min_k}, got {self.max_k}")
-        if self.world != DEFAULT_WORLD:
-            try:
-                check_world_spec(self.world, "world")
-            except WorldError as e:
-                raise ConfigError(str(e)) from None
+        require_world(self.world, "world")
 
 
 def _task_fields(task: Task) -> dict[str, Any]:
