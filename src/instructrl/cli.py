@@ -50,7 +50,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("instructrl.stages.generate", "Sample responses from a saved policy for a file of prompts."),
     "eval": Command("instructrl.eval.run", "Win rates, alignment tax and over-optimization for saved policies."),
     "data prepare": Command("instructrl.data.prepare", "Prompt pipeline: dedup, per-user caps, PII scrub, splits."),
-    "sandbox make": Command("instructrl.sandbox.make", "Write the sandbox corpus, prompts and labels to a folder."),
+    "sandbox make": Command("instructrl.sandbox.make", "Write a world's corpus, prompts and labels to a folder."),
     "demo": Command("instructrl.demo", "The whole InstructGPT pipeline on the sandbox.", {"--quick": "quick=true"}),
     "label serve": Command("instructrl.label.serve", "Start the labeling web app.", _DB_FLAG),
     "label create-labeler": Command(

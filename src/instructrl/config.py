@@ -353,6 +353,11 @@ class RunSettings:
     """Stop with an error after this many optimizer steps (PPO: iterations) in a row with a NaN/inf loss or
     gradient (each such step is skipped and counted in the metrics as ``nonfinite_skipped``); eval trains nothing
     and ignores it."""
+    world: str = "sandbox"
+    """The world that supplies whatever data you did not give a file for (prompts, demonstrations, rankings, corpus)
+    and, in eval, the held-out prompts and gold judge: 'sandbox' (built-in), 'path/to/file.py:factory' or
+    'package.module:factory', where ``factory(seed)`` returns an object with the methods of
+    :class:`instructrl.world.World`; the seed is the stage's ``sandbox_seed``. Template: examples/shop_world.py."""
 
     def validate(self) -> None:
         from instructrl.utils.device import DEVICE_HELP, valid_device_name
@@ -361,6 +366,7 @@ class RunSettings:
         steps = self.max_nonfinite_steps
         require(steps > 0, "run.max_nonfinite_steps", f"must be > 0, got {steps}")
         require(valid_device_name(self.device), "run.device", f"must be {DEVICE_HELP}")
+        require_world(self.world, "run.world")
         require(
             self.precision in PRECISION_NAMES,
             "run.precision",
@@ -416,6 +422,18 @@ def nest_run_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- validation helpers
+
+
+def require_world(spec: str, setting: str) -> None:
+    """``spec`` names a world ('sandbox', 'file.py:factory' with an existing file, 'package.module:factory'),
+    checked up front without importing it (:func:`instructrl.world.load_world` checks the rest)."""
+    if spec != "sandbox":
+        from instructrl.world import WorldError, check_world_spec
+
+        try:
+            check_world_spec(spec, setting)
+        except WorldError as e:
+            raise ConfigError(str(e)) from None
 
 
 def require(condition: bool, field: str, message: str) -> None:
@@ -478,6 +496,11 @@ def resume_fingerprint(cfg: Any) -> dict[str, Any]:
     return _without_neutral_keys(to_dict(cfg))
 
 
+KEYS_ADDED_LATER = {"world": "sandbox"}
+"""Settings added after fingerprints were first saved (``run.world``, the demo's ``world``), with the value every
+earlier run had: a fingerprint without them matches that value."""
+
+
 def _without_neutral_keys(fingerprint: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in fingerprint.items() if k not in RESULT_NEUTRAL_KEYS}
     if isinstance(kept.get("run"), dict):
@@ -500,7 +523,7 @@ def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     changed = []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
+        old, new = saved[key] if key in saved else KEYS_ADDED_LATER.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             changed += _differences(old, new, f"{prefix}{key}.")
         elif old != new:

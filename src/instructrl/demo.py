@@ -24,6 +24,7 @@ from instructrl.config import (
     require,
     require_non_negative,
     require_positive,
+    require_world,
     resume_fingerprint,
     run_key,
     save_config,
@@ -43,7 +44,10 @@ class Config:
     quick: bool = False
     """Tiny sizes everywhere: the whole pipeline in a few minutes (a smoke run, not a result)."""
     seed: int = 0
-    """Seed of the sandbox world and of every stage."""
+    """Seed of the world and of every stage."""
+    world: str = "sandbox"
+    """The world every stage draws its data from and eval judges with: 'sandbox', 'path/to/file.py:factory' or
+    'package.module:factory' (``run.world`` of each stage; template: examples/shop_world.py)."""
     threads: int = 0
     """CPU threads for torch (0 = torch default)."""
     eval_prompts: int = 300
@@ -84,6 +88,7 @@ class Config:
         require_positive(self, "ptx_batch_ratio")
         require_positive(self, "eval_prompts", "large_d_model", "large_n_layers", "large_pretrain_steps")
         require(self.large_d_model % 64 == 0, "large_d_model", "must be a multiple of 64 (64-wide heads)")
+        require_world(self.world, "world")
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,14 @@ def plan(cfg: Config) -> list[Step]:
     run = Path(cfg.output_dir)
     data, base, sft, rm = run / "data", run / "base", run / "sft", run / "rm"
     ppo, ppo_ptx = run / "ppo", run / "ppo_ptx"
-    common = (f"run.seed={cfg.seed}", f"run.threads={cfg.threads}")
+    common = (f"run.seed={cfg.seed}", f"run.threads={cfg.threads}", f"run.world={cfg.world}")
     q = cfg.quick
     tiny_model = ("model.d_model=64", "model.n_layers=2")
     steps = [
         Step(
             "sandbox",
             "instructrl.sandbox.make",
-            (f"output_dir={data}", f"seed={cfg.seed}")
+            (f"output_dir={data}", f"seed={cfg.seed}", f"world={cfg.world}")
             + (("corpus_docs=2000", "sft_prompts=200", "rm_prompts=150", "agreement_prompts=100") if q else ()),
         ),
         Step(
@@ -189,6 +194,7 @@ def plan(cfg: Config) -> list[Step]:
                 f"output_dir={run / 'eval'}",
                 f"sandbox_seed={cfg.seed}",
                 f"run.threads={cfg.threads}",
+                f"run.world={cfg.world}",
                 f"prompts={60 if q else cfg.eval_prompts}",
                 "policies={" + ", ".join(f"{name}: {path}" for name, path in policies.items()) + "}",
                 f"base_model={base}",

@@ -6,7 +6,9 @@ final models (evaluation). :class:`World` is that interface. The pipeline only e
 demonstrations and rankings; the gold judgement is used for evaluation and analysis, never for training.
 
 Plugging in your own world
-    Implement the five methods of :class:`World` (structural typing: no base class needed):
+    Implement the six methods of :class:`World` (structural typing: no base class needed) and give every
+    command ``--set run.world=path/to/file.py:factory`` (or ``package.module:factory``; ``instructrl demo --set
+    world=...`` passes it to every stage), where ``factory(seed)`` returns your world (:func:`load_world`).
 
     * ``tasks(split)`` returns the prompts of ``"train"``, ``"valid"`` or ``"test"`` (:data:`SPLITS`) as
       :class:`Task` objects, split by user id so that one user's prompts never straddle splits
@@ -19,6 +21,12 @@ Plugging in your own world
       Pass the full generated text: a response whose model never emitted EOS is usually long, and a
       good judgement penalises that.
     * ``labelers()`` lists labeler ids.
+    * ``pretraining_corpus(n_docs, split)`` returns ``n_docs`` documents of "web" text (``split`` "train", or
+      "valid" for held-out documents of the same mix): the base model's pretraining data and PPO-ptx's.
+
+    Optional extras (:data:`OPTIONAL_EXTRAS`: ``reference_response``, ``heldout_text``, ``analysis``,
+    ``synthetic_candidates``) unlock more rows of the evaluation report; without them those rows say what they
+    need. A worked example that is not the sandbox: ``examples/shop_world.py``.
 
     ``rng`` arguments are ``numpy.random.Generator`` objects owned by the caller; a world draws from them
     and nothing else, so a run is reproducible from its seeds.
@@ -26,17 +34,26 @@ Plugging in your own world
     Inter-labeler agreement of any world's rankings is measured by :mod:`instructrl.agreement`.
 
 Implementations
-    :class:`instructrl.sandbox.SandboxWorld` is a miniature InstructGPT world (tiny tasks with programmatic
-    truth, simulated labelers) that runs the whole method on one CPU in minutes.
+    :class:`instructrl.sandbox.SandboxWorld` (``run.world=sandbox``, the default) is a miniature InstructGPT world
+    (tiny tasks with programmatic truth, simulated labelers) that runs the whole method on one CPU in minutes;
+    ``examples/shop_world.py`` is the template for your own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from instructrl.data.records import Demonstration
+from instructrl.errors import UserFacingError
 
 SPLITS = ("train", "valid", "test")
 """The prompt splits a world serves; one user's prompts are all in one of them."""
@@ -86,3 +103,131 @@ class World(Protocol):
     def labelers(self) -> list[int]:
         """Labeler ids accepted by ``demonstrate`` and ``rank``."""
         ...
+
+    def pretraining_corpus(self, n_docs: int, split: str = "train") -> list[str]:
+        """``n_docs`` documents of the world's "web" text (``"train"``; ``"valid"``: held-out documents of the same
+        mix) on which the base model is pretrained and PPO-ptx's pretraining term is computed."""
+        ...
+
+
+PROTOCOL_METHODS = ("tasks", "demonstrate", "rank", "gold_score", "labelers", "pretraining_corpus")
+"""The methods every world has (:class:`World`)."""
+
+OPTIONAL_EXTRAS = {
+    "reference_response": "reference_response(task) -> str: the ideal response; unlocks the reference ceiling row",
+    "heldout_text": "heldout_text(n) -> list[str]: non-instruction text; unlocks the alignment-tax row (3)",
+    "analysis": "analysis(task, response) -> dict of the sandbox's behaviour flags (correct, refused, complied, "
+    "toxic, stated_wrong_fact, followed_format); unlocks the behaviour table and row 5",
+    "synthetic_candidates": "synthetic_candidates(task, k, rng) -> list[str]: mixed-quality responses; without it "
+    "'sandbox make'-style comparisons and agreement use K labelers' demonstrations",
+}
+"""Methods a world may add beyond :class:`World`, each unlocking more of the pipeline or the report."""
+
+DEFAULT_WORLD = "sandbox"
+"""The world every stage uses unless ``run.world`` names another: :class:`instructrl.sandbox.SandboxWorld`."""
+SANDBOX_FACTORY = "instructrl.sandbox.world:SandboxWorld"
+"""What ``"sandbox"`` stands for (imported by name: the protocol module does not depend on its implementations)."""
+
+
+def has_extra(world: object, name: str) -> bool:
+    """Whether ``world`` provides the optional extra ``name`` (one of :data:`OPTIONAL_EXTRAS`)."""
+    return callable(getattr(world, name, None))
+
+
+class WorldError(UserFacingError, ValueError):
+    """A world spec that names no world, or an object that is not one; the message names the setting."""
+
+
+def check_world_spec(spec: str, setting: str = "run.world") -> tuple[str, str]:
+    """``(module or file, factory name)`` of a world spec other than "sandbox", checked without importing it."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr.isidentifier():
+        raise WorldError(
+            f"{setting}: {spec!r} is not a world; expected 'sandbox', 'path/to/file.py:factory' or "
+            "'package.module:factory' (factory(seed) returns the world)"
+        )
+    if module_part.endswith(".py") and not Path(module_part).is_file():
+        raise WorldError(f"{setting}: {spec!r}: no such file {module_part}")
+    return module_part, attr
+
+
+def _resolve_factory(spec: str, setting: str):
+    """The callable named by ``spec`` ("path/to/file.py:name" or "package.module:name")."""
+    module_part, attr = check_world_spec(spec, setting)
+    try:
+        if module_part.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(
+                f"instructrl_world_{Path(module_part).stem}", module_part
+            )
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module  # dataclasses and pickling look the module up by name
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_part)
+    except ImportError as e:
+        raise WorldError(f"{setting}: {spec!r}: cannot import {module_part} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise WorldError(f"{setting}: {spec!r}: {module_part} has no callable {attr!r}")
+    return factory
+
+
+def load_world(spec: str = DEFAULT_WORLD, seed: int = 0, setting: str = "run.world") -> World:
+    """The world named by ``spec``, built with ``seed``: ``"sandbox"`` (:class:`~instructrl.sandbox.SandboxWorld`),
+    ``"path/to/file.py:factory"`` or ``"package.module:factory"`` where ``factory(seed)`` returns an object with
+    the methods of :class:`World`. A wrong spec, or an object lacking a protocol method, raises
+    :class:`WorldError` naming ``setting``."""
+    world = _resolve_factory(SANDBOX_FACTORY if spec == DEFAULT_WORLD else spec, setting)(seed)
+    missing = [name for name in PROTOCOL_METHODS if not callable(getattr(world, name, None))]
+    if missing:
+        raise WorldError(
+            f"{setting}: {spec!r} returned a {type(world).__name__}, which lacks the World method(s) "
+            f"{', '.join(missing)} (see instructrl.world.World)"
+        )
+    return world
+
+
+def describe_world(spec: str, seed: int) -> str:
+    """How a data-source log line names a world: ``sandbox world (seed 0)`` or ``world file.py:make (seed 0)``."""
+    return f"sandbox world (seed {seed})" if spec == DEFAULT_WORLD else f"world {spec} (seed {seed})"
+
+
+STAGE_SHARES = {"sft": 0.4, "rm": 0.35, "ppo": 0.25}
+"""Fraction of a world's train-split tasks in each stage's pool (InstructGPT drew separate prompt sets for SFT,
+RM and PPO, Table 6)."""
+
+
+def _unit(task_id: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def stage_tasks(world: World, stage: str, seed: int | None = None) -> list[Task]:
+    """The train-split tasks of one stage's pool ('sft', 'rm' or 'ppo'), in the world's fixed order: tasks are
+    assigned by a hash of their id and ``seed`` (default: the world's ``seed`` attribute, else 0), so the reward
+    model is trained on prompts the SFT model never saw and PPO optimizes on prompts neither saw."""
+    if stage not in STAGE_SHARES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SHARES)}")
+    seed = getattr(world, "seed", 0) if seed is None else seed
+    names = list(STAGE_SHARES)
+    low = sum(STAGE_SHARES[name] for name in names[: names.index(stage)])
+    high = low + STAGE_SHARES[stage]
+    return [t for t in world.tasks("train") if low <= _unit(t.id, seed) < high]
+
+
+def world_demonstrations(world: World, n: int, seed: int) -> list[Demonstration]:
+    """``n`` labeler-written demonstrations on the world's SFT pool (cycling the pool if ``n`` exceeds it), the
+    labelers taking turns; ``seed`` seeds the labelers' randomness."""
+    pool = stage_tasks(world, "sft")
+    if not pool and n:
+        raise ValueError(f"{type(world).__name__} has no train-split tasks in its SFT pool to demonstrate")
+    labelers = world.labelers()
+    rng = np.random.default_rng([seed, 1])
+    demos = []
+    for i in range(n):
+        task = pool[i % len(pool)]
+        labeler = labelers[i % len(labelers)]
+        response = world.demonstrate(task, labeler, rng)
+        meta = {"labeler_id": str(labeler), "category": task.category, "type": task.type, "id": task.id}
+        demos.append(Demonstration(prompt=task.prompt, response=response, meta=meta))
+    return demos

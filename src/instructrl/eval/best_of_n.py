@@ -37,7 +37,6 @@ from instructrl.eval.overopt import (
     sample_responses,
 )
 from instructrl.eval.sandbox_eval import PolicyEval, policy_eval_from_responses
-from instructrl.sandbox.world import SandboxWorld
 from instructrl.world import Task, World
 
 
@@ -93,7 +92,7 @@ class BestOfNSamples:
         """Index of the highest-proxy sample of each prompt (the first one on ties)."""
         return [max(range(len(p)), key=lambda j: (p[j], -j)) for p in self.proxy]
 
-    def policy_eval(self, world: SandboxWorld, name: str | None = None) -> PolicyEval:
+    def policy_eval(self, world: World, name: str | None = None) -> PolicyEval:
         """The best-of-N policy (argmax of the proxy over all N samples), judged like any other policy."""
         picks = self.chosen()
         return policy_eval_from_responses(
@@ -162,13 +161,13 @@ class ProxyGoldRow:
     """Fraction of those where the proxy scores the right one higher (ties ½): whether the RM sees content."""
 
 
-def proxy_gold_agreement(samples: BestOfNSamples, world: SandboxWorld, margin: float = 0.0) -> list[ProxyGoldRow]:
+def proxy_gold_agreement(samples: BestOfNSamples, world: World, margin: float = 0.0) -> list[ProxyGoldRow]:
     """Reward model vs gold on all pairs of the N samples of each prompt, per category and overall.
 
     For a pair (i, j) with |gold_i − gold_j| > ``margin`` the proxy agrees when sign(proxy_i − proxy_j) =
     sign(gold_i − gold_j) (a proxy tie counts ½). The right-vs-wrong subset asks the question the win rate
     depends on once style is fixed: does the reward model prefer the correct answer (or the refusal of a
-    harmful request) to a wrong one?
+    harmful request) to a wrong one? Needs the world's ``analysis`` extra (correct / refused flags).
     """
     tallies: dict[str, list[float]] = {}  # category -> [pairs, agreed, right-wrong pairs, agreed]
 

@@ -77,11 +77,10 @@ from instructrl.eval.sandbox_eval import (
 )
 from instructrl.eval.tax import TaxRow, measure_tax
 from instructrl.sandbox.labelers import DEFAULT_TIE_THRESHOLD
-from instructrl.sandbox.world import SandboxWorld
 from instructrl.stages.common import log_data_source, set_threads
 from instructrl.utils.io import atomic_write_json, read_jsonl_lenient
 from instructrl.utils.seed import seed_everything
-from instructrl.world import Task
+from instructrl.world import DEFAULT_WORLD, OPTIONAL_EXTRAS, Task, World, describe_world, has_extra, load_world
 
 JUDGES = ("gold", "labelers", "rm", "custom")
 REFERENCE = "reference"
@@ -123,7 +122,8 @@ class Config:
     custom_judge_kind: Literal["auto", "pairwise", "scorer"] = "auto"
     """'auto' decides by the number of required arguments (3 = pairwise, 2 = scorer)."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world whose prompts, labelers and gold judgement are used (``prompts`` a number)."""
+    """Seed of the world (``run.world``, default the sandbox) whose prompts, labelers and gold judgement are used
+    (``prompts`` a number)."""
     split: Literal["train", "valid", "test"] = "test"
     """Sandbox prompt split (test = held-out users, as the paper's evaluation); unused with a prompts file."""
     prompts: int | str = 300
@@ -239,7 +239,7 @@ def heldout_labelers_of(rm_results: dict | None) -> list[int]:
     return out
 
 
-def build_judges(cfg: Config, world: SandboxWorld | None, scorer, labelers: list[int]) -> list[Judge]:
+def build_judges(cfg: Config, world: World | None, scorer, labelers: list[int]) -> list[Judge]:
     """The configured judges that can run: 'gold' and 'labelers' need a world, 'rm' a reward model, 'custom' a
     callable."""
     judges: list[Judge] = []
@@ -325,15 +325,34 @@ def file_tasks(path: str) -> list[Task]:
     return tasks
 
 
-def mark_rows_needing_a_world(rows: list[HeadlineRow]) -> list[HeadlineRow]:
-    """Headline rows left empty because there was no world say so (1b: the labeler judge; 3: held-out text; 5:
-    the world's analysis of responses), instead of "not evaluated"."""
-    needs = {"1b": "the labeler judge", "3": "the world's held-out text", "5": "the world's analysis of responses"}
+ROW_NEEDS = {
+    "1b": (None, "the labeler judge"),
+    "3": ("heldout_text", "the world's held-out text"),
+    "5": ("analysis", "the world's analysis of responses"),
+}
+"""Headline rows that need a world (1b) or one of its optional extras (3, 5): row id -> (extra, what it reads)."""
+
+
+def mark_rows_needing_a_world(rows: list[HeadlineRow], world: World | None = None) -> list[HeadlineRow]:
+    """Headline rows left empty because there was no world (1b: the labeler judge; 3: held-out text; 5: the
+    world's analysis of responses), or because the world lacks the optional extra the row reads (3:
+    ``heldout_text``, 5: ``analysis``), say so instead of "not evaluated"."""
     marked = []
     for row in rows:
-        what = needs.get(row.id) or needs.get(row.id[0])
-        marked.append(dataclasses.replace(row, note=f"needs a world ({what})") if row.value is None and what else row)
+        extra, what = ROW_NEEDS.get(row.id) or ROW_NEEDS.get(row.id[0]) or (None, None)
+        if row.value is None and what and world is None:
+            row = dataclasses.replace(row, note=f"needs a world ({what})")
+        elif row.value is None and extra and not has_extra(world, extra):
+            row = dataclasses.replace(row, note=f"needs a world with {extra}() ({what}); see instructrl.world")
+        marked.append(row)
     return marked
+
+
+def lacking_extras(world: World) -> str:
+    """``"; without heldout_text, analysis"``: the optional extras (``instructrl.world.OPTIONAL_EXTRAS``) that the
+    world lacks, for the report's info table ("" when it has all)."""
+    missing = [name for name in OPTIONAL_EXTRAS if not has_extra(world, name)]
+    return f"; without {', '.join(missing)} (rows needing them are not computed)" if missing else ""
 
 
 # --------------------------------------------------------------------------- the command
@@ -379,7 +398,7 @@ def judge_all(
     return win_rates, breakdowns
 
 
-def ppo_run_curve(cfg: Config, name: str, ppo_dir: str, world: SandboxWorld, tasks: list[Task], scorer, device):
+def ppo_run_curve(cfg: Config, name: str, ppo_dir: str, world: World, tasks: list[Task], scorer, device):
     """The RL over-optimization curve of one PPO run, sampled as its rollouts were (temperature, length)."""
     from instructrl.models.scoring import RewardScorer
 
@@ -416,10 +435,10 @@ def collect(cfg: Config) -> ReportData:
     check_paths(cfg)
     t0 = time.time()
     device = resolve_device(cfg.run.device)
-    world = SandboxWorld(seed=cfg.sandbox_seed) if isinstance(cfg.prompts, int) else None
+    world = load_world(cfg.run.world, cfg.sandbox_seed) if isinstance(cfg.prompts, int) else None
     if world is not None:
         tasks = eval_tasks(world, cfg.split, cfg.prompts)
-        log_data_source("eval", "prompts", f"sandbox world (seed {cfg.sandbox_seed}), {cfg.split} split")
+        log_data_source("eval", "prompts", f"{describe_world(cfg.run.world, cfg.sandbox_seed)}, {cfg.split} split")
     else:
         tasks = file_tasks(str(cfg.prompts))
         log_data_source("eval", "prompts", f"{cfg.prompts} (no world: {NEEDS_A_WORLD} are not computed)")
@@ -444,7 +463,7 @@ def collect(cfg: Config) -> ReportData:
         evals[name] = evaluate_policy(
             name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.run.seed, device=device
         )
-    if cfg.reference_ceiling and world is not None:
+    if cfg.reference_ceiling and has_extra(world, "reference_response"):
         if REFERENCE in evals:
             raise UserFacingError(f"policies: the name {REFERENCE!r} is reserved for the reference ceiling")
         evals[REFERENCE] = reference_policy_eval(world, tasks)
@@ -453,7 +472,7 @@ def collect(cfg: Config) -> ReportData:
 
     bon_curves: list[OverOptCurve] = []
     rm_vs_gold: list[ProxyGoldRow] = []
-    if cfg.best_of_n and scorer is not None and world is not None:
+    if cfg.best_of_n and scorer is not None and world is not None:  # the gold judge scores the best-of-n curve
         source = cfg.bon_policy or cfg.baseline
         if source not in cfg.policies:
             raise UserFacingError(f"bon_policy {source!r} is not one of the policies {list(cfg.policies)}")
@@ -464,19 +483,20 @@ def collect(cfg: Config) -> ReportData:
         )  # fmt: skip
         evals[f"best-of-{cfg.best_of_n}"] = bon.policy_eval(world)
         bon_curves.append(bon.curve(run=f"best-of-n from {source}"))
-        rm_vs_gold = proxy_gold_agreement(bon, world, cfg.gold_tie_margin)
+        rm_vs_gold = proxy_gold_agreement(bon, world, cfg.gold_tie_margin) if has_extra(world, "analysis") else []
 
     labelers = cfg.labelers or heldout_labelers_of(rm_results)
     judges = build_judges(cfg, world, scorer, labelers)
     win_rates, breakdowns = judge_all(judges, evals, comparison_pairs(cfg, list(evals), roles))
 
     tax: list[TaxRow] = []
-    if cfg.tax and world is not None:
+    if cfg.tax and has_extra(world, "heldout_text"):
         heldout = world.heldout_text(cfg.heldout_docs)
         tax_models = ({roles.base: cfg.base_model} if cfg.base_model else {}) | dict(cfg.policies)
         for name, path in tax_models.items():
             print(f"[eval] alignment tax: {name}", flush=True)
-            tax.append(measure_tax(name, path, heldout, cfg.tax_seq_len, device=device))
+            facts = None if cfg.run.world == DEFAULT_WORLD else []  # the closed-book probes are the sandbox's facts
+            tax.append(measure_tax(name, path, heldout, cfg.tax_seq_len, fact_probe_list=facts, device=device))
 
     training_curves, rl_curves = {}, []
     for name, ppo_dir in cfg.ppo_runs.items():
@@ -489,10 +509,14 @@ def collect(cfg: Config) -> ReportData:
         else:
             rl_curves.append(ppo_run_curve(cfg, name, ppo_dir, world, tasks, scorer, device))
 
-    behaviour = [behaviour_row(pe, world) for pe in evals.values()] if world is not None else []
+    behaviour = [behaviour_row(pe, world) for pe in evals.values()] if has_extra(world, "analysis") else []
     rm = load_rm_accuracy(rm_results, cfg.agreement)
     parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft])
-    world_info = f"sandbox (seed {cfg.sandbox_seed})" if world else f"none; not computed without one: {NEEDS_A_WORLD}"
+    world_info = (
+        f"{describe_world(cfg.run.world, cfg.sandbox_seed)}{lacking_extras(world)}"
+        if world
+        else f"none; not computed without one: {NEEDS_A_WORLD}"
+    )
     info = {
         "world": world_info,
         "prompts": f"{len(tasks)} ({cfg.split} split)" if world else f"{len(tasks)} from {cfg.prompts}",
@@ -509,7 +533,7 @@ def collect(cfg: Config) -> ReportData:
     return ReportData(
         title=cfg.title,
         info=info,
-        headline=headline if world else mark_rows_needing_a_world(headline),
+        headline=mark_rows_needing_a_world(headline, world),
         win_rates=win_rates,
         breakdowns=breakdowns,
         behaviour=behaviour,

@@ -15,8 +15,7 @@ import torch
 from instructrl.eval.generate import generate_responses
 from instructrl.eval.stats import WinRate, win_rate
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
-from instructrl.sandbox.world import SandboxWorld
-from instructrl.world import Task
+from instructrl.world import Task, World, has_extra
 
 
 @dataclass
@@ -40,7 +39,7 @@ class PolicyEval:
         return sum(self.gold) / max(1, len(self.gold))
 
 
-def eval_tasks(world: SandboxWorld, split: str = "test", n: int = 0) -> list[Task]:
+def eval_tasks(world: World, split: str = "test", n: int = 0) -> list[Task]:
     """Held-out tasks, deduplicated by prompt text (identical prompts share ground truth), first ``n``."""
     seen, out = set(), []
     for t in world.tasks(split):
@@ -54,7 +53,7 @@ def eval_tasks(world: SandboxWorld, split: str = "test", n: int = 0) -> list[Tas
 def evaluate_policy(
     name: str,
     model_dir: str | Path,
-    world: SandboxWorld | None,
+    world: World | None,
     tasks: list[Task],
     max_new_tokens: int = 48,
     temperature: float = 1.0,
@@ -72,23 +71,24 @@ def evaluate_policy(
 
 
 def policy_eval_from_responses(
-    name: str, world: SandboxWorld | None, tasks: list[Task], responses: list[str], stopped: list[bool]
+    name: str, world: World | None, tasks: list[Task], responses: list[str], stopped: list[bool]
 ) -> PolicyEval:
     """Judge given responses (one per task) with the gold score and behaviour flags; ``stopped`` says whether
     each response ended with EOS (it replaces the text-based ``stopped`` flag of ``world.analysis``). Without a
-    world (prompts from a file) there is no gold score (``gold`` is empty) and ``stopped`` is the only flag."""
+    world (prompts from a file) there is no gold score (``gold`` is empty); without a world or its ``analysis``
+    extra ``stopped`` is the only flag."""
     if not len(tasks) == len(responses) == len(stopped):
         raise ValueError(f"{len(tasks)} tasks, {len(responses)} responses, {len(stopped)} stop flags")
     flags = []
     for t, text, ended in zip(tasks, responses, stopped):
-        f = world.analysis(t, text) if world is not None else {}
+        f = world.analysis(t, text) if has_extra(world, "analysis") else {}
         f["stopped"] = ended
         flags.append(f)
     gold = [world.gold_score(t, text) for t, text in zip(tasks, responses)] if world is not None else []
     return PolicyEval(name, tasks, list(responses), list(stopped), gold, flags)
 
 
-def reference_policy_eval(world: SandboxWorld, tasks: list[Task], name: str = "reference") -> PolicyEval:
+def reference_policy_eval(world: World, tasks: list[Task], name: str = "reference") -> PolicyEval:
     """The world's ideal responses (``world.reference_response``) as a policy: the ceiling of any win rate."""
     responses = [world.reference_response(t) for t in tasks]
     return policy_eval_from_responses(name, world, tasks, responses, [True] * len(tasks))
@@ -101,10 +101,10 @@ def compare(a: PolicyEval, b: PolicyEval) -> WinRate:
     return win_rate(a.gold, b.gold)
 
 
-def format_required(world: SandboxWorld, task: Task) -> bool:
+def format_required(world: World, task: Task) -> bool:
     """Whether ``task`` asks for a format: a plain prompt with a stated constraint ("answer in one word .")
     or a few-shot prompt (whose examples set the bare-answer format)."""
-    return task.type == "few-shot" or world.spec(task).constraint is not None
+    return task.type == "few-shot" or (has_extra(world, "spec") and world.spec(task).constraint is not None)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _rate(values: list[bool]) -> float:
     return sum(bool(v) for v in values) / len(values) if values else float("nan")
 
 
-def behaviour_row(pe: PolicyEval, world: SandboxWorld) -> BehaviourRow:
+def behaviour_row(pe: PolicyEval, world: World) -> BehaviourRow:
     """Behaviour rates of one evaluated policy (see :class:`BehaviourRow`); NaN where a task set is empty."""
     pairs = list(zip(pe.tasks, pe.flags))
     harmless = [f["correct"] for t, f in pairs if t.category != "harmful"]

@@ -167,13 +167,14 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
     )
 
     prompts = load_prompt_data(
-        cfg.prompts, tokenizer, cfg.generation.max_prompt_tokens, cfg.run.seed, cfg.skip_bad, cfg.sandbox_seed
-    )
+        cfg.prompts, tokenizer, cfg.generation.max_prompt_tokens, cfg.run.seed, cfg.skip_bad, cfg.sandbox_seed,
+        cfg.run.world,
+    )  # fmt: skip
     _check_positions(cfg, policy, prompts.ids)
     ptx = None
     if cfg.ptx.coef > 0:  # γ = 0 never reads the pretraining data
         windows = load_pretraining_windows(cfg.ptx.data, tokenizer, cfg.ptx.seq_len, cfg.run.seed + 3, cfg.skip_bad,
-                                           cfg.sandbox_seed, cfg.ptx.sandbox_docs)  # fmt: skip
+                                           cfg.sandbox_seed, cfg.ptx.sandbox_docs, cfg.run.world)  # fmt: skip
         micro = cfg.ptx.micro_batch_size or cfg.micro_batch_size or cfg.minibatch_size
         ptx = PretrainingMix(windows, cfg.ptx.coef, max(1, round(cfg.ptx.batch_ratio * cfg.minibatch_size)), micro)
     else:

@@ -84,10 +84,10 @@ class PtxSettings:
     batch_ratio: float = 8.0
     """Pretraining sequences per RL episode in each optimizer step (paper: 8)."""
     data: str | None = None
-    """JSONL of {text} records; unset = the sandbox corpus of ``sandbox_seed``, which a run on your own ``prompts``
-    refuses (set this, or ptx.coef=0)."""
+    """JSONL of {text} records; unset = the corpus of the world (``run.world``, the sandbox by default; seed
+    ``sandbox_seed``), which a run on your own ``prompts`` refuses (set this, or ptx.coef=0)."""
     sandbox_docs: int = 5000
-    """Sandbox corpus documents drawn when ``data`` is unset."""
+    """The world's corpus documents drawn when ``data`` is unset."""
     seq_len: int = 128
     """Tokens per pretraining window (documents are joined with EOS, as in pretraining)."""
     micro_batch_size: int = 0
@@ -175,12 +175,13 @@ class Config:
     """'reward' keeps the reward model's head (paper); 'zero' zeroes it (Ziegler's code)
     [ppo-details: value-head-zero-init]."""
     prompts: str | None = None
-    """JSONL of {prompt} records; unset = the sandbox's PPO prompt pool (train split, disjoint from SFT and RM), and
+    """JSONL of {prompt} records; unset = the world's PPO prompt pool (``run.world``; train split, disjoint from SFT
+    and RM), and
     then ``ptx.data`` must be unset too: a run never mixes the sandbox's data with yours."""
     skip_bad: bool = False
     """Skip (and count) malformed prompt records instead of stopping at the first one."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world used when ``prompts`` or ``ptx.data`` is unset."""
+    """Seed of the world (``run.world``, default the sandbox) used when ``prompts`` or ``ptx.data`` is unset."""
     iterations: int = 100
     """PPO iterations (rollout + update); episodes = iterations × batch_size (paper: 256k = 500 × 512)."""
     batch_size: int = 64

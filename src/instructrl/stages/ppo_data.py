@@ -10,6 +10,7 @@ import torch
 from instructrl.data.loading import encode_prompts, load_prompts, load_texts
 from instructrl.errors import UserFacingError
 from instructrl.stages.common import log_data_source
+from instructrl.world import DEFAULT_WORLD, describe_world, load_world, stage_tasks
 
 
 @dataclass
@@ -27,9 +28,11 @@ class PromptData:
 
 
 def load_prompt_data(
-    path: str | None, tokenizer, max_prompt_tokens: int, seed: int, skip_bad: bool = False, sandbox_seed: int = 0
-) -> PromptData:
-    """Prompts from a JSONL file of {prompt} records (or the sandbox's PPO pool when ``path`` is None), without
+    path: str | None, tokenizer, max_prompt_tokens: int, seed: int, skip_bad: bool = False, sandbox_seed: int = 0,
+    world: str = DEFAULT_WORLD,
+) -> PromptData:  # fmt: skip
+    """Prompts from a JSONL file of {prompt} records (or the PPO pool of ``world`` built with ``sandbox_seed`` when
+    ``path`` is None), without
     the empty ones and those over ``max_prompt_tokens`` (counted and reported)."""
     if path is not None:
         log_data_source("ppo", "prompts", path)
@@ -37,12 +40,9 @@ def load_prompt_data(
         print(f"prompts {path}: {stats.summary()}", flush=True)
         texts = [r.prompt for r in records]
     else:
-        from instructrl.sandbox import SandboxWorld
-        from instructrl.sandbox.datasets import stage_tasks
-
         # the PPO pool: train-split prompts that neither the SFT nor the RM data used (InstructGPT Table 6)
-        log_data_source("ppo", "prompts", f"sandbox world (seed {sandbox_seed}), its PPO prompt pool")
-        texts = [t.prompt for t in stage_tasks(SandboxWorld(seed=sandbox_seed), "ppo")]
+        log_data_source("ppo", "prompts", f"{describe_world(world, sandbox_seed)}, its PPO prompt pool")
+        texts = [t.prompt for t in stage_tasks(load_world(world, sandbox_seed), "ppo")]
     encoded = encode_prompts(tokenizer, texts)
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= max_prompt_tokens]
     dropped = len(texts) - len(keep)
@@ -55,9 +55,9 @@ def load_prompt_data(
 
 def load_pretraining_windows(
     path: str | None, tokenizer, seq_len: int, seed: int, skip_bad: bool = False, sandbox_seed: int = 0,
-    sandbox_docs: int = 5000,
+    sandbox_docs: int = 5000, world: str = DEFAULT_WORLD,
 ) -> WindowSampler:  # fmt: skip
-    """Random windows of the pretraining texts (a JSONL file of {text} records, or the sandbox corpus when
+    """Random windows of the pretraining texts (a JSONL file of {text} records, or the corpus of ``world`` when
     ``path`` is None) joined by EOS, as in pretraining."""
     from instructrl.stages.pretrain import token_stream
 
@@ -67,12 +67,9 @@ def load_pretraining_windows(
         print(f"ptx data {path}: {stats.summary()}", flush=True)
         texts = [r.text for r in records]
     else:
-        from instructrl.sandbox import SandboxWorld
-
-        log_data_source(
-            "ppo", "pretraining text (ptx)", f"sandbox world (seed {sandbox_seed}), {sandbox_docs} documents"
-        )
-        texts = SandboxWorld(seed=sandbox_seed).pretraining_corpus(sandbox_docs, split="train")
+        source = f"{describe_world(world, sandbox_seed)}, {sandbox_docs} documents"
+        log_data_source("ppo", "pretraining text (ptx)", source)
+        texts = load_world(world, sandbox_seed).pretraining_corpus(sandbox_docs, split="train")
     stream = token_stream(texts, tokenizer)
     if len(stream) <= seq_len:
         raise UserFacingError(f"pretraining text has {len(stream)} tokens, fewer than one window of {seq_len}")

@@ -30,6 +30,7 @@ from instructrl.models.tokenizer import train_bpe_tokenizer
 from instructrl.stages.common import PRECISIONS, log_data_source, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.world import describe_world, load_world
 
 
 @dataclass
@@ -39,13 +40,14 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/base"
     """Where the model, tokenizer, metrics and checkpoints go (a Hugging Face model directory)."""
     corpus: str | None = None
-    """JSONL of {text} records to train on; unset = the built-in sandbox corpus (then ``heldout`` must be unset too:
+    """JSONL of {text} records to train on; unset = the world's corpus (``run.world``, the built-in sandbox
+    by default; then ``heldout`` must be unset too:
     a run never mixes the sandbox's data with yours)."""
     heldout: str | None = None
     """JSONL of {text} records for held-out perplexity; unset = the sandbox's held-out documents (only when
     ``corpus`` is unset too)."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world whose corpus is used when ``corpus`` is unset."""
+    """Seed of the world (``run.world``, default the sandbox) whose corpus is used when ``corpus`` is unset."""
     sandbox_docs: int = 30000
     """Number of sandbox corpus documents to generate when ``corpus`` is unset."""
     heldout_docs: int = 1000
@@ -88,17 +90,16 @@ class Config(TrainingSettings):
 
 
 def _corpus_texts(cfg: Config) -> tuple[list[str], list[str]]:
-    """The training and held-out texts: each from its JSONL file, or else from the sandbox world's corpus."""
+    """The training and held-out texts: each from its JSONL file, or else from the world's corpus (``run.world``)."""
 
     def texts(what: str, path: str | None, sandbox_docs: int, split: str) -> list[str]:
         if path is not None:
             log_data_source("pretrain", what, path)
             records, _ = load_texts(path)
             return [r.text for r in records]
-        from instructrl.sandbox import SandboxWorld
-
-        log_data_source("pretrain", what, f"sandbox world (seed {cfg.sandbox_seed}), {sandbox_docs} {split} documents")
-        return SandboxWorld(seed=cfg.sandbox_seed).pretraining_corpus(sandbox_docs, split=split)
+        world = describe_world(cfg.run.world, cfg.sandbox_seed)
+        log_data_source("pretrain", what, f"{world}, {sandbox_docs} {split} documents")
+        return load_world(cfg.run.world, cfg.sandbox_seed).pretraining_corpus(sandbox_docs, split=split)
 
     train = texts("corpus", cfg.corpus, cfg.sandbox_docs, "train")
     return train, texts("held-out text", cfg.heldout, cfg.heldout_docs, "valid")

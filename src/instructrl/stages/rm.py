@@ -63,6 +63,7 @@ from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
+from instructrl.world import describe_world, has_extra, load_world, stage_tasks
 
 SANDBOX_COMPARISONS = "sandbox_comparisons.jsonl"
 SANDBOX_DEMONSTRATIONS = "sandbox_demonstrations.jsonl"
@@ -80,7 +81,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/rm"
     """Where the reward model (HF sequence-classification dir), metrics, checkpoints and results go."""
     comparisons: str | None = None
-    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = generate them from the sandbox (then
+    """Comparisons JSONL (K-way, pairwise or HH-RLHF); unset = K samples of the SFT policy per prompt ranked by
+    the world's labelers (``run.world``, the sandbox by default; then
     ``demonstrations`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_comparisons: str | None = None
     """Validation comparisons; unset = hold out ``valid_fraction`` of the prompts of ``comparisons``."""
@@ -117,9 +119,9 @@ class Config(TrainingSettings):
     save_every: int = 25
     """Optimizer steps between resumable checkpoints."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world used when ``comparisons`` is unset."""
+    """Seed of the world (``run.world``, default the sandbox) used when ``comparisons`` is unset."""
     sandbox_prompts: int = 1500
-    """Sandbox train prompts ranked for the RM, taken from the "rm" pool (``sandbox.datasets.stage_tasks``)."""
+    """The world's train prompts ranked for the RM, taken from the "rm" pool (``world.stage_tasks``)."""
     sandbox_min_k: int = 4
     """Fewest responses per sandbox prompt (paper: 4)."""
     sandbox_max_k: int = 9
@@ -471,26 +473,28 @@ def _load_comparison_file(path: str, cfg: Config, label: str, skipped: dict[str,
 def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
     """Generate and write the sandbox comparisons and demonstrations; returns the two file paths.
 
-    Prompts: the "rm" pool of the sandbox's train prompts (``sandbox.datasets.stage_tasks``; InstructGPT's SFT,
+    Prompts: the "rm" pool of the world's train prompts (``world.stage_tasks``; InstructGPT's SFT,
     RM and PPO prompt sets are distinct). For each: K ~ U[sandbox_min_k, sandbox_max_k]
     responses (policy samples at temperature 1, or synthetic candidates), ranked by a labeler drawn at
     random. Demonstrations: labelers' responses to prompts of the "sft" share.
     """
     import numpy as np
 
-    from instructrl.sandbox import SandboxWorld
-    from instructrl.sandbox.datasets import stage_tasks
-    from instructrl.sandbox.labelers import pairwise_agreement
+    from instructrl.sandbox.labelers import pairwise_agreement  # any World: only labelers() and rank()
 
-    world = SandboxWorld(cfg.sandbox_seed)
+    world = load_world(cfg.run.world, cfg.sandbox_seed)
     rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
     sft_tasks = stage_tasks(world, "sft")
     rng = np.random.default_rng(cfg.run.seed)
     ks = [int(k) for k in rng.integers(cfg.sandbox_min_k, cfg.sandbox_max_k + 1, size=len(rm_tasks))]
     if cfg.sandbox_samples_from_policy:
         candidates = _policy_samples(cfg, tokenizer, [t.prompt for t in rm_tasks], ks)
-    else:
+    elif has_extra(world, "synthetic_candidates"):
         candidates = [world.synthetic_candidates(t, k, rng) for t, k in zip(rm_tasks, ks)]
+    else:
+        raise UserFacingError(
+            f"sandbox_samples_from_policy=false needs a world with synthetic_candidates; {cfg.run.world} has none"
+        )
     labelers = world.labelers()
     records = []
     for task, responses in zip(rm_tasks, candidates):
@@ -590,10 +594,10 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
         comparisons_path, demos_path = sandbox_files
         sampled = "synthetic candidates" if not cfg.sandbox_samples_from_policy else "samples of "
         sampled += (cfg.sandbox_sample_policy or cfg.model) if cfg.sandbox_samples_from_policy else ""
+        world = describe_world(cfg.run.world, cfg.sandbox_seed)
         log_data_source(
-            "rm", "comparisons", f"sandbox world (seed {cfg.sandbox_seed}): {sampled} ranked by its labelers, "
-            f"written to {comparisons_path}"
-        )  # fmt: skip
+            "rm", "comparisons", f"{world}: {sampled} ranked by its labelers, written to {comparisons_path}"
+        )
     else:
         log_data_source("rm", "comparisons", str(comparisons_path))
     log_data_source("rm", "validation comparisons", cfg.valid_comparisons or f"{cfg.valid_fraction:g} of the prompts")
@@ -622,7 +626,8 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
     else:  # no demonstrations given: anchor on the labelers' favourite response of each training comparison
         demos = [Demonstration(c.prompt, c.responses[_best(c)], meta=c.meta) for c in train_c]
         normalization_source = "best-ranked response of each training comparison"
-    sandbox_demos = f"sandbox world (seed {cfg.sandbox_seed}): its labelers' demonstrations, written to {demos_path}"
+    world = describe_world(cfg.run.world, cfg.sandbox_seed)
+    sandbox_demos = f"{world}: its labelers' demonstrations, written to {demos_path}"
     log_data_source(
         "rm", "demonstrations (the bias)", sandbox_demos if cfg.comparisons is None else normalization_source
     )

@@ -37,6 +37,7 @@ from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import PRECISIONS, log_data_source, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.world import describe_world, load_world, world_demonstrations
 
 IGNORE = -100
 """Label value cross-entropy ignores (prompt and padding positions)."""
@@ -71,7 +72,8 @@ class Config(TrainingSettings):
     output_dir: str = "runs/sandbox/sft"
     """Where the fine-tuned model (HF format), metrics, checkpoints and results go."""
     data: str | None = None
-    """Demonstrations JSONL ({prompt, response} or {messages}); unset = sandbox labelers' demonstrations (then
+    """Demonstrations JSONL ({prompt, response} or {messages}); unset = the world's labelers' demonstrations
+    (``run.world``, the sandbox by default; then
     ``pretrain_data`` must be unset too: a run never mixes the sandbox's data with yours)."""
     valid_data: str | None = None
     """Validation demonstrations; unset = hold out ``valid_fraction`` of ``data``."""
@@ -80,7 +82,7 @@ class Config(TrainingSettings):
     skip_bad: bool = False
     """Skip (and count) malformed records instead of stopping at the first one."""
     sandbox_seed: int = 0
-    """Seed of the sandbox world used when ``data`` is unset."""
+    """Seed of the world (``run.world``, default the sandbox) used when ``data`` is unset."""
     sandbox_demos: int = 3000
     """Number of sandbox demonstrations when ``data`` is unset."""
     epochs: int = 2
@@ -98,7 +100,7 @@ class Config(TrainingSettings):
     ptx_fraction: float = 0.1
     """Fraction of training sequences drawn from pretraining text (paper's PPO init: 10%); 0 disables."""
     pretrain_data: str | None = None
-    """JSONL of {text} for ``ptx_fraction``; unset = the sandbox corpus, which a run on your own ``data`` refuses
+    """JSONL of {text} for ``ptx_fraction``; unset = the world's corpus, which a run on your own ``data`` refuses
     (set this, or ptx_fraction=0)."""
     max_prompt_tokens: int = 192
     """Longer prompts are dropped (and counted), as the paper dropped prompts over 1k tokens."""
@@ -234,14 +236,9 @@ def mean_nll(model, examples: list[Example], pad_id: int, batch_size: int = 64) 
 
 def _load_demos(cfg: Config) -> tuple[list[Demonstration], list[Demonstration]]:
     if cfg.data is None:
-        from instructrl.sandbox.datasets import sandbox_demonstrations
-
-        log_data_source(
-            "sft",
-            "demonstrations",
-            f"sandbox world (seed {cfg.sandbox_seed}), {cfg.sandbox_demos} labelers' demonstrations",
-        )
-        demos = sandbox_demonstrations(cfg.sandbox_seed, cfg.sandbox_demos)
+        world = describe_world(cfg.run.world, cfg.sandbox_seed)
+        log_data_source("sft", "demonstrations", f"{world}, {cfg.sandbox_demos} labelers' demonstrations")
+        demos = world_demonstrations(load_world(cfg.run.world, cfg.sandbox_seed), cfg.sandbox_demos, cfg.sandbox_seed)
     else:
         log_data_source("sft", "demonstrations", cfg.data)
         demos, stats = load_demonstrations(cfg.data, skip_bad=cfg.skip_bad)
@@ -262,12 +259,9 @@ def _pretraining_texts(cfg: Config) -> list[str]:
     if cfg.pretrain_data is not None:
         log_data_source("sft", "pretraining text (ptx_fraction)", cfg.pretrain_data)
         return [r.text for r in load_texts(cfg.pretrain_data)[0]]
-    from instructrl.sandbox.datasets import sandbox_pretraining_texts
-
-    log_data_source(
-        "sft", "pretraining text (ptx_fraction)", f"sandbox world (seed {cfg.sandbox_seed}), 4000 documents"
-    )
-    return sandbox_pretraining_texts(cfg.sandbox_seed, 4000)
+    world = describe_world(cfg.run.world, cfg.sandbox_seed)
+    log_data_source("sft", "pretraining text (ptx_fraction)", f"{world}, 4000 documents")
+    return load_world(cfg.run.world, cfg.sandbox_seed).pretraining_corpus(4000, split="train")
 
 
 # --------------------------------------------------------------------------- model selection
