@@ -375,7 +375,7 @@ def test_accelerate_configs_load_and_only_ddp_ones_are_accepted_by_the_loops():
         if name in ("multi_gpu_ddp", "multi_node"):
             assert AcceleratedRuntime(fake()).world_size == config.num_processes
         elif name != "single_gpu":
-            with pytest.raises(UserFacingError, match="DDP only"):
+            with pytest.raises(UserFacingError, match="run.sharding=fsdp"):
                 AcceleratedRuntime(fake())
 
 

@@ -309,6 +309,9 @@ def replace(cfg: T, **changes: Any) -> T:
 PRECISION_NAMES = ("fp32", "bf16")
 """Values of ``run.precision`` (``stages.common.PRECISIONS`` maps them to autocast dtypes)."""
 
+SHARDING_NAMES = ("none", "fsdp")
+"""Values of ``run.sharding`` (:mod:`instructrl.utils.sharding` applies 'fsdp')."""
+
 
 @dataclass
 class RunSettings:
@@ -341,6 +344,13 @@ class RunSettings:
     """Stop with an error after this many optimizer steps (PPO: iterations) in a row with a NaN/inf loss or
     gradient (each such step is skipped and counted in the metrics as ``nonfinite_skipped``); eval trains nothing
     and ignores it."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """How N processes (``--num-processes``, ``accelerate launch``, ``torchrun``) hold the models of sft, rm and
+    ppo. 'none': data parallelism (DDP), every process holds full copies of every model and optimizer state.
+    'fsdp': FSDP2 (``torch.distributed.fsdp.fully_shard``) splits the trained models' weights, gradients and
+    AdamW states over the processes (each holds ~1/N; see README 'Scaling up' for what fits); checkpoints are
+    written by every process with ``torch.distributed.checkpoint``. One process holds everything either way, so
+    'fsdp' then trains exactly like 'none' (and reads sharded checkpoints)."""
 
     def validate(self) -> None:
         from instructrl.utils.device import DEVICE_HELP, valid_device_name
@@ -353,6 +363,11 @@ class RunSettings:
             self.precision in PRECISION_NAMES,
             "run.precision",
             f"must be one of {list(PRECISION_NAMES)}, got {self.precision!r}",
+        )
+        require(
+            self.sharding in SHARDING_NAMES,
+            "run.sharding",
+            f"must be one of {list(SHARDING_NAMES)}, got {self.sharding!r}",
         )
 
 
@@ -440,6 +455,10 @@ def resume_fingerprint(cfg: Any) -> dict[str, Any]:
     return fingerprint
 
 
+RUN_KEYS_ADDED_LATER = {"sharding": "none"}
+"""Run settings newer than some checkpoints, with the value those checkpoints were made with."""
+
+
 def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
     """Keys whose value in ``cfg`` differs from the saved fingerprint, dotted inside nested blocks (``run.seed``).
 
@@ -448,6 +467,8 @@ def changed_keys(saved: dict[str, Any], cfg: Any) -> list[str]:
     """
     if has_run_block(type(cfg)):
         saved = nest_run_keys(saved)
+        run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+        saved = {**saved, "run": {**RUN_KEYS_ADDED_LATER, **run}}
     return _differences(saved, resume_fingerprint(cfg))
 
 

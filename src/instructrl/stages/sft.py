@@ -35,7 +35,7 @@ from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_t
 from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import PRECISIONS, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
-from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice
 
 IGNORE = -100
 """Label value cross-entropy ignores (prompt and padding positions)."""
@@ -130,6 +130,11 @@ class Config(TrainingSettings):
         mb = self.micro_batch_size or self.batch_size
         require(self.batch_size % mb == 0, "micro_batch_size", f"must divide batch_size={self.batch_size}")
         require(self.data is not None or self.valid_data is None, "valid_data", "needs data to be set too")
+        require(
+            not (self.lora.enabled and self.run.sharding == "fsdp"),
+            "lora.enabled",
+            "LoRA trains a small fraction of the weights: run it with run.sharding=none",
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -410,7 +415,7 @@ def run(cfg: Config) -> dict:
     total_steps = per_epoch * cfg.epochs
     state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, runtime)
     scorer = _make_scorer(cfg, tokenizer)
-    saved = stage.restore(state)
+    saved = stage.restore(state, best=lambda: keep_if_best(None, 0.0, 0, model))  # the saved selection's layout
     best, history = (saved["best"], saved["history"]) if saved is not None else (None, [])
 
     # ---- loop: one optimizer step per global batch; at each epoch's end, evaluate for model selection
@@ -442,10 +447,7 @@ def run(cfg: Config) -> dict:
     model.eval()
     if cfg.lora.enabled:
         model = model.merge_and_unload()
-    require_finite_weights(model, "the fine-tuned model")
-    if runtime.is_main:  # one writer; every rank holds the same weights
-        model.cpu().save_pretrained(stage.out)
-        tokenizer.save_pretrained(stage.out)
+    runtime.save_pretrained(model, tokenizer, stage.out, "the fine-tuned model")
     results = {
         "selected_epoch": best["epoch"] if best else cfg.epochs,
         "selected_by": "reward" if scorer is not None else "loss",
