@@ -21,13 +21,17 @@ import torch
 from safetensors.torch import load_file
 
 from instructrl.cli import main
-from test_distributed import (
+from test_distributed import (  # noqa: F401 - ppo_env is a fixture
+    PPO_STATISTICS,
     TOLERANCE,
+    PerRankSampling,
     _free_port,
     _metrics,
+    _ppo_sets,
     _sets,
     max_metric_difference,
     max_weight_difference,
+    ppo_env,
     report,
 )
 
@@ -202,3 +206,47 @@ def test_lockstep_pads_the_shorter_rank_with_uncounted_repeats():
     assert TwoRanks(4).lockstep([0, 1, 2]) == [(0, True), (1, True), (2, True), (2, False)]
     assert TwoRanks(3).lockstep([0, 1, 2]) == [(0, True), (1, True), (2, True)]
     assert Runtime(torch.device("cpu")).lockstep([0, 1]) == [(0, True), (1, True)]  # unsharded: unchanged
+
+
+# --------------------------------------------------------------------------- PPO and PPO-ptx
+
+
+def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(tmp_path, ppo_env, tiny_lm_dir):  # noqa: F811
+    from instructrl.config import load_config
+    from instructrl.stages import ppo
+
+    # ptx.batch_ratio 1.5 × minibatch 4 = 6 windows of micro-batches of 1 (3 a rank); frozen models sharded
+    sharded = [*_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"), *_sets(sharding="fsdp")]
+    launch_ranks("ppo", *sharded)
+    launch_ranks("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "ddp"))  # the unsharded 2-process run
+    two, ddp = _metrics(tmp_path / "two"), _metrics(tmp_path / "ddp")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    difference = max_weight_difference(tmp_path / "ddp" / "policy", tmp_path / "two" / "policy")
+    report("ppo fsdp vs ddp, 3 iterations", max_metric_difference(ddp, two, PPO_STATISTICS), difference)
+    assert max_metric_difference(ddp, two, PPO_STATISTICS) < TOLERANCE  # the same samples: gathered weights
+    assert difference < TOLERANCE  # the EMA policy, exported whole
+    assert max_weight_difference(tmp_path / "ddp" / "value", tmp_path / "two" / "value") < TOLERANCE
+    assert two[0]["loss/ptx"] > 1 and two[0]["objective/kl"] > 1
+    assert_weights_split(tmp_path / "two")
+    assert_loadable(tmp_path / "two" / "policy")
+
+    # one process, the ranks' sampling reproduced: the first iteration agrees
+    overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "one") if s != "--set"]
+    ppo.run(load_config(ppo.Config, overrides=[*overrides, "iterations=1"]),
+            sampler=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))  # fmt: skip
+    assert max_metric_difference(_metrics(tmp_path / "one"), two[:1], PPO_STATISTICS) < TOLERANCE
+
+    # resumed from the checkpoint of iteration 2: with 2 processes exactly, with 1 within the tolerance (warned)
+    for name in ("again", "single"):
+        shutil.copytree(tmp_path / "two", tmp_path / name)
+        (tmp_path / name / "results.json").unlink()
+    outputs = launch_ranks("ppo", *[a.replace(str(tmp_path / "two"), str(tmp_path / "again")) for a in sharded])
+    assert "resumed from iteration 2" in outputs[0]
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(m) for m in _metrics(tmp_path / "again")] == [strip(m) for m in two]
+    assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "again" / "policy") == 0.0
+    single_overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "single") if s != "--set"]
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        ppo.run(load_config(ppo.Config, overrides=[*single_overrides, "sharding=fsdp"]),
+                sampler=PerRankSampling(tmp_path / "two" / "policy", world_size=2, seed=3))  # fmt: skip
+    assert [m["step"] for m in _metrics(tmp_path / "single")] == [1, 2, 3]

@@ -442,7 +442,10 @@ def require_path_exists(cfg: Any, *names: str) -> None:
         require(Path(value).exists(), name, f"path does not exist: {value}")
 
 
-RESULT_NEUTRAL_KEYS = frozenset({"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps"})
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps", "sharded_sampling",
+     "frozen_models"}
+)  # fmt: skip
 """Top-level keys (and keys of the ``run`` block) that never change a run's results, so changing them does not
 block a resume."""
 

@@ -107,6 +107,14 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    sharded = False
+    """Whether the models are sharded over the processes (``run.sharding=fsdp`` under N processes)."""
+
+    def all_finished(self, unfinished: torch.Tensor) -> bool:
+        """A sampler's stop condition: no row of ``unfinished`` is left (under sharding: on any rank, so that the
+        ranks, whose every decoding step is a collective, stop together)."""
+        return not bool(unfinished.any())
+
     # ---- seeds and data
     def seed(self, seed: int) -> int:
         """Seed python, numpy and torch with this rank's seed ``seed + rank · RANK_SEED_STRIDE``."""
@@ -359,6 +367,11 @@ class ShardedRuntime(AcceleratedRuntime):
     """N processes with ``run.sharding=fsdp``: the trained (and, where asked, the frozen) models are sharded with
     FSDP2 (:mod:`instructrl.utils.sharding`) instead of wrapped in DDP. The loops are the same: FSDP2 averages
     gradients over ranks as DDP does, so the loss normalizers, clipping and statistics need no change."""
+
+    sharded = True
+
+    def all_finished(self, unfinished: torch.Tensor) -> bool:
+        return self.max(float(bool(unfinished.any()))) == 0
 
     def distribute(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
         from instructrl.utils.sharding import is_sharded, shard_model

@@ -70,7 +70,18 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None) 
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "call_function")
     model.register_forward_hook(_reshard_after_inference)
+    for module in model.modules():  # gather once outside inference mode: see _allocate_outside_inference_mode
+        if isinstance(module, FSDPModule):
+            _allocate_outside_inference_mode(module)
     return model
+
+
+def _allocate_outside_inference_mode(module: FSDPModule) -> None:
+    """Gather and free ``module``'s weights once. FSDP2 allocates each gathered weight's tensor at the first
+    gather and reuses it; allocated under ``torch.inference_mode`` (PPO's rollout comes first) it would be an
+    inference tensor that later gathers, in training, may not write into."""
+    module.unshard()
+    module.reshard()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -166,6 +177,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight, gathered whole into rank 0's CPU memory (tied weights under each name); empty elsewhere.
     Every rank must call it (it all-gathers)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight, gathered whole on every rank, on the model's device (to sample from a full copy)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def unsharded_class(model: torch.nn.Module) -> type:
