@@ -38,9 +38,9 @@ from test_distributed import (  # noqa: F401 - ppo_env is a fixture
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def launch_ranks(*cli_args: str, processes: int = 2, timeout: float = 240) -> list[str]:
-    """``python -m instructrl ARGS`` once per rank, as a launcher starts them; every rank must exit 0 within
-    ``timeout`` seconds (a hang is killed and fails). Returns each rank's output."""
+def launch_ranks(*cli_args: str, processes: int = 2, timeout: float = 240, module: bool = True) -> list[str]:
+    """``python -m instructrl ARGS`` (``module`` false: ``python ARGS``) once per rank, as a launcher starts them;
+    every rank must exit 0 within ``timeout`` seconds (a hang is killed and fails). Returns each rank's output."""
     port = str(_free_port())
     ranks = []
     for rank in range(processes):
@@ -50,7 +50,7 @@ def launch_ranks(*cli_args: str, processes: int = 2, timeout: float = 240) -> li
             "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
             "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
         }  # fmt: skip
-        command = [sys.executable, "-m", "instructrl", *cli_args]
+        command = [sys.executable, *(["-m", "instructrl"] if module else []), *cli_args]
         ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -250,3 +250,62 @@ def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(tmp_path, ppo_e
         ppo.run(load_config(ppo.Config, overrides=[*single_overrides, "sharding=fsdp"]),
                 sampler=PerRankSampling(tmp_path / "two" / "policy", world_size=2, seed=3))  # fmt: skip
     assert [m["step"] for m in _metrics(tmp_path / "single")] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- sampling from a sharded policy
+
+
+def sampling_worker(policy_dir: str, out_dir: str) -> None:
+    """One rank of :func:`test_sharded_sampling_matches_the_unsharded_model_and_ranks_stop_together`: samples its
+    own prompts from the sharded policy (gathered and lockstep) and from a plain copy, with the same seeds."""
+    from instructrl.fast.sampler import CachedSampler
+    from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
+    from instructrl.stages.ppo_build import GatheredSampler
+    from instructrl.stages.ppo_rollout import left_pad
+    from instructrl.utils.distributed import get_runtime
+    from instructrl.utils.sharding import local_bytes
+
+    runtime = get_runtime("cpu", "fsdp")
+    tokenizer = load_tokenizer(policy_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    plain = load_causal_lm(policy_dir, tokenizer).eval()
+    sharded = runtime.distribute(load_causal_lm(policy_dir, tokenizer).eval())
+    words = ["cat", "red", "mat", "sang"]
+    prompts = [f"Q: {i} say {words[(i + runtime.rank) % 4]} words\nA:" for i in range(3 + 2 * runtime.rank)]
+    query, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], pad)
+
+    def sample(sampler) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(7 + runtime.rank)
+        return sampler.generate(query, mask, 12, 1.0, generator).tolist()
+
+    gathered = GatheredSampler(sharded, lambda copy: CachedSampler(copy, eos, pad))
+    result = {
+        "plain": sample(CachedSampler(plain, eos, pad)),
+        "gathered": sample(gathered),
+        "lockstep": sample(CachedSampler(sharded, eos, pad, stop=runtime.all_finished)),
+        "local_bytes": local_bytes(sharded),
+        "full_bytes": local_bytes(plain),
+    }
+    (Path(out_dir) / f"rank{runtime.rank}.json").write_text(json.dumps(result))
+
+
+def test_sharded_sampling_matches_the_unsharded_model_and_ranks_stop_together(tmp_path, ppo_env):  # noqa: F811
+    launch_ranks(str(Path(__file__)), "sampling", str(ppo_env / "policy"), str(tmp_path), module=False, timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["gathered"] == rank["plain"]  # the same tokens as the unsharded model, same seeds
+        assert rank["lockstep"] == rank["plain"]
+        assert 0.45 < rank["local_bytes"] / rank["full_bytes"] < 0.55  # each rank holds half of the weights
+    pad = 0
+
+    def steps(rows: list[list[int]]) -> int:  # decoding steps until every row ended (EOS, then PAD)
+        return max(len([t for t in row if t != pad]) for row in rows)
+
+    from instructrl.models.causal_lm import load_tokenizer
+
+    pad = load_tokenizer(ppo_env / "policy").pad_token_id
+    assert steps(ranks[0]["plain"]) != steps(ranks[1]["plain"])  # the ranks' samples stop at different steps
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sampling"]:
+    sampling_worker(*sys.argv[2:])
