@@ -33,6 +33,8 @@ from test_distributed import (  # noqa: F401 - ppo_env is a fixture
     max_weight_difference,
     ppo_env,
     report,
+    run_cli_launcher_flag,
+    run_launcher,
 )
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -211,13 +213,20 @@ def test_lockstep_pads_the_shorter_rank_with_uncounted_repeats():
 # --------------------------------------------------------------------------- PPO and PPO-ptx
 
 
-def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(tmp_path, ppo_env, tiny_lm_dir):  # noqa: F811
+@pytest.mark.slow  # four PPO runs of 2 processes and two of one (~2 minutes)
+def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(
+    tmp_path,
+    ppo_env,  # noqa: F811
+    tiny_lm_dir,
+    monkeypatch,
+):
     from instructrl.config import load_config
     from instructrl.stages import ppo
 
-    # ptx.batch_ratio 1.5 × minibatch 4 = 6 windows of micro-batches of 1 (3 a rank); frozen models sharded
-    sharded = [*_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"), *_sets(sharding="fsdp")]
-    launch_ranks("ppo", *sharded)
+    # ptx.batch_ratio 1.5 × minibatch 4 = 6 windows of micro-batches of 1 (3 a rank); frozen models sharded.
+    # Started as a user would: instructrl ppo --num-processes 2 --set run.sharding=fsdp ...
+    sharded = [*_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"), *_sets(**{"run.sharding": "fsdp"})]
+    run_cli_launcher_flag(["ppo", "--num-processes", "2", *sharded], monkeypatch)
     launch_ranks("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "ddp"))  # the unsharded 2-process run
     two, ddp = _metrics(tmp_path / "two"), _metrics(tmp_path / "ddp")
     assert [m["step"] for m in two] == [1, 2, 3]
@@ -307,5 +316,42 @@ def test_sharded_sampling_matches_the_unsharded_model_and_ranks_stop_together(tm
     assert steps(ranks[0]["plain"]) != steps(ranks[1]["plain"])  # the ranks' samples stop at different steps
 
 
+# --------------------------------------------------------------------------- the launch config
+
+
+def test_accelerate_fsdp_config_starts_a_sharded_run_that_writes_a_loadable_model(tmp_path, tiny_lm_dir):
+    from instructrl.cli import launcher_command
+
+    rows = [{"prompt": f"Q: {i} ?\nA:", "response": f" {i % 7}"} for i in range(16)]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _sets(
+        model=tiny_lm_dir, data=tmp_path / "demos.jsonl", batch_size=4, epochs=2, ptx_fraction=0,
+        residual_dropout=0, device="cpu", threads=1, save_every=1, output_dir=tmp_path / "run",
+    )  # fmt: skip
+    command = launcher_command(
+        "sft", args, 2, str(Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp.yaml")
+    )
+    at = command.index("-m", 3)  # the launcher's own options end here
+    run_launcher(command[:at] + ["--main_process_port", str(_free_port())] + command[at:])
+    assert_weights_split(tmp_path / "run")  # sharded although run.sharding was left at 'none'
+    assert_loadable(tmp_path / "run")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["sampling"]:
     sampling_worker(*sys.argv[2:])
+
+
+def test_readme_memory_table_is_the_formula_and_the_formula_counts_bytes():
+    from instructrl.utils.sharding import ppo_bytes_per_process
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, parameters in (("1B", 1e9), ("7B", 7e9), ("13B", 13e9)):
+        expected = [ppo_bytes_per_process(parameters, 1, "none")]
+        expected += [ppo_bytes_per_process(parameters, n) for n in (2, 8)]
+        expected += [ppo_bytes_per_process(parameters, n, sharded_sampling="lockstep") for n in (2, 8)]
+        expected += [ppo_bytes_per_process(parameters, 8, frozen_models="full")]
+        row = "| " + " | ".join([name, *(f"{b / 1e9:.0f}" for b in expected)]) + " |"
+        assert row in readme, row
+    # by hand for 1B at N = 2: (2 × 16 + 4 EMA) / 2 + 2 × 4 frozen / 2 + 4 gathered copy = 26 bytes a parameter
+    assert ppo_bytes_per_process(1, 2) == 26
+    assert ppo_bytes_per_process(1, 1, "fsdp") == ppo_bytes_per_process(1, 4, "none") == 44  # nothing split

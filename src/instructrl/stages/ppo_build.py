@@ -220,7 +220,10 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
 
 
 def make_sampler(cfg: Config, policy, tokenizer, runtime: Runtime, runner=None) -> GenerationBackend:
-    """The rollout sampler ``generation.backend`` names: our KV-cache loop (default), HF ``generate`` or vLLM."""
+    """The rollout sampler ``generation.backend`` names: our KV-cache loop (default), HF ``generate`` or vLLM;
+    under ``run.sharding=fsdp`` one of the first two, on a gathered copy or in lockstep (``sharded_sampling``)."""
+    if runtime.sharded and cfg.generation.backend == "vllm":
+        raise UserFacingError("generation.backend=vllm loads whole weights per GPU: use it with run.sharding=none")
     if cfg.generation.backend == "vllm":
         from instructrl.rollout.vllm_backend import VLLMBackend
 

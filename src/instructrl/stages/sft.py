@@ -394,10 +394,13 @@ def steps_per_epoch(cfg: Config, data: TrainingData) -> int:
 
 
 def keep_if_best(best: dict | None, value: float, epoch: int, model) -> dict | None:
-    """``best`` (the selected epoch: its score ``value`` and weights on the CPU), replaced when ``value`` is higher."""
+    """``best`` (the selected epoch: its score ``value`` and weights), replaced when ``value`` is higher."""
     if best is None or value > best["value"]:
-        cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return {"value": value, "epoch": epoch, "state": cpu_state}
+        from torch.distributed.tensor import DTensor
+
+        # on the CPU; a shard (run.sharding=fsdp) stays on its device, where its process group is
+        copy = lambda v: v.detach().clone() if isinstance(v, DTensor) else v.detach().to("cpu", copy=True)  # noqa: E731
+        return {"value": value, "epoch": epoch, "state": {k: copy(v) for k, v in model.state_dict().items()}}
     return best
 
 

@@ -140,6 +140,33 @@ def local_view(value: Any) -> Any:
     return value
 
 
+def ppo_bytes_per_process(
+    parameters: float,
+    processes: int,
+    sharding: str = "fsdp",
+    frozen_models: str = "sharded",
+    sharded_sampling: str = "gathered",
+    ema: bool = True,
+) -> float:
+    """Bytes one PPO process holds for the four models' weights and the optimizer states, activations excluded,
+    when each of the four models has ``parameters`` parameters (InstructGPT's setting: value and reward model
+    the policy's size), everything float32 as the stages keep it (bf16 mixed precision computes in bf16 but
+    keeps float32 weights and states):
+
+    - policy and value, trained: 4 (weights) + 4 (gradients) + 8 (AdamW's two moments) = 16 bytes a parameter;
+    - the policy's EMA (``ema_decay``): 4; the frozen reference and reward models: 4 each;
+    - sharded (``run.sharding=fsdp``, N processes): the trained models, their states and the EMA / N; the frozen
+      models / N (``frozen_models=sharded``) or whole; plus, with ``sharded_sampling=gathered``, the full copy of
+      the policy sampled from (4). One process holds everything whatever the setting.
+    """
+    trained = 2 * parameters * 16 + (parameters * 4 if ema else 0)
+    frozen = 2 * parameters * 4
+    if sharding == "none" or processes == 1:
+        return trained + frozen
+    held = trained / processes + (frozen / processes if frozen_models == "sharded" else frozen)
+    return held + (parameters * 4 if sharded_sampling == "gathered" else 0)
+
+
 # --------------------------------------------------------------------------- state dicts
 
 
