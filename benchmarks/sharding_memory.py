@@ -70,9 +70,7 @@ def worker(ns: argparse.Namespace) -> None:
     # the reward model is held by the default scorer (a closure over it), not by PPOModels
     scorer_models = [c.cell_contents for c in models.score.__closure__ or ()]
     held["weights"] += sum(local_bytes(m) for m in scorer_models if isinstance(m, torch.nn.Module))
-    parameters = sum(p.numel() for p in run.models.policy.parameters()) * (
-        run.runtime.world_size if run.runtime.sharded else 1
-    )  # the full count (a shard's numel is its local part)
+    parameters = sum(p.numel() for p in run.models.policy.parameters())  # a shard's numel is the full one
     if run.runtime.rank == 0:
         Path(ns.result).write_text(json.dumps({
             "held": held, "total": sum(held.values()), "s_per_iteration": statistics.median(times),
@@ -95,7 +93,7 @@ def launch(processes: int, sharding: str, paths: dict, iterations: int, root: Pa
         if processes > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                        LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
-        ranks.append(subprocess.Popen(command, env=env))
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     if any(r.wait(timeout=900) for r in ranks):
         raise SystemExit(f"the {sharding} run with {processes} process(es) failed")
     return json.loads(result.read_text())
