@@ -213,7 +213,7 @@ def test_lockstep_pads_the_shorter_rank_with_uncounted_repeats():
 # --------------------------------------------------------------------------- PPO and PPO-ptx
 
 
-@pytest.mark.slow  # four PPO runs of 2 processes and two of one (~2 minutes)
+@pytest.mark.slow  # five PPO runs of 2 processes and two of one (~2.5 minutes)
 def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(
     tmp_path,
     ppo_env,  # noqa: F811
@@ -259,6 +259,12 @@ def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(
         ppo.run(load_config(ppo.Config, overrides=[*single_overrides, "sharding=fsdp"]),
                 sampler=PerRankSampling(tmp_path / "two" / "policy", world_size=2, seed=3))  # fmt: skip
     assert [m["step"] for m in _metrics(tmp_path / "single")] == [1, 2, 3]
+
+    # the other settings: sampling in lockstep on the sharded policy, whole frozen models: the same run
+    variant = [a.replace(str(tmp_path / "two"), str(tmp_path / "variant")) for a in sharded]
+    launch_ranks("ppo", *variant, *_sets(sharded_sampling="lockstep", frozen_models="full"))
+    assert max_metric_difference(two, _metrics(tmp_path / "variant"), PPO_STATISTICS) < TOLERANCE
+    assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "variant" / "policy") < TOLERANCE
 
 
 # --------------------------------------------------------------------------- sampling from a sharded policy
