@@ -312,6 +312,9 @@ def replace(cfg: T, **changes: Any) -> T:
 PRECISION_NAMES = ("fp32", "bf16")
 """Values of ``run.precision`` (``stages.common.PRECISIONS`` maps them to autocast dtypes)."""
 
+SHARDING_NAMES = ("none", "fsdp")
+"""Values of ``run.sharding`` (:mod:`instructrl.utils.sharding` applies 'fsdp')."""
+
 
 @dataclass
 class RunSettings:
@@ -358,6 +361,13 @@ class RunSettings:
     and, in eval, the held-out prompts and gold judge: 'sandbox' (built-in), 'path/to/file.py:factory' or
     'package.module:factory', where ``factory(seed)`` returns an object with the methods of
     :class:`instructrl.world.World`; the seed is the stage's ``sandbox_seed``. Template: examples/shop_world.py."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """How N processes (``--num-processes``, ``accelerate launch``, ``torchrun``) hold the models of sft, rm and
+    ppo. 'none': data parallelism (DDP), every process holds full copies of every model and optimizer state.
+    'fsdp': FSDP2 (``torch.distributed.fsdp.fully_shard``) splits the trained models' weights, gradients and
+    AdamW states over the processes (each holds ~1/N; see README 'Scaling up' for what fits); checkpoints are
+    written by every process with ``torch.distributed.checkpoint``. One process holds everything either way, so
+    'fsdp' then trains exactly like 'none' (and reads sharded checkpoints)."""
 
     def validate(self) -> None:
         from instructrl.utils.device import DEVICE_HELP, valid_device_name
@@ -371,6 +381,11 @@ class RunSettings:
             self.precision in PRECISION_NAMES,
             "run.precision",
             f"must be one of {list(PRECISION_NAMES)}, got {self.precision!r}",
+        )
+        require(
+            self.sharding in SHARDING_NAMES,
+            "run.sharding",
+            f"must be one of {list(SHARDING_NAMES)}, got {self.sharding!r}",
         )
         if self.tensorboard:
             warnings.warn("run.tensorboard is deprecated: use run.report_to=tensorboard", FutureWarning, stacklevel=2)
@@ -484,6 +499,7 @@ def require_own_data(cfg: Any, name: str, own: Sequence[str], off: str | None = 
 
 RESULT_NEUTRAL_KEYS = frozenset(
     {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps", "guardrails"}
+    | {"sharded_sampling", "frozen_models"}  # how sharded PPO samples and holds frozen models
     | {"report_to", "tracker_project", "tensorboard"}  # where metrics are mirrored to
 )
 """Top-level keys (and keys of the ``run`` block) that never change a run's results, so changing them does not
@@ -496,9 +512,9 @@ def resume_fingerprint(cfg: Any) -> dict[str, Any]:
     return _without_neutral_keys(to_dict(cfg))
 
 
-KEYS_ADDED_LATER = {"world": "sandbox"}
-"""Settings added after fingerprints were first saved (``run.world``, the demo's ``world``), with the value every
-earlier run had: a fingerprint without them matches that value."""
+KEYS_ADDED_LATER = {"world": "sandbox", "sharding": "none"}
+"""Settings added after fingerprints were first saved (``run.world``, the demo's ``world``, ``run.sharding``), with
+the value every earlier run had: a fingerprint without them matches that value."""
 
 
 def _without_neutral_keys(fingerprint: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from instructrl.fast.kernels import gradient_into_grad
 from instructrl.models.logprobs import FullLogits
 from instructrl.models.reward import position_ids_from_mask
 from instructrl.rl.logprobs import check_temperature
+from instructrl.utils.distributed import call_on
 
 VOCAB_BLOCK = 1024
 """Rows of the unembedding matrix per matmul in the fused LM head. One block's logits for every position
@@ -361,9 +362,18 @@ class FusedHeadLogProbs(FullLogits):
     :data:`FUSED_HEAD_MODEL_TYPES` take the reference path."""
 
     def responses(self, model, input_ids, attention_mask, response, temperature, with_entropy=False):
-        head = fused_lm_head(model)
-        if head is None:
+        if fused_lm_head(model) is None:
             return super().responses(model, input_ids, attention_mask, response, temperature, with_entropy)
+        # a sharded model's head weight is gathered by its root's hooks: the whole computation runs through it
+        return call_on(model, self._responses, input_ids, attention_mask, response, temperature, with_entropy)
+
+    def texts(self, model, windows):
+        if fused_lm_head(model) is None:
+            return super().texts(model, windows)
+        return call_on(model, self._texts, windows)
+
+    def _responses(self, model, input_ids, attention_mask, response, temperature, with_entropy):
+        head = fused_lm_head(model)
         width = response.shape[1]
         hidden = final_hidden_states(
             model,
@@ -377,10 +387,8 @@ class FusedHeadLogProbs(FullLogits):
             with_entropy=with_entropy,
         )  # fmt: skip
 
-    def texts(self, model, windows):
+    def _texts(self, model, windows):
         head = fused_lm_head(model)
-        if head is None:
-            return super().texts(model, windows)
         hidden = final_hidden_states(model, input_ids=windows)[:, :-1]  # (B, L − 1, d): predicting x_1 … x_{L−1}
         return lm_head_logprobs(
             hidden, head.weight, windows[:, 1:], 1.0, head.bias, weight_grad_into_grad=head.grad_into_weight

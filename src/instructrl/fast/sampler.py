@@ -58,8 +58,13 @@ class CachedSampler(GenerationBackend):
     ``cumsum(mask) − 1`` and every new token takes the next position of its row.
     """
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None, runner=None):
+    def __init__(
+        self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, draw=None, runner=None, stop=None
+    ):
         super().__init__(eos_token_id, pad_token_id)
+        self.stop = stop or all_finished
+        """``stop(unfinished (B,) bool) -> bool``: whether sampling ends (default: no row left); a sharded
+        policy's ranks agree on it (:meth:`instructrl.utils.distributed.Runtime.all_finished`)."""
         self.model = model
         self.draw = draw or sample_inverse_cdf
         """``draw(probs (B, V), generator) -> (B,)`` token ids: :func:`sample_inverse_cdf` (default) or
@@ -127,7 +132,7 @@ class CachedSampler(GenerationBackend):
             tokens = torch.where(unfinished, tokens, self.pad_token_id)
             responses[:, step] = tokens
             unfinished &= tokens != self.eos_token_id
-            if step == max_new_tokens - 1 or not bool(unfinished.any()):
+            if step == max_new_tokens - 1 or self.stop(unfinished):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
             out = self.model(
@@ -139,6 +144,10 @@ class CachedSampler(GenerationBackend):
             )
             next_position = next_position + 1
         return responses  # (B, max_new_tokens)
+
+
+def all_finished(unfinished: torch.Tensor) -> bool:
+    return not bool(unfinished.any())
 
 
 def kv_cache_argument() -> str:

@@ -28,6 +28,7 @@ from instructrl.data.loading import encode_prompts
 from instructrl.errors import UserFacingError
 from instructrl.models.reward import last_token_scores, load_reward_model
 from instructrl.utils.device import resolve_device
+from instructrl.utils.distributed import call_on
 
 
 def max_positions(model: PreTrainedModel) -> int | None:
@@ -90,8 +91,8 @@ def score_sequences(
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 input_ids, attention_mask = pad_right([sequences[i] for i in rows], pad_id)
-                batch_scores = last_token_scores(
-                    model, input_ids.to(device), attention_mask.to(device), normalized=normalized
+                batch_scores = call_on(  # through a sharded model's root (run.sharding=fsdp)
+                    model, last_token_scores, input_ids.to(device), attention_mask.to(device), normalized=normalized
                 )  # (b,)
                 scores[torch.tensor(rows)] = batch_scores.float().cpu()
     finally:

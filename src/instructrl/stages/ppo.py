@@ -69,7 +69,7 @@ from instructrl.stages.ppo_rollout import (
 )
 from instructrl.stages.ppo_trainers import reduce_side_stats
 from instructrl.stages.training_run import TrainingRun
-from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice
 from instructrl.utils.io import MetricsWriter, read_jsonl_lenient
 
 __all__ = ["Config", "GenerationSettings", "KLSettings", "PtxSettings", "run", "train_iteration"]
@@ -203,11 +203,8 @@ def run(cfg: Config, score_fn=None, sampler=None) -> dict:
 
     ppo_run.save_policy(out / "policy")
     guard.save_best(ppo_run, out / "policy_best")
-    require_finite_weights(ppo_run.critic.model, "the value model")  # on every rank: identical weights
-    if runtime.is_main:
-        ppo_run.critic.model.save_pretrained(out / "value")
-        ppo_run.tokenizer.save_pretrained(out / "value")
-    runtime.barrier()  # metrics.jsonl is complete: every rank may summarize it
+    runtime.save_pretrained(ppo_run.critic.model, ppo_run.tokenizer, out / "value", "the value model")
+    # metrics.jsonl is complete (save_pretrained ends with a barrier): every rank may summarize it
     results = _results(cfg, ppo_run, out, stage.seconds(), guard)
     return stage.finish(
         results,

@@ -37,7 +37,7 @@ from instructrl.stages.ppo_data import PromptData, load_pretraining_windows, loa
 from instructrl.stages.ppo_rollout import PPOModels, ScoreFn, response_values, reward_model_scorer
 from instructrl.stages.ppo_trainers import PolicyEMA, PolicyTrainer, PretrainingMix, ValueTrainer, swapped_weights
 from instructrl.utils.distributed import Runtime, get_runtime
-from instructrl.utils.guards import NonFiniteGuard, require_finite_weights
+from instructrl.utils.guards import NonFiniteGuard
 from instructrl.utils.seed import rng_state, set_rng_state
 
 
@@ -73,20 +73,16 @@ class PPORun:
         if weights is None and ema is not None:
             weights = ema.shadow
         with swapped_weights(policy, weights) if weights is not None else contextlib.nullcontext():
-            require_finite_weights(policy, f"the policy ({path})")  # every rank: same weights, same verdict
-            if self.runtime.is_main:
-                policy.save_pretrained(path)
-                self.tokenizer.save_pretrained(path)
-        self.runtime.barrier()
+            self.runtime.save_pretrained(policy, self.tokenizer, path, f"the policy ({path})")
 
     def state_dict(self) -> dict[str, Any]:
         actor, critic = self.actor, self.critic
         return {
             "iteration": self.iteration,
-            "policy": actor.model.state_dict(),
-            "value_model": critic.model.state_dict(),
-            "policy_optimizer": actor.optimizer.state_dict(),
-            "value_optimizer": critic.optimizer.state_dict(),
+            "policy": self.runtime.model_state(actor.model),
+            "value_model": self.runtime.model_state(critic.model),
+            "policy_optimizer": self.runtime.optimizer_state(actor.model, actor.optimizer),
+            "value_optimizer": self.runtime.optimizer_state(critic.model, critic.optimizer),
             "policy_scheduler": actor.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "ema": actor.ema.state_dict() if actor.ema is not None else None,
@@ -101,10 +97,10 @@ class PPORun:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         actor, critic = self.actor, self.critic
         self.iteration = int(state["iteration"])
-        actor.model.load_state_dict(state["policy"])
-        critic.model.load_state_dict(state["value_model"])
-        actor.optimizer.load_state_dict(state["policy_optimizer"])
-        critic.optimizer.load_state_dict(state["value_optimizer"])
+        self.runtime.load_model_state(actor.model, state["policy"])
+        self.runtime.load_model_state(critic.model, state["value_model"])
+        self.runtime.load_optimizer_state(actor.model, actor.optimizer, state["policy_optimizer"])
+        self.runtime.load_optimizer_state(critic.model, critic.optimizer, state["value_optimizer"])
         actor.scheduler.load_state_dict(state["policy_scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         if actor.ema is not None:
@@ -135,7 +131,7 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         path = getattr(cfg, key)
         if path is not None and not Path(path).exists():
             raise UserFacingError(f"{key}: {path} does not exist (run the earlier stage first, or set {key}=...)")
-    runtime = get_runtime(cfg.run.device)  # one process, or this rank of an accelerate/torchrun launch
+    runtime = get_runtime(cfg.run.device, cfg.run.sharding)  # one process, or this rank of a launch
     runtime.require_divisible(cfg.batch_size, "batch_size")  # each rank rolls out batch_size / N prompts
     runtime.require_divisible(cfg.minibatch_size, "minibatch_size")  # and trains on minibatch_size / N of each step
     device = runtime.device
@@ -155,6 +151,8 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
     if not isinstance(runner, SequentialRunner):  # a side that is done hands its threads to the other
         for model in (policy, ref_policy, reward_model, value_model):
             add_claim_points(model)
+    for model in (policy, value_model, *((ref_policy, reward_model) if cfg.frozen_models == "sharded" else ())):
+        runtime.distribute(model, cfg.run.precision)  # run.sharding=fsdp: shards, before the optimizers and EMA
     autocast_dtype = torch.bfloat16 if cfg.run.precision == "bf16" else None
     models = PPOModels(
         policy=policy,
@@ -228,7 +226,10 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
 
 
 def make_sampler(cfg: Config, policy, tokenizer, runtime: Runtime, runner=None) -> GenerationBackend:
-    """The rollout sampler ``generation.backend`` names: our KV-cache loop (default), HF ``generate`` or vLLM."""
+    """The rollout sampler ``generation.backend`` names: our KV-cache loop (default), HF ``generate`` or vLLM;
+    under ``run.sharding=fsdp`` one of the first two, on a gathered copy or in lockstep (``sharded_sampling``)."""
+    if runtime.sharded and cfg.generation.backend == "vllm":
+        raise UserFacingError("generation.backend=vllm loads whole weights per GPU: use it with run.sharding=none")
     if cfg.generation.backend == "vllm":
         from instructrl.rollout.vllm_backend import VLLMBackend
 
@@ -243,9 +244,36 @@ def make_sampler(cfg: Config, policy, tokenizer, runtime: Runtime, runner=None) 
             )
         except RuntimeError as e:
             raise UserFacingError(str(e)) from None
+    if runtime.sharded and cfg.sharded_sampling == "lockstep":
+        if cfg.generation.backend != "cached":
+            raise UserFacingError("sharded_sampling=lockstep samples with generation.backend=cached only")
+        return CachedSampler(policy, tokenizer.eos_token_id, tokenizer.pad_token_id, stop=runtime.all_finished)
+    if runtime.sharded:  # sharded_sampling=gathered: a full copy of the weights, synced once per iteration
+        return GatheredSampler(policy, lambda copy: make_sampler(cfg, copy, tokenizer, Runtime(runtime.device)))
     if cfg.generation.backend == "hf":
         return HFGenerateBackend(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return CachedSampler(policy, tokenizer.eos_token_id, tokenizer.pad_token_id, runner=runner)
+
+
+class GatheredSampler(GenerationBackend):
+    """Samples from a plain full copy of a sharded policy (``sharded_sampling=gathered``): every rank gathers the
+    policy's weights once per iteration (:meth:`sync_weights`) and samples its prompts on its own, with the
+    sampler ``generation.backend`` names; so the ranks may stop at different steps."""
+
+    def __init__(self, policy: torch.nn.Module, make_inner: Callable[[torch.nn.Module], GenerationBackend]):
+        from instructrl.utils.sharding import gathered_state_dict, unsharded_copy
+
+        self.copy = unsharded_copy(policy, gathered_state_dict(policy))
+        self.inner = make_inner(self.copy)
+        super().__init__(self.inner.eos_token_id, self.inner.pad_token_id)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        from instructrl.utils.sharding import gathered_state_dict
+
+        self.copy.load_state_dict(gathered_state_dict(model))  # every rank: an all-gather
+
+    def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None):
+        return self.inner.generate(prompt_ids, attention_mask, max_new_tokens, temperature, generator)
 
 
 def warmup_factor(iteration: int, warmup_iterations: int, start: float = 0.1) -> float:

@@ -267,6 +267,17 @@ class Config:
     heavier (a large-vocabulary LM head); it can cost where one side is much heavier (measurements:
     benchmarks/RESULTS.md). 'auto' times the first calls each way in every process and keeps the faster
     (logged). Ignored on a GPU and under N processes."""
+    sharded_sampling: Literal["gathered", "lockstep"] = "gathered"
+    """Under ``run.sharding=fsdp`` ('cached' and 'hf' backends): 'gathered' gathers the policy's full weights
+    into a plain copy on every process once per iteration (one more policy's weights per process, in the
+    weights' dtype) and each process samples its prompts on its own; 'lockstep' samples on the sharded policy
+    itself, every decoding step a collective (no full copy, much slower), the processes stopping together when
+    every one's responses have ended. Both draw the same tokens as an unsharded run with the same seeds."""
+    frozen_models: Literal["sharded", "full"] = "sharded"
+    """Under ``run.sharding=fsdp``, how each process holds the frozen reference policy and reward model:
+    'sharded' (1/N of their weights each, no optimizer; their forwards are collectives) or 'full' (a whole copy
+    each, as without sharding: 4 bytes per parameter in float32, 2 in bf16; memory table in README 'Scaling
+    up'). The trained policy and value model are always sharded."""
     run: RunSettings = field(default_factory=RunSettings)
     """Seed, threads, device, precision, resume, TensorBoard and the non-finite-step limit (shared by every stage).
     ``run.precision=bf16`` autocasts generation and every forward pass, rollout and training."""
@@ -292,6 +303,16 @@ class Config:
         micro = self.micro_batch_size or self.minibatch_size
         require(
             self.minibatch_size % micro == 0, "micro_batch_size", f"must divide minibatch_size={self.minibatch_size}"
+        )
+        require(
+            self.sharded_sampling in ("gathered", "lockstep"),
+            "sharded_sampling",
+            f"must be 'gathered' or 'lockstep', got {self.sharded_sampling!r}",
+        )
+        require(
+            self.frozen_models in ("sharded", "full"),
+            "frozen_models",
+            f"must be 'sharded' or 'full', got {self.frozen_models!r}",
         )
         require(
             self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"

@@ -30,7 +30,7 @@ from instructrl.rl import explained_variance, gae, kl_k3, masked_mean, masked_wh
 from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
 from instructrl.stages.common import mixed_precision
 from instructrl.stages.ppo_guardrails import distinct_fraction
-from instructrl.utils.distributed import Runtime
+from instructrl.utils.distributed import Runtime, call_on
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(query, query_mask, response, response_mask) -> (B,)`` scores r(x, y) of finished rollouts."""
@@ -185,7 +185,7 @@ def reward_model_scorer(reward_model) -> ScoreFn:
     def score(query, query_mask, response, response_mask) -> torch.Tensor:
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-        return last_token_scores(reward_model, input_ids, attention_mask)
+        return call_on(reward_model, last_token_scores, input_ids, attention_mask)
 
     return score
 
@@ -288,7 +288,7 @@ def _policy_and_reference(models: PPOModels, input_ids, attention_mask, response
 
 def _values_and_scores(models: PPOModels, input_ids, attention_mask, query, query_mask, response, response_mask):
     """The values (b, R) and the scores (b,): the reward model's, or any score function's."""
-    values = response_values(models.value_model, input_ids, attention_mask, response.shape[1])
+    values = call_on(models.value_model, response_values, input_ids, attention_mask, response.shape[1])
     return {"values": values, "raw_scores": models.score(query, query_mask, response, response_mask).float()}
 
 

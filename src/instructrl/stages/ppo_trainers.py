@@ -146,13 +146,13 @@ class PolicyTrainer(SideTrainer):
         local = windows[start:stop]
         chunks = list(row_chunks(local.shape[0], self.ptx.micro_batch_size))
         total = 0.0
-        for index, rows in enumerate(chunks):
+        for index, (rows, counted) in enumerate(self.runtime.lockstep(chunks)):  # counted False: weight 0
             with self.runtime.no_sync([self.training_model] if index < len(chunks) - 1 else []):
                 with mixed_precision(windows.device, self.autocast_dtype):
                     logprobs = self.logprobs.texts(self.training_model, local[rows])
                 loss, _ = ptx_loss(logprobs, torch.ones_like(logprobs, dtype=torch.bool), normalizer=n_tokens)
-                self.runtime.backward(self.ptx.coef * loss)
-            total += loss.item()
+                self.runtime.backward(self.ptx.coef * loss if counted else 0.0 * loss)
+            total += loss.item() if counted else 0.0
         return total
 
 

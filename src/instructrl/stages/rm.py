@@ -61,7 +61,7 @@ from instructrl.stages.common import log_data_source
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
-from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice
 from instructrl.utils.io import atomic_write_json, atomic_write_jsonl
 from instructrl.world import describe_world, has_extra, load_world, stage_tasks
 
@@ -326,7 +326,7 @@ def accumulate_ranking_gradients(
     starts = range(0, num_prompts, micro)
     loss_sum, correct, margin_sum, num_pairs = 0.0, 0.0, 0.0, 0
     all_rewards = []
-    for start in starts:
+    for start, counted in runtime.lockstep(starts):  # counted False: a sharded rank's extra pass, weight 0
         with runtime.no_sync([model] if start != starts[-1] else []):  # all-reduce at the last micro-batch
             inputs = collate_comparisons(batch[start : start + micro], pad_id).to(device)
             rewards = call_model_function(model, raw_last_token_scores, inputs.input_ids, inputs.attention_mask)
@@ -338,7 +338,9 @@ def accumulate_ranking_gradients(
                 inputs.num_groups,
                 normalizer=normalizer,
             )
-            runtime.backward(loss)
+            runtime.backward(loss if counted else 0.0 * loss)
+        if not counted:
+            continue
         pairs = int(stats["rm/num_pairs"].item())
         loss_sum += loss.item()
         correct += stats["rm/accuracy"].item() * pairs
@@ -776,10 +778,7 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
             distribution_source = f"the responses of the {name} comparisons"  # PPO's guardrails read the range
     if distribution_scores is None:
         distribution_scores = score_sequences(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
-    require_finite_weights(model, "the reward model")
-    if runtime.is_main:  # one writer; every rank holds the same weights and bias
-        model.save_pretrained(stage.out)
-        tokenizer.save_pretrained(stage.out)
+    runtime.save_pretrained(model, tokenizer, stage.out, "the reward model")  # every rank holds the same bias
     results.update(
         {
             "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,

@@ -36,7 +36,7 @@ from instructrl.models.causal_lm import count_parameters, load_causal_lm, load_t
 from instructrl.models.dropout import add_residual_dropout
 from instructrl.stages.common import PRECISIONS, log_data_source, mixed_precision
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
-from instructrl.utils.guards import out_of_memory_advice, require_finite_weights
+from instructrl.utils.guards import out_of_memory_advice
 from instructrl.world import describe_world, load_world, world_demonstrations
 
 IGNORE = -100
@@ -138,6 +138,11 @@ class Config(TrainingSettings):
         require_own_data(self, "data", ["pretrain_data"])
         if self.ptx_fraction > 0:
             require_own_data(self, "pretrain_data", ["data"], off="ptx_fraction=0")
+        require(
+            not (self.lora.enabled and self.run.sharding == "fsdp"),
+            "lora.enabled",
+            "LoRA trains a small fraction of the weights: run it with run.sharding=none",
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -403,10 +408,13 @@ def steps_per_epoch(cfg: Config, data: TrainingData) -> int:
 
 
 def keep_if_best(best: dict | None, value: float, epoch: int, model) -> dict | None:
-    """``best`` (the selected epoch: its score ``value`` and weights on the CPU), replaced when ``value`` is higher."""
+    """``best`` (the selected epoch: its score ``value`` and weights), replaced when ``value`` is higher."""
     if best is None or value > best["value"]:
-        cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return {"value": value, "epoch": epoch, "state": cpu_state}
+        from torch.distributed.tensor import DTensor
+
+        # on the CPU; a shard (run.sharding=fsdp) stays on its device, where its process group is
+        copy = lambda v: v.detach().clone() if isinstance(v, DTensor) else v.detach().to("cpu", copy=True)  # noqa: E731
+        return {"value": value, "epoch": epoch, "state": {k: copy(v) for k, v in model.state_dict().items()}}
     return best
 
 
@@ -424,7 +432,7 @@ def run(cfg: Config) -> dict:
     total_steps = per_epoch * cfg.epochs
     state = TrainingState.adam_cosine(model, cfg, total_steps, cfg.warmup_steps, runtime)
     scorer = _make_scorer(cfg, tokenizer)
-    saved = stage.restore(state)
+    saved = stage.restore(state, best=lambda: keep_if_best(None, 0.0, 0, model))  # the saved selection's layout
     best, history = (saved["best"], saved["history"]) if saved is not None else (None, [])
 
     # ---- loop: one optimizer step per global batch; at each epoch's end, evaluate for model selection
@@ -453,10 +461,7 @@ def run(cfg: Config) -> dict:
     model.eval()
     if cfg.lora.enabled:
         model = model.merge_and_unload()
-    require_finite_weights(model, "the fine-tuned model")
-    if runtime.is_main:  # one writer; every rank holds the same weights
-        model.cpu().save_pretrained(stage.out)
-        tokenizer.save_pretrained(stage.out)
+    runtime.save_pretrained(model, tokenizer, stage.out, "the fine-tuned model")
     results = {
         "selected_epoch": best["epoch"] if best else cfg.epochs,
         "selected_by": "reward" if scorer is not None else "loss",

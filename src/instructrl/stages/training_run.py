@@ -22,6 +22,7 @@ refuses (before anything is built) a checkpoint made with settings that would ch
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,7 +84,9 @@ class TrainingState:
     ) -> TrainingState:
         """AdamW with ``cfg.lr``, ``cfg.betas`` and ``cfg.weight_decay``; linear warmup over ``warmup_steps``, then
         cosine decay to ``cfg.min_lr_ratio`` of the peak at ``total_steps`` (InstructGPT's schedule); the guard
-        stops after ``cfg.run.max_nonfinite_steps`` non-finite steps in a row."""
+        stops after ``cfg.run.max_nonfinite_steps`` non-finite steps in a row. Under ``run.sharding=fsdp`` the
+        model is sharded first (in place), so that the optimizer holds (and steps) the shards."""
+        runtime.distribute(model, cfg.run.precision)
         optimizer = make_adam(model.named_parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
@@ -92,16 +95,16 @@ class TrainingState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.runtime.model_state(self.model),
+            "optimizer": self.runtime.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": self.runtime.rank_states(rng_state()),
             "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.runtime.load_model_state(self.model, state["model"])
+        self.runtime.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         own_rng = self.runtime.own_rank_state(state["rng"])
         if own_rng is not None:  # None: written by another number of processes; this rank keeps its fresh seed
@@ -142,7 +145,9 @@ class TrainingRun:
         ``distributed=False`` keeps one process even under a launcher (a stage without data parallelism)."""
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        runtime = get_runtime(cfg.run.device) if distributed else Runtime(resolve_device(cfg.run.device))
+        runtime = (
+            get_runtime(cfg.run.device, cfg.run.sharding) if distributed else Runtime(resolve_device(cfg.run.device))
+        )
         if runtime.is_main:
             save_config(cfg, out / f"instructrl_{name}.yaml")
         set_threads(cfg.run.threads)
@@ -161,11 +166,15 @@ class TrainingRun:
         """The step (iteration) the loop starts after: the checkpoint's, or 0."""
         return self.checkpoint[0] if self.checkpoint is not None else 0
 
-    def restore(self, state: Resumable) -> dict[str, Any] | None:
-        """Load the checkpoint into ``state``; returns the checkpoint (for the stage's own entries), or None."""
+    def restore(self, state: Resumable, **templates: Callable[[], Any]) -> dict[str, Any] | None:
+        """Load the checkpoint into ``state``; returns the checkpoint (for the stage's own entries), or None.
+
+        ``templates``: makers of the stage's own entries that hold model weights (SFT's selected epoch), built like
+        the saved ones: a sharded run reads its shards into their layout (called only then)."""
         if self.checkpoint is None:
             return None
         step, saved = self.checkpoint
+        saved = self.runtime.read_sharded_entries(saved, state, templates)  # a sharded run's models, optimizers, EMA
         state.load_state_dict(saved)
         print(f"resumed from {self.unit} {step}", flush=True)
         return saved

@@ -32,6 +32,12 @@ from instructrl.utils.kill_hook import kill_point
 
 MANIFEST = "manifest.json"
 STATE = "state.pt"
+SHARDED = "sharded"
+"""Folder of a sharded run's checkpoint holding the entries every rank wrote (``torch.distributed.checkpoint``)."""
+SHARDED_ENTRIES = "sharded_entries"
+"""Entry of a sharded run's ``state.pt`` listing the entries written into :data:`SHARDED`."""
+SHARDED_FOLDER = "sharded_folder"
+"""Entry added on reading a sharded run's checkpoint: the path of its :data:`SHARDED` folder."""
 
 
 def _sha256(path: Path) -> str:
@@ -46,8 +52,13 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` (any torch-serializable dict) as checkpoint ``step``; returns its folder."""
+def save_checkpoint(
+    run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2, attach: Path | None = None
+) -> Path:
+    """Write ``state`` (any torch-serializable dict) as checkpoint ``step``; returns its folder.
+
+    ``attach``: a folder already written (a sharded run's ``torch.distributed.checkpoint`` shards) moved into the
+    checkpoint as ``sharded/``, its files covered by the manifest like ``state.pt``."""
     require_finite_weights(state, f"checkpoint {step}")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -58,8 +69,14 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     try:
         state_path = tmp / STATE
         _write_state(state_path, state)
+        files = {STATE: _sha256(state_path)}
+        if attach is not None:
+            os.replace(attach, tmp / SHARDED)
+            files.update(
+                {str(f.relative_to(tmp)): _sha256(f) for f in sorted((tmp / SHARDED).rglob("*")) if f.is_file()}
+            )
         kill_point("checkpoint-write", step, run_dir)
-        atomic_write_json(tmp / MANIFEST, {"step": step, "files": {STATE: _sha256(state_path)}})
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": files})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -118,5 +135,7 @@ def load_latest_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, Any]] | 
         except Exception as e:  # noqa: BLE001 - any unreadable file means "use the previous one"
             warnings.warn(f"checkpoint {path} could not be read ({e}); falling back to an older one", stacklevel=2)
             continue
+        if (path / SHARDED).is_dir():  # read later, into the run's own (sharded) state: Runtime.read_sharded_entries
+            state[SHARDED_FOLDER] = path / SHARDED
         return int(json.loads((path / MANIFEST).read_text())["step"]), state
     return None

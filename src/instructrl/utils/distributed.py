@@ -4,9 +4,10 @@ A stage asks :func:`get_runtime` for its :class:`Runtime`. Without a launcher (`
 that is a single-process runtime that never touches ``accelerate`` or ``torch.distributed``: every helper
 is the identity, so single-process numerics and exact resume are unchanged. Under ``accelerate launch``
 or ``torchrun`` with N processes it wraps an :class:`accelerate.Accelerator`, which sets up
-``torch.distributed`` (NCCL on GPUs, gloo on CPUs); the trained models are wrapped in DDP. DeepSpeed and FSDP
-launch configs are refused with an explanation (:data:`UNSUPPORTED_ENGINE_HELP`): the loops are not wired for
-them yet.
+``torch.distributed`` (NCCL on GPUs, gloo on CPUs); the trained models are wrapped in DDP, or, with
+``run.sharding=fsdp``, sharded with FSDP2 by :class:`ShardedRuntime` (:mod:`instructrl.utils.sharding`). accelerate's
+own DeepSpeed and FSDP engines are refused with an explanation (:data:`UNSUPPORTED_ENGINE_HELP`): the loops
+accumulate, clip and step themselves, and shard through ``run.sharding``.
 
 The conventions every stage follows under N processes (rank r of N):
 
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from instructrl.errors import UserFacingError
+from instructrl.utils.checkpoint import SHARDED_ENTRIES, SHARDED_FOLDER
 from instructrl.utils.device import resolve_device
 from instructrl.utils.seed import seed_everything
 
@@ -57,7 +59,17 @@ class ModelFunction(torch.nn.Module):
         self.fn = fn
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(self.model, *args, **kwargs)
+        return call_on(self.model, self.fn, *args, **kwargs)
+
+
+def call_on(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(model, *args)``; through the root's hooks when ``model`` is sharded (``run.sharding=fsdp``), whose
+    inner modules cannot be called on their own (:func:`instructrl.utils.sharding.call_on`)."""
+    if getattr(model, "call_function", None) is None:
+        return fn(model, *args, **kwargs)
+    from instructrl.utils.sharding import call_on as call_sharded
+
+    return call_sharded(model, fn, *args, **kwargs)
 
 
 def call_model_function(model: torch.nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
@@ -65,7 +77,7 @@ def call_model_function(model: torch.nn.Module, fn: Callable[..., Any], *args: A
     inner = getattr(model, "module", model)  # DDP keeps the wrapped module in .module
     if isinstance(inner, ModelFunction):
         return model(*args)
-    return fn(model, *args)
+    return call_on(model, fn, *args)
 
 
 class NullWriter:
@@ -100,6 +112,14 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    sharded = False
+    """Whether the models are sharded over the processes (``run.sharding=fsdp`` under N processes)."""
+
+    def all_finished(self, unfinished: torch.Tensor) -> bool:
+        """A sampler's stop condition: no row of ``unfinished`` is left (under sharding: on any rank, so that the
+        ranks, whose every decoding step is a collective, stop together)."""
+        return not bool(unfinished.any())
 
     # ---- seeds and data
     def seed(self, seed: int) -> int:
@@ -176,6 +196,46 @@ class Runtime:
         return per_rank[self.rank]
 
     # ---- models and optimization
+    def distribute(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+        """Place a model before its optimizer is made: split its weights over the processes under
+        ``run.sharding=fsdp`` (in place; :class:`ShardedRuntime`), nothing here. Returns ``model``."""
+        return model
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint stores of a model's weights (a sharded runtime stores shards)."""
+        return model.state_dict()
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+        """What a checkpoint stores of an optimizer (a sharded runtime keys it by parameter name)."""
+        return optimizer.state_dict()
+
+    def load_model_state(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state)
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
+        """Load :meth:`optimizer_state`; one written by a sharded run (keyed by name) loads here as well."""
+        from instructrl.utils.sharding import is_named_optimizer_state, load_optimizer_state
+
+        if is_named_optimizer_state(state):
+            load_optimizer_state(model, getattr(optimizer, "optimizer", optimizer), state)
+        else:
+            optimizer.load_state_dict(state)
+
+    def read_sharded_entries(self, saved: dict[str, Any], state: Any, templates: dict[str, Any]) -> dict[str, Any]:
+        """``saved`` with the entries a sharded run wrote with ``torch.distributed.checkpoint`` read in; here (one
+        process, or DDP) whole: the sharded run's 2 → 1 resume (:func:`instructrl.utils.sharding.load_whole`)."""
+        if SHARDED_FOLDER not in saved:
+            return saved
+        from instructrl.utils.sharding import load_whole
+
+        return {**saved, **load_whole(saved[SHARDED_FOLDER])}
+
+    def lockstep(self, chunks: Sequence[Any]) -> list[tuple[Any, bool]]:
+        """``(chunk, counted)`` for each micro-batch of this rank. Sharded forwards are collectives, so under
+        ``run.sharding=fsdp`` every rank runs as many as the busiest one: a rank with fewer repeats its last
+        micro-batch with ``counted`` False, whose loss the caller multiplies by 0 and whose statistics it skips."""
+        return [(chunk, True) for chunk in chunks]
+
     def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
         """``(training_model, optimizer)``: the model to call in training steps (``ModelFunction`` when
         ``forward`` is given, DDP-wrapped under N processes) and the optimizer to step.
@@ -217,15 +277,31 @@ class Runtime:
             save_checkpoint(run_dir, step, state)
         self.barrier()
 
+    def save_pretrained(self, model: torch.nn.Module, tokenizer, path, what: str) -> None:
+        """Write ``model`` and ``tokenizer`` as a Hugging Face directory (rank 0; every rank holds the same weights),
+        refusing NaN/inf weights; every rank waits until it is written."""
+        from instructrl.utils.guards import require_finite_weights
+
+        require_finite_weights(model, what)  # every rank: same weights, same verdict
+        if self.is_main:
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        self.barrier()
+
+
+NONFINITE_HELP = (
+    "not saving {what}: NaN/inf values in its weights. The previous checkpoint (if any) is kept; lower the "
+    "learning rate and resume from it."
+)
 
 SUPPORTED_ENGINES = ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU")
 """accelerate distributed types the stage loops are verified with: DDP over NCCL (GPUs) or gloo (CPUs)."""
 
 UNSUPPORTED_ENGINE_HELP = (
-    "the sft/rm/ppo loops run data-parallel with DDP only (configs/accelerate/multi_gpu_ddp.yaml or "
-    "multi_node.yaml). {engine} is not wired in yet: the loops accumulate micro-batches themselves (DeepSpeed "
-    "steps its engine inside every backward), read and save the plain module's weights (FSDP and ZeRO-3 shard "
-    "them) and sample on the unwrapped policy. See README 'Scaling up'."
+    "the sft/rm/ppo loops run under plain multi-process launches only (configs/accelerate/multi_gpu_ddp.yaml, "
+    "multi_node.yaml or fsdp.yaml) and shard models themselves with --set run.sharding=fsdp (FSDP2). accelerate's "
+    "{engine} engine is not used: the loops accumulate micro-batches, clip and step themselves (DeepSpeed steps "
+    "its engine inside every backward). See README 'Scaling up'."
 )
 
 
@@ -293,14 +369,134 @@ class AcceleratedRuntime(Runtime):
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
+class ShardedRuntime(AcceleratedRuntime):
+    """N processes with ``run.sharding=fsdp``: the trained (and, where asked, the frozen) models are sharded with
+    FSDP2 (:mod:`instructrl.utils.sharding`) instead of wrapped in DDP. The loops are the same: FSDP2 averages
+    gradients over ranks as DDP does, so the loss normalizers, clipping and statistics need no change."""
+
+    sharded = True
+
+    def all_finished(self, unfinished: torch.Tensor) -> bool:
+        return self.max(float(bool(unfinished.any()))) == 0
+
+    def distribute(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+        from instructrl.utils.sharding import is_sharded, shard_model
+
+        if is_sharded(model):
+            return model
+        param_dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
+        return shard_model(model, param_dtype)
+
+    def prepare(self, model: torch.nn.Module, optimizer=None, forward: Callable[..., Any] | None = None):
+        self.distribute(model)  # in place, so a model sharded before its optimizer was made stays as it is
+        return (ModelFunction(model, forward) if forward is not None else model), optimizer
+
+    def no_sync(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager:
+        # Every backward reduce-scatters its gradients into the shards, which accumulate there: skipping the
+        # reduction would accumulate full unsharded gradients, the memory sharding saves.
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        if not parameters:
+            return torch.zeros(())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])  # over the shards: a global norm
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if not math.isinf(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        return norm
+
+    def lockstep(self, chunks: Sequence[Any]) -> list[tuple[Any, bool]]:
+        steps = round(self.max(len(chunks)))
+        return [(chunk, True) for chunk in chunks] + [(chunks[-1], False)] * (steps - len(chunks))
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        from instructrl.utils.sharding import model_state
+
+        return model_state(model)
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+        from instructrl.utils.sharding import optimizer_state
+
+        return optimizer_state(model, optimizer)
+
+    def load_model_state(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        from instructrl.utils.sharding import load_model_state
+
+        load_model_state(model, state)
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
+        from instructrl.utils.sharding import load_optimizer_state
+
+        load_optimizer_state(model, optimizer, state)
+
+    def save_checkpoint(self, run_dir, step: int, state: dict[str, Any]) -> None:
+        """Entries holding shards (models, optimizers, EMA, a selected epoch's weights) are written by every rank
+        with ``torch.distributed.checkpoint``; rank 0 then writes the rest (RNGs, data positions, schedules) and
+        moves the shards into the same checkpoint folder, covered by its manifest."""
+        import shutil
+
+        from instructrl.utils.checkpoint import checkpoint_dir, save_checkpoint
+        from instructrl.utils.guards import nonfinite_tensors
+        from instructrl.utils.sharding import has_dtensor, local_view, save_sharded
+
+        sharded = {k: v for k, v in state.items() if has_dtensor(v)}
+        if self.sum(len(nonfinite_tensors(local_view(sharded)))):  # every rank raises alike
+            raise UserFacingError(NONFINITE_HELP.format(what=f"checkpoint {step}"))
+        staging = checkpoint_dir(run_dir) / f".sharded-step-{step:08d}"
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.barrier()
+        save_sharded(sharded, staging)
+        self.barrier()
+        if self.is_main:
+            rest = {k: v for k, v in state.items() if k not in sharded}
+            save_checkpoint(run_dir, step, {**rest, SHARDED_ENTRIES: sorted(sharded)}, attach=staging)
+        self.barrier()
+
+    def read_sharded_entries(self, saved: dict[str, Any], state: Any, templates: dict[str, Any]) -> dict[str, Any]:
+        """Read the sharded entries into this run's own (sharded) state as the template: each rank reads the
+        pieces of its shards, whatever number of processes wrote them."""
+        if SHARDED_FOLDER not in saved:
+            raise UserFacingError(
+                "the checkpoint was written with run.sharding=none: resume it with run.sharding=none"
+            )
+        from instructrl.utils.sharding import load_sharded_into
+
+        made = {k: make() for k, make in templates.items() if k in saved[SHARDED_ENTRIES]}
+        template = {k: v for k, v in {**state.state_dict(), **made}.items() if k in saved[SHARDED_ENTRIES]}
+        load_sharded_into(template, saved[SHARDED_FOLDER])
+        return {**saved, **template}
+
+    def save_pretrained(self, model: torch.nn.Module, tokenizer, path, what: str) -> None:
+        """Gather the full weights into rank 0 and write them as the model's own (unsharded) class."""
+        from instructrl.utils.guards import nonfinite_tensors
+        from instructrl.utils.sharding import full_state_dict, is_sharded, save_unsharded
+
+        if not is_sharded(model):
+            return super().save_pretrained(model, tokenizer, path, what)
+        full = full_state_dict(model)  # rank 0 only
+        if self.sum(len(nonfinite_tensors(full))):  # rank 0's verdict, on every rank
+            raise UserFacingError(NONFINITE_HELP.format(what=what))
+        if self.is_main:
+            save_unsharded(model, full, path)
+            tokenizer.save_pretrained(path)
+        self.barrier()
+
+
 _RUNTIME: Runtime | None = None
 
 
-def get_runtime(device: str | torch.device | None = "auto") -> Runtime:
+def get_runtime(device: str | torch.device | None = "auto", sharding: str = "none") -> Runtime:
     """The runtime of this process: single-process unless a launcher started several.
 
     Under a launcher the device is the accelerator's (one GPU per process, or the CPU); ``device='cpu'``
     forces CPU processes with gloo. An explicit ``cuda:N`` is refused there: the launcher assigns GPUs.
+    ``sharding='fsdp'`` (``run.sharding``) shards the models over the processes (:class:`ShardedRuntime`);
+    so does a launch with accelerate's FSDP config (configs/accelerate/fsdp.yaml).
     """
     global _RUNTIME
     if launched_world_size() <= 1:
@@ -312,5 +508,9 @@ def get_runtime(device: str | torch.device | None = "auto") -> Runtime:
     if _RUNTIME is None:
         from accelerate import Accelerator
 
-        _RUNTIME = AcceleratedRuntime(Accelerator(cpu=str(device) == "cpu"))
+        sharded = sharding == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if sharded:  # accelerate's own FSDP engine stays off: it does not shard on CPUs, and the loops shard
+            os.environ["ACCELERATE_USE_FSDP"] = "false"
+        accelerator = Accelerator(cpu=str(device) == "cpu")
+        _RUNTIME = ShardedRuntime(accelerator) if sharded else AcceleratedRuntime(accelerator)
     return _RUNTIME
