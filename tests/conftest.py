@@ -77,6 +77,15 @@ def quick_demo_run(tmp_path_factory) -> Path:
     return out
 
 
+def assignment_outcome(db: Path, assignment_id: int) -> tuple[str, str | None, str | None]:
+    """(status, skip reason, skip note) of one assignment in a labeling database."""
+    from instructrl.label.db import Assignment, open_database
+
+    with open_database(db) as database, database.read() as session:
+        assignment = session.get(Assignment, assignment_id)
+        return assignment.status, assignment.skip_reason, assignment.skip_note
+
+
 @contextlib.contextmanager
 def label_serve_process(db: Path, *settings: str) -> Iterator[str]:
     """``instructrl label serve`` on ``db`` in a subprocess on a free port, started through the real command line

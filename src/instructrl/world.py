@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -54,6 +51,7 @@ import numpy as np
 
 from instructrl.data.records import Demonstration
 from instructrl.errors import UserFacingError
+from instructrl.utils.imports import import_callable
 
 SPLITS = ("train", "valid", "test")
 """The prompt splits a world serves; one user's prompts are all in one of them."""
@@ -154,22 +152,7 @@ def check_world_spec(spec: str, setting: str = "run.world") -> tuple[str, str]:
 def _resolve_factory(spec: str, setting: str):
     """The callable named by ``spec`` ("path/to/file.py:name" or "package.module:name")."""
     module_part, attr = check_world_spec(spec, setting)
-    try:
-        if module_part.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(
-                f"instructrl_world_{Path(module_part).stem}", module_part
-            )
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module  # dataclasses and pickling look the module up by name
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_part)
-    except ImportError as e:
-        raise WorldError(f"{setting}: {spec!r}: cannot import {module_part} ({e})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise WorldError(f"{setting}: {spec!r}: {module_part} has no callable {attr!r}")
-    return factory
+    return import_callable(module_part, attr, f"{setting}: {spec!r}", WorldError)
 
 
 def load_world(spec: str = DEFAULT_WORLD, seed: int = 0, setting: str = "run.world") -> World:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import label_serve_process
+from conftest import assignment_outcome, label_serve_process
 from instructrl.config import load_config
 from instructrl.data.loading import load_comparisons, load_demonstrations
 
@@ -411,15 +411,7 @@ def test_typed_work_survives_an_expired_login_and_is_submitted_after_it(tmp_path
     assert comparison.ranking == (2, 0, 3, 1)
     assert [r["quality"] for r in comparison.meta["ratings"]] == [6, 2, 7, 4]
     assert [r["hallucination"] for r in comparison.meta["ratings"]] == [False, True, False, False]
-    from instructrl.label.db import Assignment, open_database
-
-    with open_database(db) as database, database.read() as s:
-        skipped = s.get(Assignment, skip_id)
-        assert (skipped.status, skipped.skip_reason, skipped.skip_note) == (
-            "skipped",
-            "other",
-            "The prompt names a product I do not know.",
-        )
+    assert assignment_outcome(db, skip_id) == ("skipped", "other", "The prompt names a product I do not know.")
 
 
 def test_pages_fit_a_phone_screen(label_server, browser):

@@ -35,13 +35,9 @@ Breakdowns: :meth:`Judgement.by` splits a judgement by a task attribute (``"type
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -49,6 +45,7 @@ import numpy as np
 from instructrl.errors import UserFacingError
 from instructrl.eval.sandbox_eval import PolicyEval
 from instructrl.eval.stats import WinRate, outcome_win_rate
+from instructrl.utils.imports import import_callable
 from instructrl.world import Task, World
 
 TIE_TOLERANCE = 1e-9
@@ -226,25 +223,7 @@ def load_callable(spec: str) -> Callable:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise UserFacingError(f"judge {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise UserFacingError(f"judge {spec!r}: file not found: {path}")
-        import_spec = importlib.util.spec_from_file_location(f"instructrl_user_judge_{path.stem}", path)
-        if import_spec is None or import_spec.loader is None:
-            raise UserFacingError(f"judge {spec!r}: cannot import {path}")
-        module = importlib.util.module_from_spec(import_spec)
-        sys.modules[import_spec.name] = module
-        import_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UserFacingError(f"judge {spec!r}: cannot import module {module_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserFacingError(f"judge {spec!r}: {module_name} has no callable named {attr!r}")
-    return fn
+    return import_callable(module_name, attr, f"judge {spec!r}")
 
 
 # --------------------------------------------------------------------------- judgements and breakdowns

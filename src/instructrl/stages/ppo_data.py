@@ -35,10 +35,7 @@ def load_prompt_data(
     ``path`` is None), without
     the empty ones and those over ``max_prompt_tokens`` (counted and reported)."""
     if path is not None:
-        log_data_source("ppo", "prompts", path)
-        records, stats = load_prompts(path, skip_bad=skip_bad)
-        print(f"prompts {path}: {stats.summary()}", flush=True)
-        texts = [r.prompt for r in records]
+        texts = [r.prompt for r in _load_file("prompts", path, load_prompts, skip_bad)]
     else:
         # the PPO pool: train-split prompts that neither the SFT nor the RM data used (InstructGPT Table 6)
         log_data_source("ppo", "prompts", f"{describe_world(world, sandbox_seed)}, its PPO prompt pool")
@@ -62,10 +59,7 @@ def load_pretraining_windows(
     from instructrl.stages.pretrain import token_stream
 
     if path is not None:
-        log_data_source("ppo", "pretraining text (ptx)", path)
-        records, stats = load_texts(path, skip_bad=skip_bad)
-        print(f"ptx data {path}: {stats.summary()}", flush=True)
-        texts = [r.text for r in records]
+        texts = [r.text for r in _load_file("pretraining text (ptx)", path, load_texts, skip_bad)]
     else:
         source = f"{describe_world(world, sandbox_seed)}, {sandbox_docs} documents"
         log_data_source("ppo", "pretraining text (ptx)", source)
@@ -74,6 +68,14 @@ def load_pretraining_windows(
     if len(stream) <= seq_len:
         raise UserFacingError(f"pretraining text has {len(stream)} tokens, fewer than one window of {seq_len}")
     return WindowSampler(stream, seq_len, seed=seed)
+
+
+def _load_file(source: str, path: str, load, skip_bad: bool) -> list:
+    """The records of the user's file ``path`` for data source ``source``, logged with what loading kept."""
+    log_data_source("ppo", source, path)
+    records, stats = load(path, skip_bad=skip_bad)
+    print(f"{source} {path}: {stats.summary()}", flush=True)
+    return records
 
 
 class PromptSampler:
