@@ -15,6 +15,7 @@ import torch
 from instructrl.eval.generate import generate_responses
 from instructrl.eval.stats import WinRate, win_rate
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
+from instructrl.sandbox.tasks import CATEGORIES
 from instructrl.sandbox.world import SandboxWorld
 from instructrl.world import Task
 
@@ -59,14 +60,50 @@ def evaluate_policy(
     temperature: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    prefix_examples: int = 0,
 ) -> PolicyEval:
-    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score."""
+    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score.
+
+    ``prefix_examples > 0`` prompts the model few-shot: :func:`instruction_prefix` goes before every prompt (the
+    responses are still judged as answers to the bare prompts).
+    """
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer).to(device)
+    prefix = instruction_prefix(world, prefix_examples, tokenizer.eos_token) if prefix_examples else ""
     generated = generate_responses(
-        model, tokenizer, [t.prompt for t in tasks], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        model,
+        tokenizer,
+        [prefix + t.prompt for t in tasks],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
     )
     return policy_eval_from_responses(name, world, tasks, [g.text for g in generated], [g.stopped for g in generated])
+
+
+def instruction_prefix(world: SandboxWorld, n_examples: int, separator: str) -> str:
+    """A few-shot prefix that puts a base model into instruction-following mode, as the paper's "GPT-3 prompted".
+
+    ``n_examples`` plain prompts of the train split, one per harmless category in :data:`CATEGORIES` order (a
+    harmful one would teach refusing, which is more than following instructions), each the shortest of its
+    category (the prefix must leave room in the 128-token windows the models were pretrained on), with its ideal
+    response and ``separator`` (pass the tokenizer's EOS: the document boundary the base model saw between
+    pretraining documents, so that a prompted model learns from the examples to end its answer there).
+    """
+    categories = [c for c in CATEGORIES if c != "harmful"][:n_examples]
+    if not 0 < n_examples <= len(categories):
+        raise ValueError(f"n_examples must be 1..{len(CATEGORIES) - 1} (one per harmless category), got {n_examples}")
+    chosen: dict[str, Task] = {}
+    for task in world.tasks("train"):
+        best = chosen.get(task.category)
+        if (
+            task.type == "plain"
+            and task.category in categories
+            and (best is None or len(task.prompt) < len(best.prompt))
+        ):
+            chosen[task.category] = task
+    shots = [chosen[c] for c in categories if c in chosen]
+    return "".join(f"{t.prompt}{world.reference_response(t)}{separator}" for t in shots)
 
 
 def policy_eval_from_responses(
