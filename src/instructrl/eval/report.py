@@ -225,7 +225,7 @@ PAPER_WIN_VS_SFT = (
     "InstructGPT strongly preferred to its SFT baseline (Fig. 1: 175B PPO-ptx ≈ 65% vs 175B SFT, approx.)"
 )
 PAPER_HELDOUT_LABELERS = "held-out labelers prefer InstructGPT about as often as training labelers (Fig. 3)"
-PAPER_SMALL_VS_LARGE_BASE = "1.3B InstructGPT preferred to 175B GPT-3, over 100× its size (§1, Fig. 1)"
+PAPER_SMALL_VS_LARGE_BASE = "1.3B InstructGPT preferred to 175B GPT-3, which has over 100× its parameters (§1)"
 PAPER_SMALL_VS_LARGE_PROMPTED = "1.3B InstructGPT preferred to 175B GPT-3 prompted (Fig. 1)"
 PAPER_SMALL_VS_LARGE_SFT = "Stiennon et al. 2020: 1.3B RLHF beats a 10× larger SFT model"
 PAPER_TAX = {
