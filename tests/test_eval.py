@@ -376,11 +376,11 @@ def test_reference_ceiling_answers_ideally_and_never_loses_to_a_policy(world, ta
     assert outcome.losses == 0 and outcome.wins == len(tasks)
 
 
-def test_instruction_prefix_shows_ideal_answers_to_harmless_train_prompts_between_eos(world):
+def test_instruction_prefix_shows_ideal_answers_to_harmless_train_prompts(world):
     from instructrl.eval.sandbox_eval import instruction_prefix
 
-    prefix = instruction_prefix(world, 4, "<eos>")
-    shots = prefix.split("<eos>")
+    prefix = instruction_prefix(world, 4, "|")
+    shots = prefix.split("|")
     assert len(shots) == 5 and shots[-1] == ""  # four examples, each ended by the separator
     by_prompt = {t.prompt: t for t in world.tasks("train")}
     categories = []
@@ -390,9 +390,11 @@ def test_instruction_prefix_shows_ideal_answers_to_harmless_train_prompts_betwee
         assert task.type == "plain" and world.reference_response(task) == response
         categories.append(task.category)
     assert categories == ["arithmetic", "lists", "string", "facts"]
-    assert instruction_prefix(world, 2, "|") == "|".join(shots[:2]).replace("<eos>", "|") + "|"
+    # by default one example per line: one document, as the corpus's chained instruction documents
+    assert instruction_prefix(world, 4) == prefix.replace("|", "\n")
+    assert instruction_prefix(world, 2, "|") == "|".join(shots[:2]) + "|"
     with pytest.raises(ValueError, match="one per harmless category"):
-        instruction_prefix(world, 5, "<eos>")
+        instruction_prefix(world, 5)
 
 
 def test_prompted_evaluation_puts_the_prefix_before_each_prompt_and_judges_the_bare_task(
@@ -409,9 +411,8 @@ def test_prompted_evaluation_puts_the_prefix_before_each_prompt_and_judges_the_b
 
     monkeypatch.setattr(sandbox_eval, "generate_responses", fake_generate)
     prompted = sandbox_eval.evaluate_policy("p", two_policies[0], world, tasks[:3], prefix_examples=2)
-    eos = load_tokenizer(two_policies[0]).eos_token
-    prefix = sandbox_eval.instruction_prefix(world, 2, eos)
-    assert seen == [prefix + t.prompt for t in tasks[:3]] and prefix.endswith(eos)
+    prefix = sandbox_eval.instruction_prefix(world, 2)
+    assert seen == [prefix + t.prompt for t in tasks[:3]] and prefix.count("Instruction: ") == 2
     assert prompted.tasks == tasks[:3]  # judged as answers to the prompts themselves
     plain = sandbox_eval.policy_eval_from_responses("q", world, tasks[:3], prompted.responses, prompted.stopped)
     assert prompted.gold == plain.gold

@@ -450,7 +450,7 @@ def collect(cfg: Config) -> ReportData:
         "sampling": f"temperature {cfg.temperature}, up to {cfg.max_new_tokens} tokens",
         "policies": ", ".join(f"{k} = {v}" for k, v in cfg.policies.items()),
         "few-shot prompted": ", ".join(f"{k}{PROMPTED_SUFFIX}" for k in cfg.prompted) or "-",
-        "few-shot prefix": f"{cfg.prompt_examples} worked examples, each ended by EOS" if cfg.prompted else "-",
+        "few-shot prefix": f"{cfg.prompt_examples} worked examples, one per line" if cfg.prompted else "-",
         "reward model": str(cfg.reward_model),
         "parameters": ", ".join(f"{k} = {v:,}" for k, v in parameters.items()) or "-",
         "seconds": f"{time.time() - t0:.0f}",

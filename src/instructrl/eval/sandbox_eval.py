@@ -69,7 +69,7 @@ def evaluate_policy(
     """
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer).to(device)
-    prefix = instruction_prefix(world, prefix_examples, tokenizer.eos_token) if prefix_examples else ""
+    prefix = instruction_prefix(world, prefix_examples) if prefix_examples else ""
     generated = generate_responses(
         model,
         tokenizer,
@@ -81,14 +81,15 @@ def evaluate_policy(
     return policy_eval_from_responses(name, world, tasks, [g.text for g in generated], [g.stopped for g in generated])
 
 
-def instruction_prefix(world: SandboxWorld, n_examples: int, separator: str) -> str:
+def instruction_prefix(world: SandboxWorld, n_examples: int, separator: str = "\n") -> str:
     """A few-shot prefix that puts a base model into instruction-following mode, as the paper's "GPT-3 prompted".
 
     ``n_examples`` plain prompts of the train split, one per harmless category in :data:`CATEGORIES` order (a
     harmful one would teach refusing, which is more than following instructions), each the shortest of its
     category (the prefix must leave room in the 128-token windows the models were pretrained on), with its ideal
-    response and ``separator`` (pass the tokenizer's EOS: the document boundary the base model saw between
-    pretraining documents, so that a prompted model learns from the examples to end its answer there).
+    response and ``separator``. The default newline keeps the examples and the prompt one document, as the
+    corpus's chained instruction documents are; separated by EOS they were ignored, since a pretrained model learns
+    that text before a document boundary says nothing about what follows (measurements: benchmarks/RESULTS.md).
     """
     categories = [c for c in CATEGORIES if c != "harmful"][:n_examples]
     if not 0 < n_examples <= len(categories):
