@@ -46,6 +46,8 @@ def test_rerunning_the_demo_skips_finished_stages(quick_demo, capsys):
     assert main(["demo", "--quick", "--set", f"output_dir={quick_demo}"]) == 0
     out = capsys.readouterr().out
     assert out.count("already done") == 9
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    assert {"pretrain", "pretrain_large", "eval"} <= set(summary["seconds"]) & set(summary["cpu_seconds"])
 
 
 def _eval_setting(step, key: str) -> str:

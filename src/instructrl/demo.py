@@ -257,7 +257,14 @@ def run(cfg: Config) -> dict:
 
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     # CPU seconds beside wall seconds: on a machine shared with other jobs the wall time says little about a stage.
-    summary = {"seconds": timings, "cpu_seconds": cpu_timings, **results}
+    # A re-run keeps the timings of the stages it skipped.
+    previous = run_dir / "summary.json"
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    summary = {
+        "seconds": {**earlier.get("seconds", {}), **timings},
+        "cpu_seconds": {**earlier.get("cpu_seconds", {}), **cpu_timings},
+        **results,
+    }
     atomic_write_json(run_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     print(f"\n[demo] finished in {time.time() - t0:.0f}s; outputs in {run_dir}/", flush=True)
     print(f"[demo] report: {run_dir / 'eval' / 'report.html'}", flush=True)
