@@ -145,7 +145,7 @@ def plan(cfg: Config) -> list[Step]:
             # The small model's tokenizer: the reward model must read the policy's token ids.
             (f"output_dir={base_large}", f"tokenizer={base}", f"sandbox_seed={cfg.seed}", *common, *large_spec)
             + (
-                ("sandbox_docs=3000", "max_steps=60", "eval_every=30", "save_every=30")
+                ("sandbox_docs=3000", "max_steps=30", "eval_every=30", "save_every=30")
                 if q
                 else (f"max_steps={cfg.large_pretrain_steps}",)
             ),
