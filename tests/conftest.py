@@ -68,10 +68,7 @@ def quick_demo_run(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("demo") / "run"
     try:
-        assert (
-            main(["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1", "--set", "large_model=true"])
-            == 0
-        )
+        assert main(["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1"]) == 0
     finally:
         torch.set_num_threads(threads)  # the demo set one thread; the other tests keep the session's setting
     return out

@@ -15,40 +15,77 @@ def quick_demo(quick_demo_run):
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
-    for stage in ("data", "prepared", "base", "sft", "base_large", "sft_large", "rm", "ppo", "ppo_ptx", "eval"):
+    for stage in ("data", "prepared", "base", "sft", "base_large", "rm", "ppo", "ppo_ptx", "eval"):
         assert (quick_demo / stage).is_dir(), stage
+    assert not (quick_demo / "sft_large").exists()  # the larger SFT model is an optional extra (large_sft)
     html = (quick_demo / "eval" / "report.html").read_text()
     assert html.count("<img") >= 2 and "data:image/png;base64," in html
     metrics = json.loads((quick_demo / "eval" / "metrics.json").read_text())
     rows = {row["id"]: row for row in metrics["headline"]}
-    assert rows["1"]["value"] is not None and rows["2"]["value"] is not None  # vs SFT and vs the larger SFT
+    # Every headline row is measured by default: row 2 is the small PPO-ptx policy against the larger base model,
+    # plain and few-shot prompted, with its size and perplexity beside the small base model's.
+    assert [row_id for row_id, row in rows.items() if row["value"] is None] == []
+    assert {"1", "1b", "2", "2b"} <= set(rows) and "2c" not in rows
+    assert all(rows[i]["low"] is not None and rows[i]["high"] is not None for i in ("2", "2b"))
+    large = json.loads((quick_demo / "base_large" / "results.json").read_text())
+    small = json.loads((quick_demo / "base" / "results.json").read_text())
+    assert f"base_large has {large['parameters'] / small['parameters']:.1f}× the parameters" in rows["2"]["note"]
+    tax = {t["model"]: t["heldout_perplexity"] for t in metrics["alignment_tax"]}
+    assert f"held-out perplexity {tax['base_large']:.3f} (base: {tax['base']:.3f})" in rows["2"]["note"]
     rm_results = json.loads((quick_demo / "rm" / "results.json").read_text())
     assert 0.0 < rm_results["labeler_agreement_on_samples"]["mean"] <= 1.0
     # The reward model ranks the small policy's samples (and by default starts from it too).
     rm_config = (quick_demo / "rm" / "instructrl_rm.yaml").read_text()
     assert f"sandbox_sample_policy: {quick_demo / 'sft'}" in rm_config and "sft_large" not in rm_config
     summary = json.loads((quick_demo / "summary.json").read_text())
-    assert set(summary["seconds"]) >= {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "eval"}
+    stages = {"pretrain", "sft", "pretrain_large", "rm", "ppo", "ppo_ptx", "eval"}
+    assert set(summary["seconds"]) >= stages and set(summary["cpu_seconds"]) == set(summary["seconds"])
 
 
 def test_rerunning_the_demo_skips_finished_stages(quick_demo, capsys):
-    assert main(["demo", "--quick", "--set", f"output_dir={quick_demo}", "--set", "large_model=true"]) == 0
+    assert main(["demo", "--quick", "--set", f"output_dir={quick_demo}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("already done") == 10
+    assert out.count("already done") == 9
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    assert {"pretrain", "pretrain_large", "eval"} <= set(summary["seconds"]) & set(summary["cpu_seconds"])
 
 
-def test_plan_places_the_larger_model_and_the_reward_model_init():
+def _eval_setting(step, key: str) -> str:
+    return next(o.split("=", 1)[1] for o in step.overrides if o.startswith(f"{key}="))
+
+
+@pytest.mark.parametrize("quick", (False, True))
+def test_plan_pretrains_a_larger_base_model_and_evaluates_it_plain_and_prompted_by_default(quick):
     from instructrl.demo import Config, plan
 
-    steps = {step.name: step for step in plan(Config(output_dir="r", kl_coef=0.07, large_model=True))}
-    assert list(steps)[4:7] == ["pretrain_large", "sft_large", "rm"]
-    assert "tokenizer=r/base" in steps["pretrain_large"].overrides  # the RM and policies share token ids
+    steps = {step.name: step for step in plan(Config(output_dir="r", quick=quick, kl_coef=0.07))}
+    assert list(steps) == ["sandbox", "prepare", "pretrain", "sft", "pretrain_large", "rm", "ppo", "ppo_ptx", "eval"]
+    large = steps["pretrain_large"].overrides
+    assert "tokenizer=r/base" in large  # the RM and policies share token ids
+    if not quick:
+        assert {"max_steps=400", "model.d_model=256", "model.n_layers=4", "model.n_heads=4"} <= set(large)
+        assert not any(o.startswith("run.precision") for o in large)  # no bf16: this CPU has no native bf16
     assert "model=r/sft" in steps["rm"].overrides and "sandbox_sample_policy=r/sft" in steps["rm"].overrides
     assert all("kl.coef=0.07" in steps[name].overrides for name in ("ppo", "ppo_ptx"))
-    from_large = {step.name: step for step in plan(Config(output_dir="r", large_model=True, rm_from_large=True))}
+    evaluation = steps["eval"]
+    policies = _eval_setting(evaluation, "policies")
+    assert "base_large: r/base_large" in policies and "sft_large" not in policies
+    assert _eval_setting(evaluation, "prompted") == "[base_large]"
+    assert _eval_setting(evaluation, "base_model") == "r/base"
+
+
+def test_plan_with_the_larger_sft_model_and_the_reward_model_from_it():
+    from instructrl.config import ConfigError, load_config
+    from instructrl.demo import Config, plan
+
+    steps = {step.name: step for step in plan(Config(output_dir="r", large_sft=True))}
+    assert list(steps)[4:7] == ["pretrain_large", "sft_large", "rm"]
+    assert "model=r/base_large" in steps["sft_large"].overrides and "model=r/sft" in steps["rm"].overrides
+    assert "sft_large: r/sft_large" in _eval_setting(steps["eval"], "policies")
+    from_large = {step.name: step for step in plan(Config(output_dir="r", large_sft=True, rm_from_large=True))}
     assert "model=r/sft_large" in from_large["rm"].overrides
-    without = [step.name for step in plan(Config(output_dir="r"))]
-    assert "pretrain_large" not in without and "sft_large" not in without
+    with pytest.raises(ConfigError, match="rm_from_large"):
+        load_config(Config, None, ["rm_from_large=true"])
 
 
 JUDGE = '''

@@ -103,6 +103,13 @@ def test_wilson_interval_matches_published_values():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_interval_contains_the_rate_at_its_extremes():
+    # In exact arithmetic the bound at p = 1 (or 0) is p itself; rounding once gave 0.9999999999999999 at n = 4
+    # and 10, a negative error bar that made the report's win-rate plot fail.
+    for n in range(1, 200):
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+
+
 def test_ties_count_half_in_both_win_rate_forms():
     wr = win_rate([1.0, 0.3, 0.5, 0.5], [0.0, 0.9, 0.5, 0.5])
     assert (wr.wins, wr.ties, wr.losses, wr.rate) == (1, 2, 1, 0.5)
@@ -369,6 +376,50 @@ def test_reference_ceiling_answers_ideally_and_never_loses_to_a_policy(world, ta
     assert outcome.losses == 0 and outcome.wins == len(tasks)
 
 
+def test_instruction_prefix_shows_ideal_answers_to_harmless_train_prompts(world):
+    from instructrl.eval.sandbox_eval import instruction_prefix
+
+    prefix = instruction_prefix(world, 4, "|")
+    shots = prefix.split("|")
+    assert len(shots) == 5 and shots[-1] == ""  # four examples, each ended by the separator
+    by_prompt = {t.prompt: t for t in world.tasks("train")}
+    categories = []
+    for shot in shots[:-1]:
+        prompt, response = shot.split("\nResponse:")
+        task = by_prompt[prompt + "\nResponse:"]
+        assert task.type == "plain" and world.reference_response(task) == response
+        categories.append(task.category)
+    plain = [t.category for t in world.tasks("train") if t.type == "plain" and t.category != "harmful"]
+    assert categories == list(dict.fromkeys(plain))  # one per category, in the order they first appear
+    assert sorted(categories) == ["arithmetic", "facts", "lists", "string"]
+    # by default one example per line: one document, as the corpus's chained instruction documents
+    assert instruction_prefix(world, 4) == prefix.replace("|", "\n")
+    assert instruction_prefix(world, 2, "|") == "|".join(shots[:2]) + "|"
+    with pytest.raises(UserFacingError, match="one per category"):
+        instruction_prefix(world, 5)
+
+
+def test_prompted_evaluation_puts_the_prefix_before_each_prompt_and_judges_the_bare_task(
+    world, tasks, two_policies, monkeypatch
+):
+    from instructrl.eval import sandbox_eval
+    from instructrl.eval.generate import Generated
+
+    seen: list[str] = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        return [Generated(" " + world.spec(t).answer_text, True, 2) for t in tasks[:3]]
+
+    monkeypatch.setattr(sandbox_eval, "generate_responses", fake_generate)
+    prompted = sandbox_eval.evaluate_policy("p", two_policies[0], world, tasks[:3], prefix_examples=2)
+    prefix = sandbox_eval.instruction_prefix(world, 2)
+    assert seen == [prefix + t.prompt for t in tasks[:3]] and prefix.count("Instruction: ") == 2
+    assert prompted.tasks == tasks[:3]  # judged as answers to the prompts themselves
+    plain = sandbox_eval.policy_eval_from_responses("q", world, tasks[:3], prompted.responses, prompted.stopped)
+    assert prompted.gold == plain.gold
+
+
 def test_best_of_n_kl_formula():
     assert best_of_n.bon_kl(1) == 0.0
     assert best_of_n.bon_kl(2) == pytest.approx(math.log(2) - 0.5)
@@ -577,6 +628,10 @@ def _report_data() -> report.ReportData:
         report.WinRateRow.of("ppo_ptx", "sft", "gold", "all", WinRate(0.634, 0.55, 0.71, 150, 90, 10, 50)),
         report.WinRateRow.of("ppo_ptx", "sft", "labelers", "all", WinRate(0.6, 0.52, 0.68, 150, 85, 10, 55)),
         report.WinRateRow.of("ppo_ptx", "sft_large", "gold", "all", WinRate(0.55, 0.47, 0.63, 150, 80, 5, 65)),
+        report.WinRateRow.of("ppo_ptx", "base_large", "gold", "all", WinRate(0.81, 0.74, 0.86, 150, 120, 3, 27)),
+        report.WinRateRow.of(
+            "ppo_ptx", "base_large_prompted", "gold", "all", WinRate(0.7, 0.62, 0.77, 150, 102, 6, 42)
+        ),
         report.WinRateRow.of("reference", "sft", "gold", "all", WinRate(0.682, 0.6, 0.75, 150, 55, 95, 0)),
     ]
     breakdowns = [report.WinRateRow.of("ppo_ptx", "sft", "gold", "type=plain", WinRate(0.7, 0.6, 0.8, 100, 68, 4, 28))]
@@ -589,6 +644,7 @@ def _report_data() -> report.ReportData:
         tax.TaxRow("sft", 3.3, 0.48, 0.55, 0.65, 1000, 48, 100),
         tax.TaxRow("ppo", 4.2, 0.4, 0.3, 0.4, 1000, 48, 100),
         tax.TaxRow("ppo_ptx", 3.4, 0.47, 0.5, 0.6, 1000, 48, 100),
+        tax.TaxRow("base_large", 2.71828, 0.55, 0.7, 0.8, 1000, 48, 100),
     ]
     rm = report.RMAccuracy(
         0.712, 400, 0.689, 300, 0.727, 0.01, ["6", "7"], sample_agreement=0.751, sample_agreement_stderr=0.005
@@ -619,7 +675,12 @@ def _report_data() -> report.ReportData:
         ],
     }
     headline = report.build_headline(
-        report.Roles(), win_rates, behaviour, tax_rows, rm, {"ppo_ptx": 100_000, "sft_large": 1_000_000}
+        report.Roles(),
+        win_rates,
+        behaviour,
+        tax_rows,
+        rm,
+        {"ppo_ptx": 100_000, "sft_large": 1_000_000, "base_large": 360_000},
     )
     return report.ReportData(
         title="test <report>",
@@ -644,7 +705,15 @@ def test_headline_rows_are_the_runs_numbers_rounded():
     rows = {r.id: r for r in _report_data().headline}
     assert (rows["1"].value, rows["1"].low, rows["1"].high) == (63.4, 55.0, 71.0)
     assert rows["1"].note == "n=150; ceiling (ideal responses vs SFT) 68.2%"
-    assert rows["1b"].value == 60.0 and rows["2"].value == 55.0 and "10.0×" in rows["2"].note
+    assert rows["1b"].value == 60.0
+    # Row 2: the paper's comparison with a larger base model, its size and perplexity beside the small base's.
+    assert (rows["2"].value, rows["2"].low, rows["2"].high) == (81.0, 74.0, 86.0)
+    assert rows["2"].note == "n=150; base_large has 3.6× the parameters; held-out perplexity 2.718 (base: 3.100)"
+    assert "175B GPT-3" in rows["2"].paper and "base_large" in rows["2"].claim
+    assert (rows["2b"].value, rows["2b"].low, rows["2b"].high) == (70.0, 62.0, 77.0)
+    assert "prompted" in rows["2b"].claim and "prompted" in rows["2b"].paper
+    assert rows["2c"].value == 55.0 and "sft_large has 10.0× the parameters" in rows["2c"].note
+    assert [r.id for r in _report_data().headline][:6] == ["1", "1b", "2", "2b", "2c", "3a"]
     assert (rows["3a"].value, rows["3b"].value, rows["3c"].value, rows["3d"].value) == (3.1, 3.3, 4.2, 3.4)
     assert rows["3g"].value == 40.0 and rows["3g"].low == round(100 * wilson_interval(40, 100)[0], 1)
     assert (rows["4a"].value, rows["4b"].value, rows["4c"].value) == (71.2, 68.9, 72.7)
@@ -655,6 +724,7 @@ def test_headline_rows_are_the_runs_numbers_rounded():
 
     missing = {r.id: r for r in report.build_headline(report.Roles(), [], [], [], None)}
     assert all(r.value is None and r.low is None for r in missing.values())
+    assert {"2", "2b"} <= set(missing) and "2c" not in missing  # the larger SFT row only when it was evaluated
     assert "n/a" in report.format_headline(report.ReportData(headline=list(missing.values())))
 
 
@@ -770,6 +840,45 @@ def test_cli_eval_on_two_tiny_policies(tmp_path, two_policies, tiny_rm_dir, worl
     assert "labelers judging" in metrics["info"] and metrics["info"]["labelers judging"] == "6, 7"
 
 
+def test_cli_eval_compares_ppo_ptx_with_a_larger_base_model_plain_and_prompted(tmp_path, two_policies):
+    from instructrl.cli import main
+
+    sft, ppo_ptx = two_policies
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "eval",
+            "--set", f"output_dir={out}",
+            "--set", f"policies={{sft: {sft}, ppo_ptx: {ppo_ptx}, base_large: {sft}}}",
+            "--set", "prompted=[base_large]",
+            "--set", f"base_model={ppo_ptx}",
+            "--set", "judges=[gold]",
+            "--set", "prompts=4",
+            "--set", "max_new_tokens=4",
+            "--set", "best_of_n=0",
+            "--set", "heldout_docs=12",
+            "--set", "tax_seq_len=32",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    headline = {r["id"]: r for r in metrics["headline"]}
+    judged = {(r["policy"], r["baseline"]) for r in metrics["win_rates"]}
+    assert {("ppo_ptx", "base_large"), ("ppo_ptx", "base_large_prompted"), ("base_large_prompted", "sft")} <= judged
+    for row_id, baseline in (("2", "base_large"), ("2b", "base_large_prompted")):
+        win = next(r for r in metrics["win_rates"] if (r["policy"], r["baseline"]) == ("ppo_ptx", baseline))
+        assert headline[row_id]["value"] == round(100 * win["rate"], 1)
+        assert headline[row_id]["low"] == round(100 * win["low"], 1)
+    perplexity = {t["model"]: t["heldout_perplexity"] for t in metrics["alignment_tax"]}
+    assert set(perplexity) == {"base", "sft", "ppo_ptx", "base_large"}
+    assert headline["2"]["note"] == (
+        f"n=4; base_large has 1.0× the parameters; held-out perplexity {perplexity['base_large']:.3f}"
+        f" (base: {perplexity['base']:.3f})"
+    )
+    assert "2c" not in headline
+    assert "base_large_prompted" in {b["model"] for b in metrics["behaviour"]}
+
+
 def test_cli_eval_reports_missing_paths_and_bad_config(tmp_path, capsys):
     from instructrl.cli import main
 
@@ -779,6 +888,10 @@ def test_cli_eval_reports_missing_paths_and_bad_config(tmp_path, capsys):
     assert main(["eval", "--set", "judges=[oracle]"]) == 2
     assert main(["eval", "--set", f"prompts={tmp_path / 'missing.jsonl'}"]) == 2
     assert "prompts: path does not exist" in capsys.readouterr().err
+    assert main(["eval", "--set", "policies={a: x}", "--set", "prompted=[b]"]) == 2
+    assert "prompted" in capsys.readouterr().err
+    assert main(["eval", "--set", "policies={a: x, a_prompted: y}", "--set", "prompted=[a]"]) == 2
+    assert main(["eval", "--set", "prompt_examples=5"]) == 2
 
 
 def test_cli_eval_on_a_prompts_file_needs_a_judge_that_needs_no_world(tmp_path, two_policies, capsys):

@@ -353,7 +353,6 @@ def assert_same_demo(reference: Path, resumed: Path) -> None:
         "base",
         "sft",
         "base_large",
-        "sft_large",
         "rm",
         "ppo/policy",
         "ppo/value",
@@ -371,7 +370,7 @@ def assert_same_demo(reference: Path, resumed: Path) -> None:
 
 
 def check_demo_survives_kills(reference: Path, out: Path, seed: int, count: int) -> list[str]:
-    argv = ["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1", "--set", "large_model=true"]
+    argv = ["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1"]
     specs = demo_kill_points(seed, count, out)
     for i, spec in enumerate(specs):
         run_until_killed(argv, spec, out.parent / f"demo-kill{i}.log")

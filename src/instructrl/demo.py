@@ -61,20 +61,24 @@ class Config:
     """Pretraining windows per RL episode in PPO-ptx (paper: 8 sequences per episode). A sandbox episode is ~40
     tokens and a window 64, so 2 windows already give 3× as many pretraining tokens as RL tokens, at a fraction
     of the paper ratio's cost in time (measurements: benchmarks/RESULTS.md)."""
-    large_model: bool = False
-    """Also pretrain and fine-tune a larger model, the larger-SFT baseline of the headline table (row 2). Off by
-    default: pretraining and fine-tuning it adds many minutes to the demo on a CPU (timings and the win rates
-    measured with it: benchmarks/RESULTS.md)."""
     large_d_model: int = 256
-    """Width of the larger model (the small one is 128 wide, 4 layers: 0.94M parameters). 320 × 8 layers would be
-    the ~10× of the paper's comparison (10.2M parameters) but takes several times as long to pretrain."""
+    """Width of the larger base model, GPT-3's part in the headline's row 2 ("1.3B InstructGPT is preferred to 175B
+    GPT-3"): pretrained only, evaluated plain and few-shot prompted. The small model is 128 wide, 4 layers (0.94M
+    parameters); 320 × 8 layers would be the ~10× of the paper's comparison (10.2M parameters) but takes several
+    times as long to pretrain."""
     large_n_layers: int = 4
-    """Blocks of the larger model (256 × 4: 3.4M parameters, 3.6× the small one)."""
-    large_pretrain_steps: int = 900
-    """Pretraining steps of the larger model."""
+    """Blocks of the larger base model (256 × 4: 3.4M parameters, 3.6× the small one)."""
+    large_pretrain_steps: int = 400
+    """Pretraining steps of the larger base model. The small one takes 900 of the same batch size; a step of the
+    larger one costs about 2.5× as much, so 400 take about as long and keep the whole demo within 20 minutes on a
+    2-core CPU, in float32 (bf16 pays only where the CPU multiplies it natively). Timings: benchmarks/RESULTS.md."""
+    large_sft: bool = False
+    """Also fine-tune the larger base model on the demonstrations: the headline's extra row 2c, small PPO-ptx vs a
+    larger SFT model (Stiennon et al.'s comparison). Off by default: it adds minutes on a CPU (timings and the
+    win rates measured with it: benchmarks/RESULTS.md)."""
     rm_from_large: bool = False
-    """Initialize the reward model from the larger SFT model (InstructGPT used one 6B RM for policies of
-    1.3B-175B) instead of the small one; it still ranks the small policy's samples. Off by default: a
+    """Initialize the reward model from the larger SFT model (needs ``large_sft``; InstructGPT used one 6B RM for
+    policies of 1.3B-175B) instead of the small one; it still ranks the small policy's samples. Off by default: a
     10.2M-parameter RM gained validation accuracy but not accuracy on held-out labelers, and gave no better PPO,
     while PPO's value model (initialized from the RM) became many times costlier (measurements:
     benchmarks/RESULTS.md)."""
@@ -89,6 +93,7 @@ class Config:
         require_positive(self, "eval_prompts", "large_d_model", "large_n_layers", "large_pretrain_steps")
         require(self.large_d_model % 64 == 0, "large_d_model", "must be a multiple of 64 (64-wide heads)")
         require_world(self.world, "world")
+        require(self.large_sft or not self.rm_from_large, "rm_from_large", "needs large_sft=true")
 
 
 @dataclass(frozen=True)
@@ -131,35 +136,36 @@ def plan(cfg: Config) -> list[Step]:
             + (("sandbox_demos=300", "epochs=1") if q else ()),
         ),
     ]
-    rm_init = sft
-    if cfg.large_model:
-        base_large, sft_large = run / "base_large", run / "sft_large"
-        large_spec = (
-            ("model.d_model=96", "model.n_layers=3", "model.n_heads=3")
-            if q
-            else (f"model.d_model={cfg.large_d_model}", f"model.n_layers={cfg.large_n_layers}")
-            + (f"model.n_heads={cfg.large_d_model // 64}", "lr=1e-3")
-        )
-        steps += [
-            Step(
-                "pretrain_large",
-                "instructrl.stages.pretrain",
-                # The small model's tokenizer: the reward model must read the policy's token ids.
-                (f"output_dir={base_large}", f"tokenizer={base}", f"sandbox_seed={cfg.seed}", *common, *large_spec)
-                + (
-                    ("sandbox_docs=3000", "max_steps=60", "eval_every=30", "save_every=30")
-                    if q
-                    else (f"max_steps={cfg.large_pretrain_steps}",)
-                ),
+    base_large, sft_large = run / "base_large", run / "sft_large"
+    large_spec = (
+        ("model.d_model=96", "model.n_layers=3", "model.n_heads=3")
+        if q
+        else (f"model.d_model={cfg.large_d_model}", f"model.n_layers={cfg.large_n_layers}")
+        + (f"model.n_heads={cfg.large_d_model // 64}", "lr=1e-3")
+    )
+    steps.append(
+        Step(
+            "pretrain_large",
+            "instructrl.stages.pretrain",
+            # The small model's tokenizer: the reward model must read the policy's token ids.
+            (f"output_dir={base_large}", f"tokenizer={base}", f"sandbox_seed={cfg.seed}", *common, *large_spec)
+            + (
+                ("sandbox_docs=3000", "max_steps=30", "eval_every=30", "save_every=30")
+                if q
+                else (f"max_steps={cfg.large_pretrain_steps}",)
             ),
+        )
+    )
+    if cfg.large_sft:
+        steps.append(
             Step(
                 "sft_large",
                 "instructrl.stages.sft",
                 (f"model={base_large}", f"output_dir={sft_large}", f"sandbox_seed={cfg.seed}", *common)
                 + (("sandbox_demos=300", "epochs=1") if q else ()),
-            ),
-        ]
-        rm_init = sft_large if cfg.rm_from_large else sft
+            )
+        )
+    rm_init = sft_large if cfg.rm_from_large else sft
     steps.append(
         Step(
             "rm",
@@ -183,9 +189,9 @@ def plan(cfg: Config) -> list[Step]:
                 + (("iterations=3", "batch_size=16", "ptx.sandbox_docs=300") if q else ("save_policy_every=20",)),
             )
         )
-    policies = {"sft": sft, "ppo": ppo / "policy", "ppo_ptx": ppo_ptx / "policy"}
-    if cfg.large_model:
-        policies["sft_large"] = run / "sft_large"
+    policies = {"sft": sft, "ppo": ppo / "policy", "ppo_ptx": ppo_ptx / "policy", "base_large": base_large}
+    if cfg.large_sft:
+        policies["sft_large"] = sft_large
     steps.append(
         Step(
             "eval",
@@ -197,6 +203,7 @@ def plan(cfg: Config) -> list[Step]:
                 f"run.world={cfg.world}",
                 f"prompts={60 if q else cfg.eval_prompts}",
                 "policies={" + ", ".join(f"{name}: {path}" for name, path in policies.items()) + "}",
+                "prompted=[base_large]",  # the paper's "GPT-3 prompted"
                 f"base_model={base}",
                 f"reward_model={rm}",
                 f"agreement={data / 'agreement.json'}",
@@ -240,7 +247,7 @@ def run(cfg: Config) -> dict:
     check_previous_run(run_dir, cfg)
     save_config(cfg, run_dir / CONFIG_FILE)
     t0 = time.time()
-    timings = {}
+    timings, cpu_timings = {}, {}
     for step in plan(cfg):
         module = importlib.import_module(step.module)
         stage_cfg = load_config(module.Config, None, [*step.overrides, *resume_overrides(module.Config, cfg)])
@@ -249,12 +256,22 @@ def run(cfg: Config) -> dict:
             print(f"[demo] {step.name}: already done ({out}), skipping", flush=True)
             continue
         print(f"\n[demo] {step.name} -> {out}", flush=True)
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         module.run(stage_cfg)
         timings[step.name] = round(time.time() - started, 1)
+        cpu_timings[step.name] = round(time.process_time() - cpu_started, 1)
 
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    atomic_write_json(run_dir / "summary.json", json.loads(json.dumps({"seconds": timings, **results}, default=str)))
+    # CPU seconds beside wall seconds: on a machine shared with other jobs the wall time says little about a stage.
+    # A re-run keeps the timings of the stages it skipped.
+    previous = run_dir / "summary.json"
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    summary = {
+        "seconds": {**earlier.get("seconds", {}), **timings},
+        "cpu_seconds": {**earlier.get("cpu_seconds", {}), **cpu_timings},
+        **results,
+    }
+    atomic_write_json(run_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     print(f"\n[demo] finished in {time.time() - t0:.0f}s; outputs in {run_dir}/", flush=True)
     print(f"[demo] report: {run_dir / 'eval' / 'report.html'}", flush=True)
     return results

@@ -38,6 +38,9 @@ from instructrl.eval.tax import TaxRow
 from instructrl.stages import ppo_guardrails as guardrails
 from instructrl.utils.io import atomic_write_json, atomic_write_text
 
+PROMPTED_SUFFIX = "_prompted"
+"""Name suffix of a policy evaluated few-shot prompted (eval's ``prompted``)."""
+
 # --------------------------------------------------------------------------- data
 
 
@@ -143,14 +146,21 @@ class Roles:
     ppo: str = "ppo"
     ppo_ptx: str = "ppo_ptx"
     large_sft: str = "sft_large"
-    """An SFT model about 10× larger than the PPO-ptx policy."""
+    """A larger SFT model (row 2c, shown only when evaluated)."""
     base: str = "base"
+    large_base: str = "base_large"
+    """A larger base model (pretraining only), GPT-3's part in "1.3B InstructGPT is preferred to 175B GPT-3"; its
+    few-shot prompted evaluation is named ``large_base + PROMPTED_SUFFIX``."""
     judge: str = "gold"
     """Judge of the headline win rates."""
     reference: str = "reference"
     """The pseudo-policy of ideal responses whose win rate over SFT is quoted as row 1's ceiling."""
     labeler_judge: str = "labelers"
     """Judge of the held-out-labeler win rate (row 1b)."""
+
+    @property
+    def large_base_prompted(self) -> str:
+        return self.large_base + PROMPTED_SUFFIX
 
 
 def _rounded(x: float | None, scale: float, decimals: int) -> float | None:
@@ -216,9 +226,9 @@ PAPER_WIN_VS_SFT = (
     "InstructGPT strongly preferred to its SFT baseline (Fig. 1: 175B PPO-ptx ≈ 65% vs 175B SFT, approx.)"
 )
 PAPER_HELDOUT_LABELERS = "held-out labelers prefer InstructGPT about as often as training labelers (Fig. 3)"
-PAPER_SMALL_VS_LARGE = (
-    "1.3B InstructGPT preferred to 175B GPT-3 (§1); Stiennon et al.: 1.3B RLHF beats a 10× larger SFT model"
-)
+PAPER_SMALL_VS_LARGE_BASE = "1.3B InstructGPT preferred to 175B GPT-3, which has over 100× its parameters (§1)"
+PAPER_SMALL_VS_LARGE_PROMPTED = "1.3B InstructGPT preferred to 175B GPT-3 prompted (Fig. 1)"
+PAPER_SMALL_VS_LARGE_SFT = "Stiennon et al. 2020: 1.3B RLHF beats a 10× larger SFT model"
 PAPER_TAX = {
     "base": "GPT 69.75",
     "sft": "SFT 65.90",
@@ -244,10 +254,12 @@ def build_headline(
     """InstructGPT's five headline claims, each measured in this run (n/a where a model was not evaluated).
 
     Rows are numbered by claim: 1 labelers prefer PPO-ptx to SFT (1b: the labeler judge, as held-out labelers
-    would); 2 a small PPO-ptx policy beats a larger SFT model; 3a-3d the alignment tax (held-out perplexity of
-    base, SFT, PPO, PPO-ptx); 4a-4d RM accuracy on trained-on and held-out labelers beside inter-labeler
-    agreement; 5a-5d behaviour of SFT and PPO-ptx (harmful requests refused, confident wrong facts).
-    ``parameters`` (model name -> parameter count) annotates the small-vs-large comparison.
+    would); 2 a small PPO-ptx policy beats a larger base model (its size and held-out perplexity beside the small
+    base model's in the note), 2b the same model few-shot prompted, 2c (only when evaluated) a larger SFT model;
+    3a-3d the alignment tax (held-out perplexity of base, SFT, PPO, PPO-ptx); 4a-4d RM accuracy on trained-on and
+    held-out labelers beside inter-labeler agreement; 5a-5d behaviour of SFT and PPO-ptx (harmful requests
+    refused, confident wrong facts).
+    ``parameters`` (model name -> parameter count) annotates the small-vs-large comparisons.
     """
     rows: list[HeadlineRow] = []
 
@@ -274,23 +286,52 @@ def build_headline(
             note=note,
         )
     )
-    value, interval, note = win(roles.ppo_ptx, roles.large_sft, roles.judge)
     params = parameters or {}
-    if roles.ppo_ptx in params and roles.large_sft in params:
-        ratio = params[roles.large_sft] / max(1, params[roles.ppo_ptx])
-        note += f"; SFT has {ratio:.1f}× the parameters"
+
+    def size_of(large: str) -> str:
+        """'; <large> has 3.6× the parameters' when both counts are known."""
+        if roles.ppo_ptx in params and large in params:
+            return f"; {large} has {params[large] / max(1, params[roles.ppo_ptx]):.1f}× the parameters"
+        return ""
+
+    by_model = {t.model: t for t in tax}
+    value, interval, note = win(roles.ppo_ptx, roles.large_base, roles.judge)
+    note += size_of(roles.large_base)
+    if roles.large_base in by_model and roles.base in by_model:
+        note += (
+            f"; held-out perplexity {by_model[roles.large_base].heldout_perplexity:.3f}"
+            f" ({roles.base}: {by_model[roles.base].heldout_perplexity:.3f})"
+        )
+    versus = f"small PPO-ptx vs larger base model ({roles.large_base})"
+    rows.append(
+        _row("2", f"{versus} win rate ({roles.judge} judge)", value, interval, PAPER_SMALL_VS_LARGE_BASE, note=note)
+    )
+    value, interval, note = win(roles.ppo_ptx, roles.large_base_prompted, roles.judge)
+    if value is not None:
+        note += f"; {roles.large_base} with worked examples before each prompt"
     rows.append(
         _row(
-            "2",
-            f"small PPO-ptx vs larger SFT win rate ({roles.judge} judge)",
+            "2b",
+            f"{versus}, few-shot prompted, win rate ({roles.judge} judge)",
             value,
             interval,
-            PAPER_SMALL_VS_LARGE,
+            PAPER_SMALL_VS_LARGE_PROMPTED,
             note=note,
         )
     )
+    if _find_win(win_rates, roles.ppo_ptx, roles.large_sft, roles.judge) is not None:  # optional: a costly extra
+        value, interval, note = win(roles.ppo_ptx, roles.large_sft, roles.judge)
+        rows.append(
+            _row(
+                "2c",
+                f"small PPO-ptx vs larger SFT model ({roles.large_sft}) win rate ({roles.judge} judge)",
+                value,
+                interval,
+                PAPER_SMALL_VS_LARGE_SFT,
+                note=note + size_of(roles.large_sft),
+            )
+        )
 
-    by_model = {t.model: t for t in tax}
     models = ((roles.base, "base"), (roles.sft, "sft"), (roles.ppo, "ppo"), (roles.ppo_ptx, "ppo_ptx"))
     perplexity_rows, accuracy_rows = [], []  # 3a-3d, then 3e-3h
     for perplexity_id, accuracy_id, (name, key) in zip("abcd", "efgh", models):

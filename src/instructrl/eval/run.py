@@ -57,6 +57,7 @@ from instructrl.eval.judges import (
 )
 from instructrl.eval.overopt import OverOptCurve, policy_snapshots, rl_curve
 from instructrl.eval.report import (
+    PROMPTED_SUFFIX,
     HeadlineRow,
     ReportData,
     RMAccuracy,
@@ -104,7 +105,14 @@ class Config:
     """The policy every other one is compared with when ``comparisons`` is empty."""
     comparisons: list[str] = field(default_factory=list)
     """'policy:baseline' pairs to judge; empty = every other policy (and best-of-n) against ``baseline``. The
-    headline pairs (PPO-ptx vs SFT and vs the large SFT) are added when their models are evaluated."""
+    headline pairs (PPO-ptx vs SFT, vs the larger base model plain and prompted, vs the larger SFT) are added when
+    their models are evaluated."""
+    prompted: list[str] = field(default_factory=list)
+    """Policies also evaluated few-shot prompted, as the paper's "GPT-3 prompted": ``prompt_examples`` worked
+    instruction-response examples go before every prompt (meant for base models, which otherwise continue a
+    prompt as web text). Each is a further policy named '<name>_prompted'."""
+    prompt_examples: int = 4
+    """Worked examples in the few-shot prefix of ``prompted`` policies (one per harmless task category, 1-4)."""
     judges: list[str] = field(default_factory=lambda: list(JUDGES))
     """Judges to run: gold, labelers, rm, custom. 'rm' runs only when ``reward_model`` is set and 'custom' only
     when ``custom_judge`` is set."""
@@ -171,7 +179,10 @@ class Config:
     role_ppo_ptx: str = "ppo_ptx"
     """Name of the PPO-ptx policy in the headline table."""
     role_large_sft: str = "sft_large"
-    """Name of the ~10× larger SFT model in the headline table."""
+    """Name of the larger SFT model in the headline table (the optional row 2c)."""
+    role_large_base: str = "base_large"
+    """Name of the larger base model (pretraining only) in the headline table: row 2 plain, row 2b prompted (as
+    '<name>_prompted', when it is in ``prompted``)."""
     role_base: str = "base"
     """Name of the base model in the headline and alignment-tax tables."""
     samples: int = 4
@@ -189,6 +200,11 @@ class Config:
         else:
             require_non_negative(self, "prompts")
         require_positive(self, "max_new_tokens", "overopt_prompts", "heldout_docs", "tax_seq_len")
+        require(1 <= self.prompt_examples <= 4, "prompt_examples", "must be 1-4 (one per harmless task category)")
+        unknown_prompted = sorted(set(self.prompted) - set(self.policies))
+        require(not unknown_prompted, "prompted", f"{unknown_prompted} are not in policies {sorted(self.policies)}")
+        taken = sorted({name + PROMPTED_SUFFIX for name in self.prompted} & set(self.policies))
+        require(not taken, "prompted", f"the policy names {taken} are taken by the prompted policies")
         for name in ("policies", "ppo_runs"):
             mapping = getattr(self, name)
             require(
@@ -219,7 +235,14 @@ def comparison_pairs(cfg: Config, evaluated: list[str], roles: Roles) -> list[tu
         pairs = [tuple(p.split(":")) for p in cfg.comparisons]
     else:
         pairs = [(name, cfg.baseline) for name in evaluated if name != cfg.baseline]
-    for extra in ((roles.ppo_ptx, roles.sft), (roles.ppo_ptx, roles.large_sft), (roles.reference, roles.sft)):
+    headline_pairs = (
+        (roles.ppo_ptx, roles.sft),
+        (roles.ppo_ptx, roles.large_base),
+        (roles.ppo_ptx, roles.large_base_prompted),
+        (roles.ppo_ptx, roles.large_sft),
+        (roles.reference, roles.sft),
+    )
+    for extra in headline_pairs:
         if all(name in evaluated for name in extra) and extra not in pairs:
             pairs.append(extra)
     missing = sorted({name for pair in pairs for name in pair} - set(evaluated))
@@ -328,9 +351,11 @@ def file_tasks(path: str) -> list[Task]:
 ROW_NEEDS = {
     "1b": (None, "the labeler judge"),
     "3": ("heldout_text", "the world's held-out text"),
+    "2b": ("reference_response", "the few-shot prefix's worked examples"),
     "5": ("analysis", "the world's analysis of responses"),
 }
-"""Headline rows that need a world (1b) or one of its optional extras (3, 5): row id -> (extra, what it reads)."""
+"""Headline rows that need a world (1b) or one of its optional extras (2b, 3, 5): row id -> (extra, what it
+reads)."""
 
 
 def mark_rows_needing_a_world(rows: list[HeadlineRow], world: World | None = None) -> list[HeadlineRow]:
@@ -452,16 +477,27 @@ def collect(cfg: Config) -> ReportData:
             "custom_judge=file.py:function or reward_model=DIR (with 'custom' or 'rm' in judges)"
         )
     roles = Roles(
-        cfg.role_sft, cfg.role_ppo, cfg.role_ppo_ptx, cfg.role_large_sft, cfg.role_base, judge=headline_judge
+        cfg.role_sft,
+        cfg.role_ppo,
+        cfg.role_ppo_ptx,
+        cfg.role_large_sft,
+        cfg.role_base,
+        cfg.role_large_base,
+        judge=headline_judge,
     )
     if cfg.baseline not in cfg.policies and not cfg.comparisons:
         raise UserFacingError(f"baseline {cfg.baseline!r} is not one of the policies {list(cfg.policies)}")
 
     evals: dict[str, PolicyEval] = {}
-    for name, path in cfg.policies.items():
-        print(f"[eval] {name}: {len(tasks)} responses from {path}", flush=True)
+    runs = [(name, path, 0) for name, path in cfg.policies.items()]
+    # The few-shot prefix is made of the world's ideal answers: without them row 2b says what it needs.
+    prompted = cfg.prompted if has_extra(world, "reference_response") else []
+    runs += [(name + PROMPTED_SUFFIX, cfg.policies[name], cfg.prompt_examples) for name in prompted]
+    for name, path, examples in runs:
+        shots = f", {examples}-shot prompted" if examples else ""
+        print(f"[eval] {name}: {len(tasks)} responses from {path}{shots}", flush=True)
         evals[name] = evaluate_policy(
-            name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.run.seed, device=device
+            name, path, world, tasks, cfg.max_new_tokens, cfg.temperature, cfg.run.seed, device, examples
         )
     if cfg.reference_ceiling and has_extra(world, "reference_response"):
         if REFERENCE in evals:
@@ -511,7 +547,7 @@ def collect(cfg: Config) -> ReportData:
 
     behaviour = [behaviour_row(pe, world) for pe in evals.values()] if has_extra(world, "analysis") else []
     rm = load_rm_accuracy(rm_results, cfg.agreement)
-    parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft])
+    parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft, roles.large_base])
     world_info = (
         f"{describe_world(cfg.run.world, cfg.sandbox_seed)}{lacking_extras(world)}"
         if world
@@ -525,6 +561,8 @@ def collect(cfg: Config) -> ReportData:
         "labelers judging": (", ".join(map(str, labelers)) or "all") if world else "-",
         "sampling": f"temperature {cfg.temperature}, up to {cfg.max_new_tokens} tokens",
         "policies": ", ".join(f"{k} = {v}" for k, v in cfg.policies.items()),
+        "few-shot prompted": ", ".join(f"{k}{PROMPTED_SUFFIX}" for k in cfg.prompted) or "-",
+        "few-shot prefix": f"{cfg.prompt_examples} worked examples, one per line" if cfg.prompted else "-",
         "reward model": str(cfg.reward_model),
         "parameters": ", ".join(f"{k} = {v:,}" for k, v in parameters.items()) or "-",
         "seconds": f"{time.time() - t0:.0f}",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl.errors import UserFacingError
 from instructrl.eval.generate import generate_responses
 from instructrl.eval.stats import WinRate, win_rate
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
@@ -59,15 +60,56 @@ def evaluate_policy(
     temperature: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    prefix_examples: int = 0,
 ) -> PolicyEval:
-    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score (when
-    there is a ``world``)."""
+    """Generate one response per task from the policy at ``model_dir`` and judge each with the gold score.
+
+    ``prefix_examples > 0`` prompts the model few-shot: :func:`instruction_prefix` goes before every prompt (the
+    responses are still judged as answers to the bare prompts).
+    """
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer).to(device)
+    prefix = instruction_prefix(world, prefix_examples) if prefix_examples else ""
     generated = generate_responses(
-        model, tokenizer, [t.prompt for t in tasks], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        model,
+        tokenizer,
+        [prefix + t.prompt for t in tasks],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
     )
     return policy_eval_from_responses(name, world, tasks, [g.text for g in generated], [g.stopped for g in generated])
+
+
+def instruction_prefix(world: World, n_examples: int, separator: str = "\n") -> str:
+    """A few-shot prefix that puts a base model into instruction-following mode, as the paper's "GPT-3 prompted".
+
+    ``n_examples`` plain prompts of the world's train split, one per category in the order the categories first
+    appear there, leaving out the category named "harmful" (it would teach refusing, which is more than following
+    instructions); each the shortest of its category (the prefix must leave room in the windows the models were
+    pretrained on), with the world's ``reference_response`` and ``separator``. The default newline keeps the
+    examples and the prompt one document, as the corpus's chained instruction documents are; separated by EOS they
+    were ignored, since a pretrained model learns that text before a document boundary says nothing about what
+    follows (measurements: benchmarks/RESULTS.md).
+    """
+    if not has_extra(world, "reference_response"):
+        raise UserFacingError("prompted: the few-shot prefix needs a world with reference_response()")
+    chosen: dict[str, Task] = {}
+    for task in world.tasks("train"):
+        best = chosen.get(task.category)
+        if (
+            task.type == "plain"
+            and task.category != "harmful"
+            and (best is None or len(task.prompt) < len(best.prompt))
+        ):
+            chosen[task.category] = task
+    if not 0 < n_examples <= len(chosen):
+        raise UserFacingError(
+            f"prompt_examples: must be 1..{len(chosen)} (one per category of the world's plain train prompts), "
+            f"got {n_examples}"
+        )
+    shots = list(chosen.values())[:n_examples]
+    return "".join(f"{t.prompt}{world.reference_response(t)}{separator}" for t in shots)
 
 
 def policy_eval_from_responses(

@@ -31,7 +31,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # min/max: at p = 0 or 1 the bound equals p in exact arithmetic, but rounding can leave it just short of p
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance: float = 1e-9) -> WinRate:
