@@ -63,7 +63,7 @@ def test_plan_pretrains_a_larger_base_model_and_evaluates_it_plain_and_prompted_
     large = steps["pretrain_large"].overrides
     assert "tokenizer=r/base" in large  # the RM and policies share token ids
     if not quick:
-        assert {"max_steps=400", "model.d_model=256", "model.n_layers=4", "model.n_heads=4"} <= set(large)
+        assert {"max_steps=300", "model.d_model=256", "model.n_layers=4", "model.n_heads=4"} <= set(large)
         assert not any(o.startswith("run.precision") for o in large)  # no bf16: this CPU has no native bf16
     assert "model=r/sft" in steps["rm"].overrides and "sandbox_sample_policy=r/sft" in steps["rm"].overrides
     assert all("kl.coef=0.07" in steps[name].overrides for name in ("ppo", "ppo_ptx"))
