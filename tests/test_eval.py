@@ -845,22 +845,19 @@ def test_cli_eval_compares_ppo_ptx_with_a_larger_base_model_plain_and_prompted(t
 
     sft, ppo_ptx = two_policies
     out = tmp_path / "eval"
-    code = main(
-        [
-            "eval",
-            "--set", f"output_dir={out}",
-            "--set", f"policies={{sft: {sft}, ppo_ptx: {ppo_ptx}, base_large: {sft}}}",
-            "--set", "prompted=[base_large]",
-            "--set", f"base_model={ppo_ptx}",
-            "--set", "judges=[gold]",
-            "--set", "prompts=4",
-            "--set", "max_new_tokens=4",
-            "--set", "best_of_n=0",
-            "--set", "heldout_docs=12",
-            "--set", "tax_seq_len=32",
-        ]
-    )  # fmt: skip
-    assert code == 0
+    settings = {
+        "output_dir": out,
+        "policies": f"{{sft: {sft}, ppo_ptx: {ppo_ptx}, base_large: {sft}}}",
+        "prompted": "[base_large]",
+        "base_model": ppo_ptx,
+        "judges": "[gold]",
+        "prompts": 4,
+        "max_new_tokens": 4,
+        "best_of_n": 0,
+        "heldout_docs": 12,
+        "tax_seq_len": 32,
+    }
+    assert main(["eval", *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     headline = {r["id"]: r for r in metrics["headline"]}
     judged = {(r["policy"], r["baseline"]) for r in metrics["win_rates"]}
