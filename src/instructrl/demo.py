@@ -70,9 +70,8 @@ class Config:
     """Blocks of the larger base model (256 × 4: 3.4M parameters, 3.6× the small one)."""
     large_pretrain_steps: int = 300
     """Pretraining steps of the larger base model. The small one takes 900 of the same batch size; a step of the
-    larger one costs about 2.5× as much, so 300 take a little less time than the small model's 900 and keep the
-    whole demo within 20 minutes on a 2-core CPU, in float32 (bf16 pays only where the CPU multiplies it natively).
-    Timings: benchmarks/RESULTS.md."""
+    larger one costs more, and 300 of them keep the whole demo within 20 minutes on a 2-core CPU, in float32 (bf16
+    pays only where the CPU multiplies it natively). Timings: benchmarks/RESULTS.md."""
     large_sft: bool = False
     """Also fine-tune the larger base model on the demonstrations: the headline's extra row 2c, small PPO-ptx vs a
     larger SFT model (Stiennon et al.'s comparison). Off by default: it adds minutes on a CPU (timings and the
