@@ -722,10 +722,33 @@ def test_headline_rows_are_the_runs_numbers_rounded():
     assert (rows["5a"].value, rows["5b"].value, rows["5c"].value, rows["5d"].value) == (40.0, 80.0, 20.0, 10.0)
     assert all(r.paper for r in rows.values())
 
+    assert rows["4a"].low == round(100 * wilson_interval(0.712 * 400, 400)[0], 1)  # no s.e. given: over pairs
+
     missing = {r.id: r for r in report.build_headline(report.Roles(), [], [], [], None)}
     assert all(r.value is None and r.low is None for r in missing.values())
     assert {"2", "2b"} <= set(missing) and "2c" not in missing  # the larger SFT row only when it was evaluated
     assert "n/a" in report.format_headline(report.ReportData(headline=list(missing.values())))
+
+
+def test_rm_accuracy_rows_use_the_standard_error_over_comparisons_and_compare_with_agreement():
+    rm = report.RMAccuracy(
+        0.712,
+        400,
+        0.689,
+        300,
+        0.727,
+        0.01,
+        ["6", "7"],
+        sample_agreement=0.751,
+        sample_agreement_stderr=0.005,
+        train_labelers_stderr=0.03,
+        heldout_labelers_stderr=0.02,
+    )
+    rows = {r.id: r for r in report.build_headline(report.Roles(), [], [], [], rm)}
+    assert (rows["4a"].value, rows["4a"].low, rows["4a"].high) == (71.2, round(100 * (0.712 - 1.96 * 0.03), 1), 77.1)
+    assert rows["4b"].high == round(100 * (0.689 + 1.96 * 0.02), 1)
+    assert "95% of the labelers' agreement on the same samples (4d)" in rows["4a"].note  # 71.2 / 75.1
+    assert "92% of the labelers' agreement" in rows["4b"].note and "over comparisons" in rows["4b"].note
 
 
 def _parse_headline(text: str) -> dict[str, dict]:

@@ -10,6 +10,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -130,6 +131,44 @@ def test_collate_points_pairs_at_their_prompts_rows(tiny_tokenizer):
     # every row ends with EOS at its last real position (right padding), where the reward is read
     last = inputs.attention_mask.sum(-1) - 1
     assert (inputs.input_ids[torch.arange(len(last)), last] == tiny_tokenizer.eos_token_id).all()
+
+
+def test_accuracy_stderr_takes_each_comparison_as_one_unit(tiny_tokenizer):
+    encoded = encoded_toy(tiny_tokenizer, 12)
+    scores = torch.randn(sum(len(c.completions) for c in encoded), generator=torch.Generator().manual_seed(0))
+    metrics = rm.pairwise_metrics(scores, encoded)
+    # Naive reference: per comparison g, a_g correct pairs of n_g; p = Σa/Σn; SE = sqrt(G/(G-1) Σ(a_g - p n_g)²)/Σn.
+    units, offset = [], 0
+    for c in encoded:
+        s = scores[offset : offset + len(c.completions)].tolist()
+        units.append((sum(s[w] > s[lo] for w, lo in c.pairs), len(c.pairs)))
+        offset += len(c.completions)
+    total = sum(n for _, n in units)
+    p = sum(a for a, _ in units) / total
+    g = len(units)
+    stderr = (g / (g - 1) * sum((a - p * n) ** 2 for a, n in units)) ** 0.5 / total
+    assert metrics["accuracy"] == pytest.approx(p) and metrics["accuracy_stderr"] == pytest.approx(stderr)
+    # Not the pair-level binomial SE: pairs of one ranking are not independent.
+    assert metrics["accuracy_stderr"] != pytest.approx((p * (1 - p) / total) ** 0.5, rel=1e-3)
+
+
+def test_agreement_on_samples_counts_each_distinct_text_once():
+    from instructrl.sandbox.labelers import pairwise_agreement
+    from instructrl.world import load_world, stage_tasks
+
+    world = load_world("sandbox", 0)
+    tasks = stage_tasks(world, "rm")[:40]
+    gen = np.random.default_rng(0)
+    distinct = [world.synthetic_candidates(t, 4, gen) for t in tasks]
+    distinct = [list(dict.fromkeys(c)) for c in distinct]
+    # A policy repeating itself: its first sample three times, and an empty sample.
+    repeated = [[c[0], *c, c[0], ""] for c in distinct]
+    kept = [i for i, c in enumerate(distinct) if len(c) >= 2]
+    expected = pairwise_agreement(world, [tasks[i] for i in kept], [distinct[i] for i in kept], 5)[0]
+    result = rm.agreement_on_samples(world, tasks, repeated, 1000, 5)
+    assert result["mean"] == expected and result["prompts"] == len(kept)
+    counting_copies = pairwise_agreement(world, [tasks[i] for i in kept], [repeated[i][:-1] for i in kept], 5)[0]
+    assert counting_copies != expected
 
 
 def test_ties_are_dropped_and_pairwise_records_are_k2(tiny_tokenizer, tmp_path):

@@ -82,6 +82,10 @@ class RMAccuracy:
     sample_agreement: float | None = None
     """Inter-labeler agreement on the RM's own comparisons (policy samples), when the RM measured it."""
     sample_agreement_stderr: float | None = None
+    train_labelers_stderr: float | None = None
+    """Standard error of ``train_labelers_accuracy`` over comparisons (each prompt's ranking one unit)."""
+    heldout_labelers_stderr: float | None = None
+    """Standard error of ``heldout_labelers_accuracy`` over comparisons."""
 
 
 @dataclass(frozen=True)
@@ -360,25 +364,24 @@ def build_headline(
     rows += perplexity_rows + accuracy_rows
 
     has_rm = rm is not None
-    rm_rows = (  # (id, claim, accuracy field, pairs field, paper value)
-        (
-            "4a",
-            "RM accuracy, labelers it trained on (held-out comparisons)",
-            "train_labelers_accuracy",
-            "train_labelers_pairs",
-            PAPER_RM_TRAIN,
-        ),
-        (
-            "4b",
-            "RM accuracy, held-out labelers",
-            "heldout_labelers_accuracy",
-            "heldout_labelers_pairs",
-            PAPER_RM_HELDOUT,
-        ),
+    rm_rows = (  # (id, claim, field prefix, paper value)
+        ("4a", "RM accuracy, labelers it trained on (held-out comparisons)", "train_labelers", PAPER_RM_TRAIN),
+        ("4b", "RM accuracy, held-out labelers", "heldout_labelers", PAPER_RM_HELDOUT),
     )
-    for id_, claim, accuracy_field, pairs_field, paper in rm_rows:
-        accuracy, pairs = (getattr(rm, accuracy_field), getattr(rm, pairs_field)) if has_rm else (None, 0)
-        rows.append(_rate_row(id_, claim, accuracy, pairs, paper, count="pairs"))
+    for id_, claim, prefix, paper in rm_rows:
+        accuracy, pairs, stderr = (
+            (getattr(rm, f"{prefix}_{x}") for x in ("accuracy", "pairs", "stderr")) if has_rm else (None, 0, None)
+        )
+        if accuracy is None or stderr is None:
+            rows.append(_rate_row(id_, claim, accuracy, pairs, paper, count="pairs"))
+            continue
+        # The pairs of one ranking share its responses and labeler: the interval is over comparisons, not pairs.
+        note = f"pairs={pairs}; mean ± 1.96 s.e. over comparisons"
+        if rm.sample_agreement:
+            note += (
+                f"; {100 * accuracy / rm.sample_agreement:.0f}% of the labelers' agreement on the same samples (4d)"
+            )
+        rows.append(_row(id_, claim, accuracy, _stderr_interval(accuracy, stderr), paper, note=note))
     agreement = rm.labeler_agreement if has_rm else None
     stderr = rm.labeler_agreement_stderr if has_rm else None
     rows.append(

@@ -298,6 +298,8 @@ def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMA
         heldout_labelers=[str(x) for x in (rm_results or {}).get("heldout_labelers") or []],
         sample_agreement=on_samples.get("mean"),
         sample_agreement_stderr=on_samples.get("stderr"),
+        train_labelers_stderr=valid.get("accuracy_stderr"),
+        heldout_labelers_stderr=heldout.get("accuracy_stderr"),
     )
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl.agreement import pooled_estimate
 from instructrl.config import (
     require,
     require_fraction,
@@ -366,9 +367,12 @@ def accumulate_ranking_gradients(
 
 
 def pairwise_metrics(scores: torch.Tensor, encoded: Sequence[EncodedComparison]) -> dict:
-    """Accuracy (fraction of pairs with r_w > r_l), Eq. 1 loss, and accuracy per labeler.
+    """Accuracy (fraction of pairs with r_w > r_l), its standard error, Eq. 1 loss, and accuracy per labeler.
 
-    ``scores`` (N,) are the flattened completion scores in ``encoded`` order.
+    ``scores`` (N,) are the flattened completion scores in ``encoded`` order. The standard error treats the
+    comparison (one prompt's ranking) as the independent unit, as :mod:`instructrl.agreement` does for the
+    labelers' agreement: the pairs of one ranking share its responses and its labeler, so a pair-level binomial
+    interval would be too narrow.
     """
     winners, losers, groups, labelers = [], [], [], []
     offset = 0
@@ -383,10 +387,13 @@ def pairwise_metrics(scores: torch.Tensor, encoded: Sequence[EncodedComparison])
     loss, _ = ranking_loss(scores.double(), winner_idx, loser_idx, torch.tensor(groups), len(encoded))
     correct = (scores[winner_idx] > scores[loser_idx]).tolist()
     by_labeler: dict[str, list[bool]] = defaultdict(list)
-    for labeler, ok in zip(labelers, correct):
+    by_comparison: dict[int, list[bool]] = defaultdict(list)
+    for labeler, group, ok in zip(labelers, groups, correct):
         by_labeler[labeler].append(ok)
+        by_comparison[group].append(ok)
     return {
         "accuracy": sum(correct) / len(correct),
+        "accuracy_stderr": pooled_estimate([(sum(oks), len(oks)) for oks in by_comparison.values()]).stderr,
         "loss": loss.item(),
         "pairs": len(correct),
         "prompts": len(encoded),
@@ -482,8 +489,6 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
     """
     import numpy as np
 
-    from instructrl.sandbox.labelers import pairwise_agreement  # any World: only labelers() and rank()
-
     world = load_world(cfg.run.world, cfg.sandbox_seed)
     rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
     sft_tasks = stage_tasks(world, "sft")
@@ -514,17 +519,29 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
         response = world.demonstrate(task, labeler, rng)
         demos.append({"prompt": task.prompt, "response": response, "labeler_id": str(labeler), "id": task.id})
     if cfg.sandbox_agreement_prompts:
-        # Inter-labeler agreement on this very distribution of responses: the number the RM's accuracy is read
-        # against (§5.2 measured agreement on the comparisons themselves, not on a separate candidate set).
-        shown = [(t, [r for r in c if r.strip()]) for t, c in zip(rm_tasks, candidates)]
-        shown = [(t, c) for t, c in shown if len(c) >= 2][: cfg.sandbox_agreement_prompts]
-        mean, stderr, _ = pairwise_agreement(world, [t for t, _ in shown], [c for _, c in shown], cfg.run.seed + 1)
-        atomic_write_json(out / SANDBOX_AGREEMENT, {"mean": mean, "stderr": stderr, "prompts": len(shown)})
+        agreement = agreement_on_samples(world, rm_tasks, candidates, cfg.sandbox_agreement_prompts, cfg.run.seed + 1)
+        atomic_write_json(out / SANDBOX_AGREEMENT, agreement)
     comparisons_path, demos_path = out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS
     atomic_write_jsonl(comparisons_path, records)
     atomic_write_jsonl(demos_path, demos)
     print(f"sandbox: wrote {len(records)} comparisons and {len(demos)} demonstrations to {out}", flush=True)
     return comparisons_path, demos_path
+
+
+def agreement_on_samples(
+    world, tasks: Sequence, candidates: Sequence[Sequence[str]], n_prompts: int, seed: int
+) -> dict:
+    """Inter-labeler agreement on the RM's own samples (the first ``n_prompts`` prompts with two distinct
+    non-empty responses, every labeler ranking each): the number the RM's accuracy is read against (§5.2 measured
+    agreement on the comparisons themselves, not on a separate candidate set). Over distinct texts, as the RM's
+    accuracy is (``Comparison.distinct_pairs``): a repeated sample would otherwise count its pairs once per copy.
+    """
+    from instructrl.sandbox.labelers import pairwise_agreement  # any World: only labelers() and rank()
+
+    shown = [(t, list(dict.fromkeys(r for r in c if r.strip()))) for t, c in zip(tasks, candidates)]
+    shown = [(t, c) for t, c in shown if len(c) >= 2][:n_prompts]
+    mean, stderr, _ = pairwise_agreement(world, [t for t, _ in shown], [c for _, c in shown], seed)
+    return {"mean": mean, "stderr": stderr, "prompts": len(shown)}
 
 
 def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -> list[list[str]]:
