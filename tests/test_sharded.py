@@ -236,7 +236,7 @@ def sharded_ppo(tmp_path_factory, ppo_env, tiny_lm_dir):  # noqa: F811
     return root / "two", args
 
 
-@pytest.mark.slow  # three PPO runs of 2 processes (with the fixture's) and one of one (~1.5 minutes)
+@pytest.mark.slow  # two PPO runs of 2 processes and one of one (~30 s), after the fixture's (~15 s)
 def test_ppo_ptx_sharded_matches_one_process_and_ddp(sharded_ppo, tmp_path, ppo_env, tiny_lm_dir):  # noqa: F811
     from instructrl.config import load_config
     from instructrl.stages import ppo
@@ -289,7 +289,7 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path, timeout: floa
     assert list_checkpoints(run_dir) and not (run_dir / "results.json").exists()  # killed mid-run
 
 
-@pytest.mark.slow  # three PPO runs of 2 processes (with the fixture's), one killed, and one of one (~1.5 minutes)
+@pytest.mark.slow  # a killed and a resumed PPO run of 2 processes, one of one (~30 s), after the fixture's
 def test_ppo_sharded_killed_resumes_on_two_processes_exactly_and_on_one_within_tolerance(
     sharded_ppo, tmp_path, monkeypatch
 ):
