@@ -194,6 +194,8 @@ def test_each_sampling_shard_samples_its_rows_as_a_process_holding_only_them_wou
         halves.append(sample_responses(alone, own_query, own_mask, 4, 1.0, 1, 0, 2, generator)[0])
     assert torch.equal(response, torch.cat(halves))
     assert len(backend.calls) == len(alone.calls) == 4  # generation.batch_size chunks within each shard
+    with pytest.raises(ValueError, match="5 prompts cannot be split into 2 equal sampling shards"):
+        sample_responses(backend, query[:5], mask[:5], 4, 1.0, 1, 0, generator=shards.owned())
     for (ids, call_mask), (own_ids, own_mask) in zip(backend.calls, alone.calls):
         assert torch.equal(ids, own_ids) and torch.equal(call_mask, own_mask)  # the same shapes and padding
 

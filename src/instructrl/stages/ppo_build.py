@@ -8,7 +8,8 @@ the loop through two seams of :class:`~instructrl.stages.ppo_rollout.PPOModels`:
 Everything a resumed run needs round-trips through :meth:`PPORun.state_dict` / :meth:`PPORun.load_state_dict`:
 policy and value weights, both optimizers, the LR schedule, β, the EMA, the prompt order and position, the
 pretraining-window sampler, the sampling shards' and the shuffling generators, the non-finite-step counters
-and the global RNGs. Each source of randomness has its own generator so that resuming reproduces the run bit for bit.
+and the global RNGs. Each source of randomness has its own generator so that resuming reproduces the run bit
+for bit.
 """
 
 from __future__ import annotations

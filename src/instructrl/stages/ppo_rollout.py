@@ -226,6 +226,8 @@ def sample_responses(
     Returns ``(response, response_mask, has_eos)``: (B, R) ids with PAD after EOS, (B, R) bool, (B,) bool, with
     R the longest response (columns that are PAD in every row are dropped)."""
     generators = list(generator) if isinstance(generator, Sequence) else [generator]
+    if query.shape[0] % len(generators):
+        raise ValueError(f"{query.shape[0]} prompts cannot be split into {len(generators)} equal sampling shards")
     pieces = []
     for shard, shard_generator in zip(row_chunks(query.shape[0], query.shape[0] // len(generators)), generators):
         ids, mask = without_padding_columns(query[shard], query_mask[shard])
