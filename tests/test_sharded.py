@@ -1,5 +1,6 @@
 """Sharded training (``run.sharding=fsdp``, FSDP2): 2 CPU processes over gloo against 1 process on the same global
-batch; the weights really split; kill and resume 2 → 2 (exact) and 2 → 1 (warned); exports that load.
+batch; the weights really split; kill and resume 2 → 2 (exact) and 2 → 1 (warned, within 1e-5: PPO through
+its sampling shards); exports that load.
 
 The 2-process runs start the real CLI once per rank with the variables a launcher sets (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``), as ``torchrun`` does, under a timeout: a rank that waits forever on a
