@@ -29,8 +29,22 @@ from pathlib import Path
 
 from instructrl.eval.stats import wilson_interval
 
-POOLED = ("ppo_ptx", "sft", "gold")
-"""(policy, baseline, judge) of the headline's row 1, pooled over seeds."""
+POOLED = ("ppo_ptx", "sft")
+"""(policy, baseline) of the headline's row 1 (gold judge), pooled over seeds."""
+
+EXTRA_ROWS = {
+    "1p": ("ppo", "PPO vs SFT win rate (gold judge)"),
+    "1c": ("reference", "ceiling: ideal responses vs SFT"),
+}
+"""Gold-judge win rates against SFT that the headline gives only in notes, added as rows: id -> (policy, claim)."""
+
+
+def gold_win_rate(metrics: dict, policy: str, baseline: str = "sft") -> dict | None:
+    """The ``policy`` vs ``baseline`` gold-judge win rate over all test prompts, from eval's metrics.json."""
+    for r in metrics["win_rates"]:
+        if (r["policy"], r["baseline"], r["judge"], r["group"]) == (policy, baseline, "gold", "all"):
+            return r
+    return None
 
 
 def run_seed(seed: int, folder: Path, settings: list[str]) -> None:
@@ -44,9 +58,7 @@ def pooled_row_1(runs: dict[int, dict]) -> dict:
     """Wins + ties/2 over every seed's row-1 comparisons, with the Wilson interval of the pooled rate."""
     wins = ties = n = 0
     for metrics in runs.values():
-        row = next(
-            r for r in metrics["win_rates"] if (r["policy"], r["baseline"], r["judge"], r["group"]) == (*POOLED, "all")
-        )
+        row = gold_win_rate(metrics, *POOLED)
         wins, ties, n = wins + row["wins"], ties + row["ties"], n + row["n"]
     low, high = wilson_interval(wins + ties / 2, n)
     return {
@@ -67,6 +79,13 @@ def table(summaries: dict[int, dict], metrics: dict[int, dict]) -> dict:
         for row in summaries[seed]["headline"]:
             entry = rows.setdefault(row["id"], {"claim": row["claim"], "unit": row["unit"], "seeds": {}})
             entry["seeds"][seed] = {"value": row["value"], "low": row["low"], "high": row["high"]}
+    for id_, (policy, claim) in EXTRA_ROWS.items():
+        for seed in seeds:
+            r = gold_win_rate(metrics[seed], policy)
+            if r is not None:
+                entry = rows.setdefault(id_, {"claim": claim, "unit": "%", "seeds": {}})
+                entry["seeds"][seed] = {k: round(100 * r[k], 1) for k in ("rate", "low", "high")}
+                entry["seeds"][seed]["value"] = entry["seeds"][seed].pop("rate")
     # The issue-26 bar: the RM's accuracy as a share of the labelers' own agreement on the same samples.
     for id_, claim in (("4a/4d", "RM accuracy (4a) / agreement on its samples (4d)"), ("4b/4d", "4b / 4d")):
         accuracy, agreement = rows.get(id_[:2]), rows.get("4d")
