@@ -11,6 +11,9 @@ model's scores should count). Exact equality is expected only on the same machin
     python benchmarks/ppo_fingerprint.py --out before.json
     python benchmarks/ppo_fingerprint.py --out after.json --compare before.json
 
+``--num-processes 2`` fingerprints the data-parallel path instead (``instructrl ppo --num-processes 2``: 2 CPU
+processes over gloo, each with ``--threads`` threads), e.g. to check that a change keeps it bit for bit too.
+
 Metrics that only the newer run logs are listed and left out of the comparison.
 """
 
@@ -55,7 +58,7 @@ def build_inputs(root: Path) -> dict[str, Path]:
     return paths
 
 
-def fingerprint(threads: int) -> dict:
+def fingerprint(threads: int, processes: int = 1) -> dict:
     from instructrl.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +72,8 @@ def fingerprint(threads: int) -> dict:
             "generation.max_new_tokens=6", "missing_eos_score=null", "sample_every=1", "num_samples=8", "save_every=2",
             "overlap_models=false", f"threads={threads}", "device=cpu",
         ]  # fmt: skip
-        if main(["ppo", *(a for s in settings for a in ("--set", s))]) != 0:
+        launch = ["--num-processes", str(processes)] if processes > 1 else []
+        if main(["ppo", *launch, *(a for s in settings for a in ("--set", s))]) != 0:
             raise SystemExit("the PPO run failed")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -86,8 +90,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the fingerprint JSON goes")
     parser.add_argument("--compare", type=Path, help="an earlier fingerprint that this one must equal")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (CPU, gloo)")
     args = parser.parse_args()
-    result = {"threads": args.threads, **fingerprint(args.threads)}
+    result = {"threads": args.threads, **fingerprint(args.threads, args.num_processes)}
+    if args.num_processes > 1:
+        result["processes"] = args.num_processes
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     if args.compare is None:
         return 0

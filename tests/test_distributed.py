@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from instructrl.cli import main
-from instructrl.fast.sampler import CachedSampler
 from instructrl.utils.checkpoint import list_checkpoints, load_latest_checkpoint
 from instructrl.utils.distributed import Runtime
 from instructrl.utils.io import read_jsonl_lenient
@@ -42,14 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(command: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
-    src = str(Path(__file__).resolve().parents[1] / "src")  # the processes import this checkout's package
-    env = {
+def launcher_env() -> dict[str, str]:
+    """The environment of a launched run: one thread a process, this checkout's package first on the path."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
     }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_launcher(command: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=launcher_env())
     assert result.returncode == 0, f"2-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -61,8 +64,8 @@ def launch_two_processes(*cli_args: str) -> subprocess.CompletedProcess:
     return run_launcher(command + ["--main_process_port", str(_free_port()), "-m", "instructrl", *cli_args])
 
 
-def run_cli_launcher_flag(args: list[str], monkeypatch) -> None:
-    """``instructrl CMD --num-processes 2 ...``: check the command the CLI launches, then run it on a free port."""
+def cli_launcher_command(args: list[str], monkeypatch) -> list[str]:
+    """The command ``instructrl CMD --num-processes 2 ...`` launches (checked), on a free port."""
     launched = []
     monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
     assert main(args) == 0
@@ -71,7 +74,12 @@ def run_cli_launcher_flag(args: list[str], monkeypatch) -> None:
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--num-processes" not in command
     assert command[command.index("--num_processes") + 1] == "2" and command[-len(args) + 3 :] == args[3:]
     at = command.index("-m", 3)  # the launcher's own options end here
-    run_launcher(command[:at] + ["--main_process_port", str(_free_port())] + command[at:])
+    return command[:at] + ["--main_process_port", str(_free_port())] + command[at:]
+
+
+def run_cli_launcher_flag(args: list[str], monkeypatch) -> subprocess.CompletedProcess:
+    """``instructrl CMD --num-processes 2 ...``: check the command the CLI launches, then run it on a free port."""
+    return run_launcher(cli_launcher_command(args, monkeypatch))
 
 
 def _sets(**settings) -> list[str]:
@@ -157,6 +165,76 @@ def test_per_rank_state_round_trips_and_a_different_process_count_is_detected():
         assert rank1.own_rank_state({"python": 1}) is None
 
 
+class RecordingBackend:
+    """A sampler that draws (B, n) token ids from the generator it is given and records each call's prompts."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None):
+        self.calls.append((prompt_ids, attention_mask))
+        return torch.randint(5, 50, (prompt_ids.shape[0], max_new_tokens), generator=generator)
+
+
+def test_each_sampling_shard_samples_its_rows_as_a_process_holding_only_them_would():
+    from instructrl.stages.ppo_rollout import SamplingShards, left_pad, sample_responses
+
+    prompts = [[7] * 3, [8] * 1, [9] * 2, [6] * 5, [5] * 1, [4] * 2]  # the longest in the second half
+    query, mask = left_pad(prompts, pad_token_id=0)
+    backend = RecordingBackend()
+    shards = SamplingShards(2, seed=11, runtime=Runtime(torch.device("cpu")))  # one process, two shards
+    response, _, _ = sample_responses(backend, query, mask, 4, 1.0, 1, 0, batch_size=2, generator=shards.owned())
+
+    alone = RecordingBackend()  # each half as a process that held only it: its own padding and generator
+    halves = []
+    for rank in range(2):
+        own_query, own_mask = left_pad(FakeRank(rank, 2).shard(prompts), pad_token_id=0)
+        generator = SamplingShards(2, seed=11, runtime=FakeRank(rank, 2)).owned()
+        assert [g.initial_seed() for g in generator] == [11 + rank * RANK_SEED_STRIDE]  # as rank r seeds today
+        halves.append(sample_responses(alone, own_query, own_mask, 4, 1.0, 1, 0, 2, generator)[0])
+    assert torch.equal(response, torch.cat(halves))
+    assert len(backend.calls) == len(alone.calls) == 4  # generation.batch_size chunks within each shard
+    with pytest.raises(ValueError, match="5 prompts cannot be split into 2 equal sampling shards"):
+        sample_responses(backend, query[:5], mask[:5], 4, 1.0, 1, 0, generator=shards.owned())
+    for (ids, call_mask), (own_ids, own_mask) in zip(backend.calls, alone.calls):
+        assert torch.equal(ids, own_ids) and torch.equal(call_mask, own_mask)  # the same shapes and padding
+
+
+def test_sampling_shards_resume_at_any_process_count_that_divides_them():
+    from instructrl.errors import UserFacingError
+    from instructrl.stages.ppo_rollout import SamplingShards
+
+    one_process = SamplingShards(2, seed=3, runtime=Runtime(torch.device("cpu")))
+    for generator in one_process.owned():
+        torch.rand(5, generator=generator)  # advanced past their seeds
+    states = one_process.state_dict()
+    assert len(states) == 2
+    for rank in range(2):  # two processes continue one shard each
+        resumed = SamplingShards(2, seed=3, runtime=FakeRank(rank, 2))
+        resumed.load_state_dict(states)
+        assert torch.equal(resumed.owned()[0].get_state(), states[rank])
+    fresh = SamplingShards(2, seed=3, runtime=FakeRank(0, 2))
+    with pytest.warns(UserWarning, match="3 sampling shard.*2 processes cannot share"):
+        fresh.load_state_dict([states[0]] * 3)
+    assert [g.initial_seed() for g in fresh.owned()] == [3]  # kept its freshly seeded shard
+    with pytest.raises(UserFacingError, match="generation.sampling_shards=3 must be divisible"):
+        SamplingShards(3, seed=3, runtime=FakeRank(0, 2))
+
+
+def test_sampling_shards_setting_must_divide_the_rollout_batch():
+    from instructrl.config import ConfigError, load_config
+    from instructrl.stages import ppo
+
+    assert load_config(ppo.Config).generation.sampling_shards is None  # one shard per process at the start
+    cfg = load_config(ppo.Config, overrides=["batch_size=8", "minibatch_size=4", "generation.sampling_shards=4"])
+    assert cfg.generation.sampling_shards == 4
+    for bad in ("3", "0"):
+        with pytest.raises(ConfigError, match="generation.sampling_shards"):
+            load_config(
+                ppo.Config, overrides=["batch_size=8", "minibatch_size=4", f"generation.sampling_shards={bad}"]
+            )
+
+
 # --------------------------------------------------------------------------- SFT and RM: 2 processes == 1
 
 
@@ -213,38 +291,6 @@ def test_rm_two_processes_match_one_on_the_same_global_batch(tmp_path, tiny_lm_d
 
 
 # --------------------------------------------------------------------------- PPO
-
-
-class PerRankSampling:
-    """Samples a global batch the way N ranks do: rank r's contiguous share, its own left padding, its own
-    generator seeded with ``seed + 2 + r · RANK_SEED_STRIDE``. One process with this sampler rolls out exactly
-    the responses of an N-process run, so every later statistic must match."""
-
-    def __init__(self, policy_dir: Path, world_size: int, seed: int):
-        from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
-
-        tokenizer = load_tokenizer(policy_dir)
-        self.inner = CachedSampler(  # the default generation.backend, as the ranks use
-            load_causal_lm(policy_dir, tokenizer).eval(), tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
-        self.generators = [torch.Generator().manual_seed(seed + 2 + r * RANK_SEED_STRIDE) for r in range(world_size)]
-
-    def sync_weights(self, model):
-        self.inner.sync_weights(model)
-
-    def generate(self, prompt_ids, attention_mask, max_new_tokens, temperature, generator=None):
-        world = len(self.generators)
-        out = []
-        for rank, rank_generator in enumerate(self.generators):
-            start, stop = FakeRank(rank, world).shard_bounds(prompt_ids.shape[0])
-            ids, mask = prompt_ids[start:stop], attention_mask[start:stop]
-            first_real = int((mask.sum(dim=0) > 0).nonzero()[0])  # drop columns that are padding in all rows
-            out.append(
-                self.inner.generate(
-                    ids[:, first_real:], mask[:, first_real:], max_new_tokens, temperature, rank_generator
-                )
-            )
-        return torch.cat(out)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +365,7 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
     }
     assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "again" / "policy") == 0.0
 
-    # One process, same global batch, the ranks' sampling reproduced; capture the advantages it whitened.
+    # One process, same global batch, sampled in the 2 processes' sampling shards; capture the advantages it whitened.
     whitened = []
     real_compute = ppo.compute_advantages  # the name train_iteration calls
 
@@ -329,10 +375,10 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
         return out
 
     overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "one") if s != "--set"]
-    cfg = load_config(ppo.Config, overrides=[*overrides, "iterations=1"])
+    cfg = load_config(ppo.Config, overrides=[*overrides, "iterations=1", "generation.sampling_shards=2"])
     ppo.compute_advantages = recording
     try:
-        ppo.run(cfg, sampler=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))
+        ppo.run(cfg)
     finally:
         ppo.compute_advantages = real_compute
     one = _metrics(tmp_path / "one")
@@ -348,15 +394,19 @@ def test_ppo_two_processes_match_one_and_save_a_checkpoint_that_loads(tmp_path, 
     beta_from_global_kl.update(one[0]["objective/kl"], cfg.batch_size)
     assert abs(two[1]["objective/beta"] - beta_from_global_kl.value) < 1e-8
 
-    # The 2-process checkpoint loads: a 1-process run resumes from it (with a warning about the per-rank RNGs).
+    # The 2-process checkpoint resumes in 1 process (warned), its 2 sampling shards sampled there: the same run.
     step, state = load_latest_checkpoint(tmp_path / "two")
-    assert step == 2 and len(state["sampling_generator"]["per_rank"]) == 2
+    assert step == 2 and len(state["sampling_shards"]) == 2
     two_overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two") if s != "--set"]
     resumed_cfg = load_config(ppo.Config, overrides=two_overrides)
     (tmp_path / "two" / "results.json").unlink()
     with pytest.warns(UserWarning, match="written by 2 process"):
         results = ppo.run(resumed_cfg)
     assert results["iterations"] == 3 and [m["step"] for m in _metrics(tmp_path / "two")] == [1, 2, 3]
+    difference = max_weight_difference(tmp_path / "again" / "policy", tmp_path / "two" / "policy")
+    report("ppo resumed 2 -> 1", max_metric_difference(two, _metrics(tmp_path / "two"), PPO_STATISTICS), difference)
+    assert max_metric_difference(two, _metrics(tmp_path / "two"), PPO_STATISTICS) < TOLERANCE
+    assert difference < TOLERANCE
 
 
 # --------------------------------------------------------------------------- configs and the CLI's launcher

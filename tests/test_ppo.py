@@ -156,7 +156,7 @@ def scored_rollout(run: PPORun) -> Rollout:
     with run.models.precision():
         response, response_mask, has_eos = sample_responses(
             run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
-            generation.batch_size, run.sampling_generator,
+            generation.batch_size, run.sampling.owned(),
         )  # fmt: skip
         rollout = score_rollout(
             run.models, query, query_mask, response, response_mask, has_eos, generation.temperature,
@@ -570,7 +570,7 @@ def test_ppo_on_cuda_samples_reproducibly_and_learns_the_bandit(env, tmp_path, n
         "ema_decay=0.9", "value_head_init=zero", "generation.max_new_tokens=8", "iterations=8",
     )  # fmt: skip
     run = new_run(cfg, score_fn=contains_x)
-    assert run.runtime.device.type == "cuda" and run.sampling_generator.device.type == "cuda"
+    assert run.runtime.device.type == "cuda" and run.sampling.owned()[0].device.type == "cuda"
     query, mask = left_pad([run.prompts.ids[i % 4] for i in range(256)], tok.pad_token_id)
     query, mask = query.cuda(), mask.cuda()
 

@@ -1,5 +1,6 @@
 """Sharded training (``run.sharding=fsdp``, FSDP2): 2 CPU processes over gloo against 1 process on the same global
-batch; the weights really split; kill and resume 2 → 2 (exact) and 2 → 1 (warned); exports that load.
+batch; the weights really split; kill and resume 2 → 2 (exact) and 2 → 1 (warned, within 1e-5: PPO through
+its sampling shards); exports that load.
 
 The 2-process runs start the real CLI once per rank with the variables a launcher sets (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``), as ``torchrun`` does, under a timeout: a rank that waits forever on a
@@ -9,11 +10,14 @@ differences left between 1 and 2 processes are float summation orders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,14 +25,16 @@ import torch
 from safetensors.torch import load_file
 
 from instructrl.cli import main
+from instructrl.utils.checkpoint import list_checkpoints
 from test_distributed import (  # noqa: F401 - ppo_env is a fixture
     PPO_STATISTICS,
     TOLERANCE,
-    PerRankSampling,
     _free_port,
     _metrics,
     _ppo_sets,
     _sets,
+    cli_launcher_command,
+    launcher_env,
     max_metric_difference,
     max_weight_difference,
     ppo_env,
@@ -213,58 +219,108 @@ def test_lockstep_pads_the_shorter_rank_with_uncounted_repeats():
 # --------------------------------------------------------------------------- PPO and PPO-ptx
 
 
-@pytest.mark.slow  # five PPO runs of 2 processes and two of one (~2.5 minutes)
-def test_ppo_ptx_sharded_matches_one_process_and_ddp_and_resumes(
-    tmp_path,
-    ppo_env,  # noqa: F811
-    tiny_lm_dir,
-    monkeypatch,
-):
+def in_run_dir(args: list[str], run_dir: Path) -> list[str]:
+    """``args`` with ``output_dir`` set to ``run_dir`` (a later ``--set`` wins)."""
+    return [*args, *_sets(output_dir=run_dir)]
+
+
+@pytest.fixture(scope="module")
+def sharded_ppo(tmp_path_factory, ppo_env, tiny_lm_dir):  # noqa: F811
+    """An uninterrupted sharded PPO-ptx run of 2 processes, started as a user would (``instructrl ppo
+    --num-processes 2 --set run.sharding=fsdp ...``), with a checkpoint after every iteration. Returns its folder
+    and its arguments. ptx.batch_ratio 1.5 × minibatch 4 = 6 windows of micro-batches of 1 (3 a rank); frozen
+    models sharded."""
+    root = tmp_path_factory.mktemp("sharded_ppo")
+    args = [*_ppo_sets(ppo_env, tiny_lm_dir, root / "two"), *_sets(**{"run.sharding": "fsdp", "save_every": 1})]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_cli_launcher_flag(["ppo", "--num-processes", "2", *args], monkeypatch)
+    return root / "two", args
+
+
+@pytest.mark.slow  # two PPO runs of 2 processes and one of one (~30 s), after the fixture's (~15 s)
+def test_ppo_ptx_sharded_matches_one_process_and_ddp(sharded_ppo, tmp_path, ppo_env, tiny_lm_dir):  # noqa: F811
     from instructrl.config import load_config
     from instructrl.stages import ppo
 
-    # ptx.batch_ratio 1.5 × minibatch 4 = 6 windows of micro-batches of 1 (3 a rank); frozen models sharded.
-    # Started as a user would: instructrl ppo --num-processes 2 --set run.sharding=fsdp ...
-    sharded = [*_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "two"), *_sets(**{"run.sharding": "fsdp"})]
-    run_cli_launcher_flag(["ppo", "--num-processes", "2", *sharded], monkeypatch)
+    run_dir, args = sharded_ppo
     launch_ranks("ppo", *_ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "ddp"))  # the unsharded 2-process run
-    two, ddp = _metrics(tmp_path / "two"), _metrics(tmp_path / "ddp")
+    two, ddp = _metrics(run_dir), _metrics(tmp_path / "ddp")
     assert [m["step"] for m in two] == [1, 2, 3]
-    difference = max_weight_difference(tmp_path / "ddp" / "policy", tmp_path / "two" / "policy")
+    difference = max_weight_difference(tmp_path / "ddp" / "policy", run_dir / "policy")
     report("ppo fsdp vs ddp, 3 iterations", max_metric_difference(ddp, two, PPO_STATISTICS), difference)
     assert max_metric_difference(ddp, two, PPO_STATISTICS) < TOLERANCE  # the same samples: gathered weights
     assert difference < TOLERANCE  # the EMA policy, exported whole
-    assert max_weight_difference(tmp_path / "ddp" / "value", tmp_path / "two" / "value") < TOLERANCE
+    assert max_weight_difference(tmp_path / "ddp" / "value", run_dir / "value") < TOLERANCE
     assert two[0]["loss/ptx"] > 1 and two[0]["objective/kl"] > 1
-    assert_weights_split(tmp_path / "two")
-    assert_loadable(tmp_path / "two" / "policy")
+    assert_weights_split(run_dir)
+    assert_loadable(run_dir / "policy")
 
-    # one process, the ranks' sampling reproduced: the first iteration agrees
-    overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "one") if s != "--set"]
-    ppo.run(load_config(ppo.Config, overrides=[*overrides, "iterations=1"]),
-            sampler=PerRankSampling(ppo_env / "policy", world_size=2, seed=3))  # fmt: skip
-    assert max_metric_difference(_metrics(tmp_path / "one"), two[:1], PPO_STATISTICS) < TOLERANCE
-
-    # resumed from the checkpoint of iteration 2: with 2 processes exactly, with 1 within the tolerance (warned)
-    for name in ("again", "single"):
-        shutil.copytree(tmp_path / "two", tmp_path / name)
-        (tmp_path / name / "results.json").unlink()
-    outputs = launch_ranks("ppo", *[a.replace(str(tmp_path / "two"), str(tmp_path / "again")) for a in sharded])
-    assert "resumed from iteration 2" in outputs[0]
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
-    assert [strip(m) for m in _metrics(tmp_path / "again")] == [strip(m) for m in two]
-    assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "again" / "policy") == 0.0
-    single_overrides = [s for s in _ppo_sets(ppo_env, tiny_lm_dir, tmp_path / "single") if s != "--set"]
-    with pytest.warns(UserWarning, match="written by 2 process"):
-        ppo.run(load_config(ppo.Config, overrides=[*single_overrides, "sharding=fsdp"]),
-                sampler=PerRankSampling(tmp_path / "two" / "policy", world_size=2, seed=3))  # fmt: skip
-    assert [m["step"] for m in _metrics(tmp_path / "single")] == [1, 2, 3]
+    # one process sampling the 2 processes' sampling shards: the same run
+    overrides = [s for s in in_run_dir(args, tmp_path / "one") if s != "--set"]
+    ppo.run(load_config(ppo.Config, overrides=[*overrides, "generation.sampling_shards=2"]))
+    one = _metrics(tmp_path / "one")
+    difference = max_weight_difference(run_dir / "policy", tmp_path / "one" / "policy")
+    report("ppo fsdp, 3 iterations", max_metric_difference(one, two, PPO_STATISTICS), difference)
+    assert max_metric_difference(one, two, PPO_STATISTICS) < TOLERANCE
+    assert difference < TOLERANCE
 
     # the other settings: sampling in lockstep on the sharded policy, whole frozen models: the same run
-    variant = [a.replace(str(tmp_path / "two"), str(tmp_path / "variant")) for a in sharded]
-    launch_ranks("ppo", *variant, *_sets(sharded_sampling="lockstep", frozen_models="full"))
+    launch_ranks(
+        "ppo", *in_run_dir(args, tmp_path / "variant"), *_sets(sharded_sampling="lockstep", frozen_models="full")
+    )
     assert max_metric_difference(two, _metrics(tmp_path / "variant"), PPO_STATISTICS) < TOLERANCE
-    assert max_weight_difference(tmp_path / "two" / "policy", tmp_path / "variant" / "policy") < TOLERANCE
+    assert max_weight_difference(run_dir / "policy", tmp_path / "variant" / "policy") < TOLERANCE
+
+
+def kill_after_first_checkpoint(command: list[str], run_dir: Path, timeout: float = 240) -> None:
+    """Start ``command`` in its own process group and SIGKILL the whole group (launcher and ranks) as soon as
+    ``run_dir`` holds its first complete checkpoint (checkpoints are renamed into place once complete)."""
+    process = subprocess.Popen(
+        command, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not list_checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone only if the run already ended
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the run ended by itself (exit {process.returncode})"
+    assert list_checkpoints(run_dir) and not (run_dir / "results.json").exists()  # killed mid-run
+
+
+@pytest.mark.slow  # a killed and a resumed PPO run of 2 processes, one of one (~30 s), after the fixture's
+def test_ppo_sharded_killed_resumes_on_two_processes_exactly_and_on_one_within_tolerance(
+    sharded_ppo, tmp_path, monkeypatch
+):
+    run_dir, args = sharded_ppo
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(cli_launcher_command(["ppo", "--num-processes", "2", *in_run_dir(args, killed)],
+                                                     monkeypatch), killed)  # fmt: skip
+    for name in ("again", "single"):
+        shutil.copytree(killed, tmp_path / name)
+    two = _metrics(run_dir)
+
+    # (a) 2 processes: the uninterrupted run, bit for bit
+    resumed = run_cli_launcher_flag(
+        ["ppo", "--num-processes", "2", *in_run_dir(args, tmp_path / "again")], monkeypatch
+    )
+    assert "resumed from iteration" in resumed.stdout
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(m) for m in _metrics(tmp_path / "again")] == [strip(m) for m in two]
+    for model in ("policy", "value"):
+        assert max_weight_difference(run_dir / model, tmp_path / "again" / model) == 0.0
+
+    # (b) 1 process (warned): the checkpoint's 2 sampling shards sampled here, the same tokens; sums in another order
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        assert main(["ppo", *in_run_dir(args, tmp_path / "single")]) == 0
+    single = _metrics(tmp_path / "single")
+    assert [m["step"] for m in single] == [1, 2, 3]
+    difference = max(max_weight_difference(run_dir / m, tmp_path / "single" / m) for m in ("policy", "value"))
+    report("ppo fsdp killed, resumed 2 -> 1", max_metric_difference(two, single, PPO_STATISTICS), difference)
+    assert max_metric_difference(two, single, PPO_STATISTICS) < TOLERANCE
+    assert difference < TOLERANCE
 
 
 # --------------------------------------------------------------------------- sampling from a sharded policy

@@ -82,8 +82,9 @@ def train_iteration(run: PPORun) -> tuple[dict[str, Any], Rollout, list[int]]:
     """One PPO iteration, steps 1-5 of the module docstring. Returns (metrics, the rollout, its prompts' indices).
 
     Under N processes every rank draws the same global prompts, samples and scores its contiguous share with
-    its own sampling seed, and the shares are gathered: from step 3 on every rank holds the global batch, and
-    each optimizer step trains on its share of every minibatch.
+    the generators of its sampling shards (:class:`~.ppo_rollout.SamplingShards`: the same tokens at any N), and
+    the shares are gathered: from step 3 on every rank holds the global batch, and each optimizer step trains
+    on its share of every minibatch.
     """
     cfg, generation, models, runtime = run.cfg, run.cfg.generation, run.models, run.runtime
     eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
@@ -97,7 +98,7 @@ def train_iteration(run: PPORun) -> tuple[dict[str, Any], Rollout, list[int]]:
     with out_of_memory_advice("rollout generation", *rollout_oom), models.precision():
         response, response_mask, has_eos = sample_responses(
             run.sampler, query, query_mask, generation.max_new_tokens, generation.temperature, eos, pad,
-            generation.batch_size, run.sampling_generator,
+            generation.batch_size, run.sampling.owned(),
         )  # fmt: skip
 
         # 2. Score: log π and log π^SFT at temperature T, values V, r_θ(x, y) at the EOS (the EOS trick).

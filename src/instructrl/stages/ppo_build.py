@@ -7,8 +7,9 @@ the loop through two seams of :class:`~instructrl.stages.ppo_rollout.PPOModels`:
 
 Everything a resumed run needs round-trips through :meth:`PPORun.state_dict` / :meth:`PPORun.load_state_dict`:
 policy and value weights, both optimizers, the LR schedule, β, the EMA, the prompt order and position, the
-pretraining-window sampler, the sampling and shuffling generators, the non-finite-step counters and the global
-RNGs. Each source of randomness has its own generator so that resuming reproduces the run bit for bit.
+pretraining-window sampler, the sampling shards' and the shuffling generators, the non-finite-step counters
+and the global RNGs. Each source of randomness has its own generator so that resuming reproduces the run bit
+for bit.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from instructrl.rollout.sampler import GenerationBackend, HFGenerateBackend
 from instructrl.stages.common import log_data_source, make_adam
 from instructrl.stages.ppo_config import Config
 from instructrl.stages.ppo_data import PromptData, load_pretraining_windows, load_prompt_data
-from instructrl.stages.ppo_rollout import PPOModels, ScoreFn, response_values, reward_model_scorer
+from instructrl.stages.ppo_rollout import PPOModels, SamplingShards, ScoreFn, response_values, reward_model_scorer
 from instructrl.stages.ppo_trainers import PolicyEMA, PolicyTrainer, PretrainingMix, ValueTrainer, swapped_weights
 from instructrl.utils.distributed import Runtime, get_runtime
 from instructrl.utils.guards import NonFiniteGuard
@@ -57,8 +58,8 @@ class PPORun:
     """Samples responses from the live policy (``generation.backend``)."""
     kl_controller: FixedKLController | AdaptiveKLController
     """β of the KL penalty."""
-    sampling_generator: torch.Generator
-    """This rank's sampling randomness."""
+    sampling: SamplingShards
+    """The rollout's sampling randomness: a generator per sampling shard, this process sampling its own."""
     shuffle_generator: torch.Generator
     """Minibatch order; the same on every rank."""
     nonfinite: NonFiniteGuard
@@ -88,7 +89,7 @@ class PPORun:
             "ema": actor.ema.state_dict() if actor.ema is not None else None,
             "prompt_sampler": self.prompts.order.state_dict(),
             "ptx_sampler": actor.ptx.windows.state_dict() if actor.ptx is not None else None,
-            "sampling_generator": self.runtime.rank_states(self.sampling_generator.get_state()),  # per rank
+            "sampling_shards": self.sampling.state_dict(),  # every shard's, whichever process sampled it
             "shuffle_generator": self.shuffle_generator.get_state(),  # shared: every rank draws the same minibatches
             "nonfinite": self.nonfinite.state_dict(),
             "rng": self.runtime.rank_states(rng_state()),
@@ -111,9 +112,7 @@ class PPORun:
             raise UserFacingError(f"cannot resume: {e} (the prompt file changed?)") from None
         if actor.ptx is not None:
             actor.ptx.windows.load_state_dict(state["ptx_sampler"])
-        sampling_state = self.runtime.own_rank_state(state["sampling_generator"])
-        if sampling_state is not None:
-            self.sampling_generator.set_state(sampling_state)
+        self.sampling.load_state_dict(_sampling_states(state))
         self.shuffle_generator.set_state(state["shuffle_generator"])
         own_rng = self.runtime.own_rank_state(state["rng"])
         if own_rng is not None:
@@ -187,7 +186,7 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         kl_controller = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     else:
         kl_controller = FixedKLController(cfg.kl.coef)
-    sampling_generator = torch.Generator(device=device).manual_seed(runtime.rank_seed(cfg.run.seed + 2))  # per rank
+    sampling = SamplingShards(cfg.generation.sampling_shards or runtime.world_size, cfg.run.seed + 2, runtime)
     training_policy, policy_optimizer = runtime.prepare(policy, policy_optimizer)
     training_value, value_optimizer = runtime.prepare(value_model, value_optimizer, forward=response_values)
     for optimizer in (policy_optimizer, value_optimizer):
@@ -218,11 +217,19 @@ def build_run(cfg: Config, score_fn: ScoreFn | None = None, sampler: GenerationB
         prompts=prompts,
         sampler=sampler or make_sampler(cfg, policy, tokenizer, runtime, runner),
         kl_controller=kl_controller,
-        sampling_generator=sampling_generator,
+        sampling=sampling,
         shuffle_generator=torch.Generator().manual_seed(cfg.run.seed + 1),
         nonfinite=NonFiniteGuard(cfg.run.max_nonfinite_steps, unit="iteration"),
         close=runner.close,
     )
+
+
+def _sampling_states(state: dict[str, Any]) -> list[torch.Tensor]:
+    """The checkpoint's sampling shards; one written before they existed kept one generator per process."""
+    if "sampling_shards" in state:
+        return state["sampling_shards"]
+    per_process = state["sampling_generator"]
+    return per_process["per_rank"] if isinstance(per_process, dict) else [per_process]
 
 
 def make_sampler(cfg: Config, policy, tokenizer, runtime: Runtime, runner=None) -> GenerationBackend:

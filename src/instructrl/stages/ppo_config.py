@@ -50,6 +50,12 @@ class GenerationSettings:
     """Longer prompts are dropped and counted (the paper dropped prompts over 1k tokens)."""
     batch_size: int = 0
     """Prompts per ``generate`` call; 0 = the whole rollout batch at once."""
+    sampling_shards: int | None = None
+    """Sampling shards of the rollout batch: each samples its contiguous share of the episodes with its own seeded
+    generator, so that the samples do not depend on how many processes draw them; a process samples
+    sampling_shards / N of them. Must divide batch_size and be a multiple of the number of processes. Unset: the
+    number of processes at the start of the run (one per process). A resumed run keeps its checkpoint's shards,
+    so resuming with another number of processes (one that divides them) draws the same tokens."""
     backend: Literal["cached", "hf", "vllm"] = "cached"
     """'cached': our KV-cache sampling loop on the live policy (``instructrl.rollout.CachedSampler``: the same
     distribution as 'hf', without ``generate``'s per-step overhead); 'hf': transformers' ``generate``; 'vllm':
@@ -61,6 +67,11 @@ class GenerationSettings:
     def validate(self) -> None:
         require_positive(self, "max_new_tokens", "temperature", "max_prompt_tokens")
         require_non_negative(self, "batch_size")
+        require(
+            self.sampling_shards is None or self.sampling_shards > 0,
+            "generation.sampling_shards",
+            f"must be > 0 or unset, got {self.sampling_shards}",
+        )
         require(
             self.backend in ("cached", "hf", "vllm"),
             "generation.backend",
@@ -298,6 +309,12 @@ class Config:
         require(
             self.batch_size % self.minibatch_size == 0,
             "minibatch_size",
+            f"must divide batch_size={self.batch_size}",
+        )
+        shards = self.generation.sampling_shards
+        require(
+            shards is None or self.batch_size % shards == 0,
+            "generation.sampling_shards",
             f"must divide batch_size={self.batch_size}",
         )
         micro = self.micro_batch_size or self.minibatch_size

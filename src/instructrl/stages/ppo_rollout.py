@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
@@ -31,6 +32,7 @@ from instructrl.rollout.sampler import GenerationBackend, truncate_after_eos
 from instructrl.stages.common import mixed_precision
 from instructrl.stages.ppo_guardrails import distinct_fraction
 from instructrl.utils.distributed import Runtime, call_on
+from instructrl.utils.seed import RANK_SEED_STRIDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(query, query_mask, response, response_mask) -> (B,)`` scores r(x, y) of finished rollouts."""
@@ -213,19 +215,85 @@ def sample_responses(
     eos_token_id: int,
     pad_token_id: int,
     batch_size: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y ~ π(·|x) for each prompt, ``batch_size`` prompts per ``generate`` call (0: all), cut after the first EOS.
 
+    ``generator`` may be a list, one generator per sampling shard (:class:`SamplingShards`): the rows are then cut
+    into that many equal contiguous shards, each sampled on its own, with its own generator and left-padded to its
+    own longest prompt, as a process that held only that shard would sample it.
+
     Returns ``(response, response_mask, has_eos)``: (B, R) ids with PAD after EOS, (B, R) bool, (B,) bool, with
     R the longest response (columns that are PAD in every row are dropped)."""
-    pieces = [
-        backend.generate(query[rows], query_mask[rows], max_new_tokens, temperature, generator)
-        for rows in row_chunks(query.shape[0], batch_size)
-    ]
+    generators = list(generator) if isinstance(generator, Sequence) else [generator]
+    if query.shape[0] % len(generators):
+        raise ValueError(f"{query.shape[0]} prompts cannot be split into {len(generators)} equal sampling shards")
+    pieces = []
+    for shard, shard_generator in zip(row_chunks(query.shape[0], query.shape[0] // len(generators)), generators):
+        ids, mask = without_padding_columns(query[shard], query_mask[shard])
+        pieces += [
+            backend.generate(ids[rows], mask[rows], max_new_tokens, temperature, shard_generator)
+            for rows in row_chunks(ids.shape[0], batch_size)
+        ]
     response, response_mask, has_eos = truncate_after_eos(torch.cat(pieces, dim=0), eos_token_id, pad_token_id)
     width = int(response_mask.sum(dim=1).max())
     return response[:, :width], response_mask[:, :width], has_eos
+
+
+def without_padding_columns(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(query, query_mask)`` without the leading columns that are padding in every row: the
+    tensors :func:`left_pad` makes of these rows alone."""
+    first = int(query_mask.any(dim=0).long().argmax())
+    return query[:, first:], query_mask[:, first:]
+
+
+class SamplingShards:
+    """The rollout's sampling randomness, cut so that it does not depend on the number of processes.
+
+    The global rollout batch is split into ``count`` contiguous sampling shards, a number fixed when the run
+    starts (``generation.sampling_shards``: by default the number of processes then) and kept by its checkpoints.
+    Shard s always samples its episodes with its own generator, seeded ``seed + s · RANK_SEED_STRIDE`` (as rank s
+    of a run with one shard per process), in its own ``generate`` calls (:func:`sample_responses`). Each process
+    samples the contiguous block of count / N shards that covers its share of the batch
+    (:meth:`Runtime.shard`), so gathering in rank order keeps the shards' order. A resume with another number of
+    processes therefore draws the same tokens as the uninterrupted run; one shard per process (the default, and
+    one process with one shard) is plain per-rank sampling.
+    """
+
+    def __init__(self, count: int, seed: int, runtime: Runtime):
+        runtime.require_divisible(count, "generation.sampling_shards")
+        self.runtime = runtime
+        self.generators = [self._generator().manual_seed(seed + s * RANK_SEED_STRIDE) for s in range(count)]
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.runtime.device)
+
+    def owned(self) -> list[torch.Generator]:
+        """The generators of this process's shards, in shard order."""
+        start, stop = self.runtime.shard_bounds(len(self.generators))
+        return self.generators[start:stop]
+
+    def state_dict(self) -> list[torch.Tensor]:
+        """Every shard's generator state, in shard order (each process contributes the shards it sampled)."""
+        start, _ = self.runtime.shard_bounds(len(self.generators))
+        owned = {start + i: generator.get_state() for i, generator in enumerate(self.owned())}
+        return [state for shard in self.runtime.gather_objects(owned) for state in shard.values()]
+
+    def load_state_dict(self, states: list[torch.Tensor]) -> None:
+        """Continue the checkpoint's shards, whatever number of processes sampled them; when they cannot be split
+        evenly over this run's processes, keep this run's freshly seeded shards (with a warning)."""
+        world_size = self.runtime.world_size
+        if len(states) % world_size:
+            warnings.warn(
+                f"the checkpoint samples {len(states)} sampling shard(s), which {world_size} processes cannot share "
+                f"evenly: sampling restarts with {len(self.generators)} freshly seeded shards, so the samples "
+                "differ from an uninterrupted run",
+                stacklevel=2,
+            )
+            return
+        self.generators = [self._generator() for _ in states]
+        for generator, state in zip(self.generators, states):
+            generator.set_state(state)
 
 
 # --------------------------------------------------------------------------- 2. score

@@ -181,7 +181,8 @@ class Runtime:
 
     def own_rank_state(self, saved: Any) -> Any | None:
         """This rank's entry of what :meth:`rank_states` stored; None (with a warning) when the checkpoint was
-        written by a different number of processes: the rank then keeps its freshly seeded state."""
+        written by a different number of processes: the rank then keeps its freshly seeded state (PPO's rollout
+        sampling does not use it: it keeps a generator per sampling shard)."""
         per_rank = saved.get("per_rank") if isinstance(saved, dict) else None
         if per_rank is None and self.world_size == 1:
             return saved  # written by one process
@@ -189,7 +190,8 @@ class Runtime:
             written_by = 1 if per_rank is None else len(per_rank)
             warnings.warn(
                 f"the checkpoint was written by {written_by} process(es), this run has {self.world_size}: rank "
-                f"{self.rank} keeps its fresh random state, so sampling differs from an uninterrupted run",
+                f"{self.rank} keeps its freshly seeded per-process random state (dropout, when on) and sums add in "
+                "another order, so results match an uninterrupted run up to float rounding at best",
                 stacklevel=2,
             )
             return None
