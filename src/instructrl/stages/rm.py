@@ -23,7 +23,8 @@ no scale); it lives in the saved config under ``instructrl_reward_bias`` (see ``
 
 Evaluation: pairwise accuracy on held-out comparisons of the training labelers and, separately, on every
 comparison of the labelers listed in ``heldout_labelers`` (never trained on), the paper's 72.4 ± 0.4% vs
-69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l).
+69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l); its standard error is over
+comparisons (the pairs of one ranking are not independent).
 
 Without ``comparisons`` the data comes from the sandbox: K in [4, 9] samples per RM-split prompt from the
 policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers. A run
