@@ -51,9 +51,14 @@ def _lay_out_the_demo_outputs(root: Path, tiny_lm_dir: Path) -> None:
 
 
 def _serve_until_it_answers(argv: list[str]) -> None:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # -X faulthandler: should Ctrl-C not stop the server, SIGABRT makes it print every thread's stack
+    proc = subprocess.Popen(
+        [argv[0], "-X", "faulthandler", *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    printed = []
     try:
         for line in proc.stdout:
+            printed.append(line)
             match = re.search(r" at (http://\S+/) ", line)
             if match:
                 with urllib.request.urlopen(match.group(1) + "login", timeout=30) as response:
@@ -61,7 +66,12 @@ def _serve_until_it_answers(argv: list[str]) -> None:
                 break
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        output = proc.communicate(timeout=30)[0]
+        try:
+            output = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            stacks = proc.communicate(timeout=30)[0]
+            raise AssertionError(f"label serve still runs 30 s after Ctrl-C:\n{''.join(printed)}{stacks}") from None
     assert "label serve: stopped" in output, output
     assert '"GET /login" 200' in output  # the access log is on by default
 
