@@ -60,15 +60,20 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return _save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer, arch="gpt2")
 
 
+QUICK_DEMO = ["demo", "--quick", "--set", "threads=1", "--set", "rounds=2"]
+"""The quick demo the tests run: one thread, so that kill tests can compare bit for bit, and two rounds of
+rankings, so that every stage the demo has runs (and is killed) in it."""
+
+
 @pytest.fixture(scope="session")
 def quick_demo_run(tmp_path_factory) -> Path:
-    """``instructrl demo --quick`` run once per session, on one thread so that kill tests can compare bit for bit."""
+    """``instructrl demo --quick`` (``QUICK_DEMO``) run once per session."""
     from instructrl.cli import main
 
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("demo") / "run"
     try:
-        assert main(["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1"]) == 0
+        assert main([*QUICK_DEMO, "--set", f"output_dir={out}"]) == 0
     finally:
         torch.set_num_threads(threads)  # the demo set one thread; the other tests keep the session's setting
     return out

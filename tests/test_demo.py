@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import QUICK_DEMO
 from instructrl.cli import main
 
 
@@ -15,7 +16,8 @@ def quick_demo(quick_demo_run):
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
-    for stage in ("data", "prepared", "base", "sft", "base_large", "rm", "ppo", "ppo_ptx", "eval"):
+    stages = ("data", "prepared", "base", "sft", "base_large", "rm", "ppo", "ppo_ptx", "rm_round2", "ppo_ptx_round2")
+    for stage in (*stages, "eval"):
         assert (quick_demo / stage).is_dir(), stage
     assert not (quick_demo / "sft_large").exists()  # the larger SFT model is an optional extra (large_sft)
     html = (quick_demo / "eval" / "report.html").read_text()
@@ -25,7 +27,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     # Every headline row is measured by default: row 2 is the small PPO-ptx policy against the larger base model,
     # plain and few-shot prompted, with its size and perplexity beside the small base model's.
     assert [row_id for row_id, row in rows.items() if row["value"] is None] == []
-    assert {"1", "1b", "2", "2b"} <= set(rows) and "2c" not in rows
+    assert {"1", "1b", "1r", "2", "2b"} <= set(rows) and "2c" not in rows
     assert all(rows[i]["low"] is not None and rows[i]["high"] is not None for i in ("2", "2b"))
     large = json.loads((quick_demo / "base_large" / "results.json").read_text())
     small = json.loads((quick_demo / "base" / "results.json").read_text())
@@ -38,14 +40,14 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     rm_config = (quick_demo / "rm" / "instructrl_rm.yaml").read_text()
     assert f"sandbox_sample_policy: {quick_demo / 'sft'}" in rm_config and "sft_large" not in rm_config
     summary = json.loads((quick_demo / "summary.json").read_text())
-    stages = {"pretrain", "sft", "pretrain_large", "rm", "ppo", "ppo_ptx", "eval"}
+    stages = {"pretrain", "sft", "pretrain_large", "rm", "ppo", "ppo_ptx", "rm_round2", "ppo_ptx_round2", "eval"}
     assert set(summary["seconds"]) >= stages and set(summary["cpu_seconds"]) == set(summary["seconds"])
 
 
 def test_rerunning_the_demo_skips_finished_stages(quick_demo, capsys):
-    assert main(["demo", "--quick", "--set", f"output_dir={quick_demo}"]) == 0
+    assert main([*QUICK_DEMO, "--set", f"output_dir={quick_demo}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("already done") == 9
+    assert out.count("already done") == 11
     summary = json.loads((quick_demo / "summary.json").read_text())
     assert {"pretrain", "pretrain_large", "eval"} <= set(summary["seconds"]) & set(summary["cpu_seconds"])
 
@@ -86,6 +88,27 @@ def test_plan_with_the_larger_sft_model_and_the_reward_model_from_it():
     assert "model=r/sft_large" in from_large["rm"].overrides
     with pytest.raises(ConfigError, match="rm_from_large"):
         load_config(Config, None, ["rm_from_large=true"])
+
+
+def test_plan_with_a_second_round_of_rankings_on_the_ppo_ptx_policys_samples():
+    from instructrl.config import ConfigError, load_config
+    from instructrl.demo import Config, plan
+
+    one = {step.name: step for step in plan(Config(output_dir="r"))}
+    steps = {step.name: step for step in plan(Config(output_dir="r", rounds=2, round2_prompts=300))}
+    assert list(steps)[-4:] == ["ppo_ptx", "rm_round2", "ppo_ptx_round2", "eval"]
+    second_rm = set(steps["rm_round2"].overrides)
+    # The first round's settings (the same SFT samples, redrawn), then the PPO-ptx policy's samples.
+    assert set(one["rm"].overrides) - {"output_dir=r/rm"} <= second_rm and "output_dir=r/rm_round2" in second_rm
+    assert {"sandbox_round2_policy=r/ppo_ptx/policy", "sandbox_round2_prompts=300"} <= second_rm
+    second_ppo = set(steps["ppo_ptx_round2"].overrides)
+    assert {"policy=r/sft", "reward_model=r/rm_round2", "output_dir=r/ppo_ptx_round2"} <= second_ppo
+    assert set(one["ppo_ptx"].overrides) - second_ppo == {"reward_model=r/rm", "output_dir=r/ppo_ptx"}
+    assert "ppo_ptx_round2: r/ppo_ptx_round2/policy" in _eval_setting(steps["eval"], "policies")
+    assert "ppo_ptx_round2: r/ppo_ptx_round2" in _eval_setting(steps["eval"], "ppo_runs")
+    assert "ppo_ptx_round2" not in _eval_setting(one["eval"], "policies")
+    with pytest.raises(ConfigError, match="rounds"):
+        load_config(Config, None, ["rounds=3"])
 
 
 JUDGE = '''

@@ -701,6 +701,22 @@ def _report_data() -> report.ReportData:
     )
 
 
+def test_the_second_rounds_row_shows_only_when_that_policy_was_evaluated():
+    from instructrl.eval.stats import WinRate
+
+    data = _report_data()
+    second = [
+        report.WinRateRow.of("ppo_ptx_round2", "sft", "gold", "all", WinRate(0.6, 0.52, 0.68, 150, 85, 10, 55)),
+        report.WinRateRow.of("ppo_ptx_round2", "ppo_ptx", "gold", "all", WinRate(0.55, 0.47, 0.63, 150, 78, 9, 63)),
+    ]
+    headline = report.build_headline(report.Roles(), data.win_rates + second, [], [], None)
+    rows = {r.id: r for r in headline}
+    assert [r.id for r in headline][:3] == ["1", "1b", "1r"]
+    assert (rows["1r"].value, rows["1r"].low, rows["1r"].high) == (60.0, 52.0, 68.0)
+    assert rows["1r"].note == "n=150; vs the first round's PPO-ptx 55.0% [47.0, 63.0]" and rows["1r"].paper
+    assert "1r" not in {r.id for r in data.headline}
+
+
 def test_headline_rows_are_the_runs_numbers_rounded():
     rows = {r.id: r for r in _report_data().headline}
     assert (rows["1"].value, rows["1"].low, rows["1"].high) == (63.4, 55.0, 71.0)

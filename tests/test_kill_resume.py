@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import QUICK_DEMO
 from instructrl.cli import main
 from instructrl.utils.kill_hook import KILL_AT_ENV
 
@@ -334,6 +335,8 @@ def demo_kill_candidates(out: Path) -> list[str]:
         f"log:2:{out / 'rm' / 'metrics.jsonl'}",
         f"log:2:{out / 'ppo' / 'metrics.jsonl'}",
         f"write:*:{out / 'ppo_ptx' / 'results.json'}",
+        f"log:2:{out / 'rm_round2' / 'metrics.jsonl'}",
+        f"write:*:{out / 'ppo_ptx_round2' / 'results.json'}",
         f"write:*:{out / 'eval' / 'results.json'}",
     ]
 
@@ -358,10 +361,13 @@ def assert_same_demo(reference: Path, resumed: Path) -> None:
         "ppo/value",
         "ppo_ptx/policy",
         "ppo_ptx/value",
+        "rm_round2",
+        "ppo_ptx_round2/policy",
+        "ppo_ptx_round2/value",
     )
     for model_dir in models:
         assert_same_weights(reference / model_dir, resumed / model_dir)
-    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx", "rm_round2", "ppo_ptx_round2"):
         assert metric_rows(resumed / stage / "metrics.jsonl") == metric_rows(reference / stage / "metrics.jsonl")
         reference_results = json_without_run_dir(reference / stage / "results.json", reference)
         assert json_without_run_dir(resumed / stage / "results.json", resumed) == reference_results, stage
@@ -370,7 +376,7 @@ def assert_same_demo(reference: Path, resumed: Path) -> None:
 
 
 def check_demo_survives_kills(reference: Path, out: Path, seed: int, count: int) -> list[str]:
-    argv = ["demo", "--quick", "--set", f"output_dir={out}", "--set", "threads=1"]
+    argv = [*QUICK_DEMO, "--set", f"output_dir={out}"]
     specs = demo_kill_points(seed, count, out)
     for i, spec in enumerate(specs):
         run_until_killed(argv, spec, out.parent / f"demo-kill{i}.log")

@@ -415,6 +415,47 @@ def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, monke
         load_config(rm.Config, overrides=[*overrides, f"sandbox_sample_policy={tmp_path / 'missing'}"])
 
 
+def test_a_second_round_ranks_the_named_policys_samples_and_leaves_the_first_round_as_it_was(
+    tmp_path, tiny_lm_dir, monkeypatch
+):
+    from instructrl import world as world_module
+
+    def small_pool(world, stage, seed=None):  # 8 prompts: the second round runs out and starts again
+        return world_module.stage_tasks(world, stage, seed)[:8]
+
+    monkeypatch.setattr(rm, "stage_tasks", small_pool)
+    loaded = []
+    real_load = causal_lm.load_causal_lm
+
+    def recording_load(path, *args, **kwargs):
+        loaded.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr("instructrl.models.causal_lm.load_causal_lm", recording_load)
+    later_policy = tmp_path / "ppo_policy"
+    shutil.copytree(tiny_lm_dir, later_policy)
+    settings = [f"model={tiny_lm_dir}", "sandbox_prompts=6", "sandbox_demonstrations=4", "device=cpu"]
+    settings += ["max_response_tokens=16", "sandbox_agreement_prompts=0"]
+
+    def comparisons(name: str, *extra: str) -> list[dict]:
+        cfg = load_config(rm.Config, overrides=[*settings, *extra])
+        rm.sandbox_data(cfg, load_tokenizer(str(tiny_lm_dir)), tmp_path.joinpath(name))
+        lines = tmp_path.joinpath(name, rm.SANDBOX_COMPARISONS).read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    tmp_path.joinpath("one", "two").mkdir(parents=True)
+    one_round = comparisons("one")
+    loaded.clear()
+    two_rounds = comparisons("two", f"sandbox_round2_policy={later_policy}", "sandbox_round2_prompts=4")
+    assert loaded == [str(tiny_lm_dir), str(later_policy)]  # the first round's policy, then the named one
+    first, second = [r for r in two_rounds if "round" not in r], [r for r in two_rounds if r.get("round") == 2]
+    assert first == one_round and len(first) + len(second) == len(two_rounds) and second
+    pool = [t.id for t in small_pool(world_module.load_world("sandbox", 0), "rm")]
+    assert {r["id"] for r in second} <= {pool[6], pool[7], pool[0], pool[1]}  # after the first round's, wrapped
+    with pytest.raises(ConfigError, match="sandbox_round2_policy"):
+        load_config(rm.Config, overrides=[*settings, f"sandbox_round2_policy={tmp_path / 'missing'}"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gradients_and_scores_match_cpu(trained_run, tiny_tokenizer, tiny_lm_dir, tmp_path):

@@ -82,6 +82,14 @@ class Config:
     10.2M-parameter RM gained validation accuracy but not accuracy on held-out labelers, and gave no better PPO,
     while PPO's value model (initialized from the RM) became many times costlier (measurements:
     benchmarks/RESULTS.md)."""
+    rounds: int = 1
+    """Rounds of rankings (1 or 2). With 2, InstructGPT's repeat of steps 2-3: the world's labelers rank samples
+    of the first round's PPO-ptx policy on ``round2_prompts`` more prompts, a second reward model trains on both
+    rounds' comparisons, and a second PPO-ptx run starts again from SFT against it; eval reports it as row 1r. This
+    adds about the time of the rm and ppo_ptx stages."""
+    round2_prompts: int = 500
+    """Prompts ranked in the second round (InstructGPT: most comparisons of SFT samples, fewer of PPO samples;
+    the first round ranks 1,500)."""
     resume: bool = True
     """Skip finished stages and resume interrupted ones from their checkpoints; false reruns every stage."""
     force_resume: bool = False
@@ -94,6 +102,8 @@ class Config:
         require(self.large_d_model % 64 == 0, "large_d_model", "must be a multiple of 64 (64-wide heads)")
         require_world(self.world, "world")
         require(self.large_sft or not self.rm_from_large, "rm_from_large", "needs large_sft=true")
+        require(self.rounds in (1, 2), "rounds", f"must be 1 or 2, got {self.rounds}")
+        require_positive(self, "round2_prompts")
 
 
 @dataclass(frozen=True)
@@ -166,32 +176,40 @@ def plan(cfg: Config) -> list[Step]:
             )
         )
     rm_init = sft_large if cfg.rm_from_large else sft
-    steps.append(
-        Step(
-            "rm",
-            "instructrl.stages.rm",
-            # The RM ranks samples of the policy PPO will train (the small SFT model), whichever model it starts from.
-            (f"model={rm_init}", f"sandbox_sample_policy={sft}", f"output_dir={rm}", f"sandbox_seed={cfg.seed}")
-            + ("heldout_labelers=[6,7]", *common)
-            + (("sandbox_prompts=80", "sandbox_demonstrations=40", "sandbox_agreement_prompts=40") if q else ()),
-        )
-    )
+    # The RM ranks samples of the policy PPO will train (the small SFT model), whichever model it starts from.
+    rm_settings = (f"model={rm_init}", f"sandbox_sample_policy={sft}", f"sandbox_seed={cfg.seed}")
+    rm_settings += ("heldout_labelers=[6,7]", *common)
+    rm_settings += ("sandbox_prompts=80", "sandbox_demonstrations=40", "sandbox_agreement_prompts=40") if q else ()
+    steps.append(Step("rm", "instructrl.stages.rm", (f"output_dir={rm}", *rm_settings)))
     # PPO-ptx uses 64-token windows (sandbox documents average ~40 tokens); with the paper's 8 windows per episode
     # of 128 tokens it ran several times slower than PPO on a CPU, see ``ptx_batch_ratio``.
     ptx_settings = ("ptx.seq_len=64", f"ptx.batch_ratio={cfg.ptx_batch_ratio}")
-    for name, out, ptx in (("ppo", ppo, ("ptx.coef=0.0",)), ("ppo_ptx", ppo_ptx, ptx_settings)):
-        steps.append(
-            Step(
-                name,
-                "instructrl.stages.ppo",
-                (f"policy={sft}", f"reward_model={rm}", f"output_dir={out}", f"sandbox_seed={cfg.seed}", *common, *ptx)
-                + (f"kl.coef={cfg.kl_coef}",)
-                + (("iterations=3", "batch_size=16", "ptx.sandbox_docs=300") if q else ("save_policy_every=20",)),
-            )
+
+    def ppo_step(name: str, reward_model: Path, out: Path, ptx: tuple[str, ...]) -> Step:
+        overrides = (f"policy={sft}", f"reward_model={reward_model}", f"output_dir={out}", f"sandbox_seed={cfg.seed}")
+        overrides += (*common, *ptx, f"kl.coef={cfg.kl_coef}")
+        overrides += ("iterations=3", "batch_size=16", "ptx.sandbox_docs=300") if q else ("save_policy_every=20",)
+        return Step(name, "instructrl.stages.ppo", overrides)
+
+    steps.append(ppo_step("ppo", rm, ppo, ("ptx.coef=0.0",)))
+    steps.append(ppo_step("ppo_ptx", rm, ppo_ptx, ptx_settings))
+    ppo_runs = {"ppo": ppo, "ppo_ptx": ppo_ptx}
+    if cfg.rounds == 2:
+        # The second round ranks the first round's PPO-ptx samples beside the first round's comparisons (the same
+        # SFT samples, redrawn with the same seed), and PPO-ptx starts again from SFT against the new RM.
+        rm2, ppo_ptx2 = run / "rm_round2", run / "ppo_ptx_round2"
+        round2 = (
+            f"sandbox_round2_policy={ppo_ptx / 'policy'}",
+            f"sandbox_round2_prompts={40 if q else cfg.round2_prompts}",
         )
+        steps.append(Step("rm_round2", "instructrl.stages.rm", (f"output_dir={rm2}", *rm_settings, *round2)))
+        steps.append(ppo_step("ppo_ptx_round2", rm2, ppo_ptx2, ptx_settings))
+        ppo_runs["ppo_ptx_round2"] = ppo_ptx2
     policies = {"sft": sft, "ppo": ppo / "policy", "ppo_ptx": ppo_ptx / "policy", "base_large": base_large}
     if cfg.large_sft:
         policies["sft_large"] = sft_large
+    if cfg.rounds == 2:
+        policies["ppo_ptx_round2"] = ppo_runs["ppo_ptx_round2"] / "policy"
     steps.append(
         Step(
             "eval",
@@ -207,7 +225,7 @@ def plan(cfg: Config) -> list[Step]:
                 f"base_model={base}",
                 f"reward_model={rm}",
                 f"agreement={data / 'agreement.json'}",
-                f"ppo_runs={{ppo: {ppo}, ppo_ptx: {ppo_ptx}}}",
+                "ppo_runs={" + ", ".join(f"{name}: {path}" for name, path in ppo_runs.items()) + "}",
             )
             + (("best_of_n=2", "overopt_prompts=20", "heldout_docs=50") if q else ()),
         )

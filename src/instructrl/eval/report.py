@@ -161,6 +161,9 @@ class Roles:
     """The pseudo-policy of ideal responses whose win rate over SFT is quoted as row 1's ceiling."""
     labeler_judge: str = "labelers"
     """Judge of the held-out-labeler win rate (row 1b)."""
+    ppo_ptx_round2: str = "ppo_ptx_round2"
+    """PPO-ptx trained against a reward model that also ranked the first PPO-ptx policy's samples (row 1r, shown
+    only when evaluated; ``instructrl demo --set rounds=2``)."""
 
     @property
     def large_base_prompted(self) -> str:
@@ -229,6 +232,7 @@ def _rate_interval(rate: float, n: int) -> tuple[float, float] | None:
 PAPER_WIN_VS_SFT = (
     "InstructGPT strongly preferred to its SFT baseline (Fig. 1: 175B PPO-ptx ≈ 65% vs 175B SFT, approx.)"
 )
+PAPER_ROUNDS = "steps 2-3 repeated: most comparisons of SFT samples, a smaller share of PPO samples (§3.1)"
 PAPER_HELDOUT_LABELERS = "held-out labelers prefer InstructGPT about as often as training labelers (Fig. 3)"
 PAPER_SMALL_VS_LARGE_BASE = "1.3B InstructGPT preferred to 175B GPT-3, which has over 100× its parameters (§1)"
 PAPER_SMALL_VS_LARGE_PROMPTED = "1.3B InstructGPT preferred to 175B GPT-3 prompted (Fig. 1)"
@@ -290,6 +294,22 @@ def build_headline(
             note=note,
         )
     )
+    if _find_win(win_rates, roles.ppo_ptx_round2, roles.sft, roles.judge) is not None:  # optional: rounds=2
+        value, interval, note = win(roles.ppo_ptx_round2, roles.sft, roles.judge)
+        first = _find_win(win_rates, roles.ppo_ptx_round2, roles.ppo_ptx, roles.judge)
+        if first is not None:
+            low, high = 100 * first.low, 100 * first.high
+            note += f"; vs the first round's PPO-ptx {100 * first.rate:.1f}% [{low:.1f}, {high:.1f}]"
+        rows.append(
+            _row(
+                "1r",
+                f"PPO-ptx after a second round of rankings vs SFT win rate ({roles.judge} judge)",
+                value,
+                interval,
+                PAPER_ROUNDS,
+                note=note,
+            )
+        )
     params = parameters or {}
 
     def size_of(large: str) -> str:

@@ -123,7 +123,8 @@ class Config:
     """Simulated labelers of the 'labelers' judge; empty = the reward model's held-out labelers (from its
     results.json), or every labeler when it has none."""
     reward_model: str | None = None
-    """Reward model (saved by ``instructrl rm``): the 'rm' judge, best-of-n and the proxy score."""
+    """Reward model (saved by ``instructrl rm``): the 'rm' judge, best-of-n and the proxy score (a PPO run's own
+    reward model, when its folder still exists, is the proxy of that run's over-optimization curve)."""
     custom_judge: str | None = None
     """A judge function 'package.module:function' or 'path/to/file.py:function': judge(prompt, response_a,
     response_b) -> float in [0, 1] (1 = A better, 0.5 = tie), or score(prompt, response) -> float."""
@@ -241,6 +242,7 @@ def comparison_pairs(cfg: Config, evaluated: list[str], roles: Roles) -> list[tu
         (roles.ppo_ptx, roles.large_base_prompted),
         (roles.ppo_ptx, roles.large_sft),
         (roles.reference, roles.sft),
+        (roles.ppo_ptx_round2, roles.ppo_ptx),
     )
     for extra in headline_pairs:
         if all(name in evaluated for name in extra) and extra not in pairs:
@@ -432,13 +434,16 @@ def ppo_run_curve(cfg: Config, name: str, ppo_dir: str, world: World, tasks: lis
     saved = ppo_saved_config(ppo_dir)
     generation = saved.get("generation") or {}
     reference = cfg.overopt_reference or saved.get("ref_policy") or saved.get("policy")
-    proxy_path = cfg.reward_model or saved.get("reward_model")
+    # The proxy is the reward the run optimized (a second round's PPO has its own RM); reward_model if it is gone.
+    own = saved.get("reward_model")
+    proxy_path = own if own and Path(own).exists() else cfg.reward_model
     if not reference or not Path(reference).exists() or not proxy_path or not Path(proxy_path).exists():
         raise UserFacingError(
             f"over-optimization of {ppo_dir}: cannot find its reference policy ({reference}) or reward model "
             f"({proxy_path}); set overopt_reference and reward_model"
         )
-    proxy = scorer if cfg.reward_model else RewardScorer(proxy_path, device=device)
+    same = cfg.reward_model and Path(proxy_path).resolve() == Path(cfg.reward_model).resolve()
+    proxy = scorer if same else RewardScorer(proxy_path, device=device)
     print(f"[eval] over-optimization: {name} (reference {reference})", flush=True)
     return rl_curve(
         name,

@@ -133,6 +133,14 @@ class Config(TrainingSettings):
     sandbox_sample_policy: str | None = None
     """Causal LM whose samples are ranked; unset = ``model``. InstructGPT ranked samples of the policies it was
     training (1.3B-175B) with one 6B reward model, so a larger RM ranks the small policy's samples here."""
+    sandbox_round2_policy: str | None = None
+    """A second round of rankings: K samples of this policy (e.g. the first round's PPO-ptx policy) on
+    ``sandbox_round2_prompts`` further prompts, ranked by the same labelers and trained on together with the first
+    round's comparisons. InstructGPT repeated its steps 2 and 3: most comparisons were of SFT samples, a smaller
+    share of PPO samples, so the RM also sees the responses PPO learned to produce. Unset = one round."""
+    sandbox_round2_prompts: int = 500
+    """Prompts ranked in the second round: the "rm" pool's prompts after the first round's, then the first
+    round's again when the pool runs out (a prompt's comparisons of both rounds stay in one split)."""
     sandbox_agreement_prompts: int = 300
     """Sandbox only: prompts whose samples every labeler ranks to measure inter-labeler agreement on the RM's own
     data distribution (reported beside the RM's accuracy); 0 = skip."""
@@ -148,7 +156,13 @@ class Config(TrainingSettings):
         require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
         require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
         require_non_negative(self, "sandbox_demonstrations", "sandbox_agreement_prompts")
-        require_path_exists(self, "sandbox_sample_policy")
+        require_path_exists(self, "sandbox_sample_policy", "sandbox_round2_policy")
+        require_positive(self, "sandbox_round2_prompts")
+        require(
+            self.sandbox_round2_policy is None or (self.comparisons is None and self.sandbox_samples_from_policy),
+            "sandbox_round2_policy",
+            "ranks a world's prompts: needs comparisons unset and sandbox_samples_from_policy=true",
+        )
         require_fraction(self, "min_lr_ratio")
         require_fraction(self, "valid_fraction", inclusive_high=False)
         require_path_exists(self, "comparisons", "valid_comparisons", "demonstrations")
@@ -486,17 +500,21 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
     Prompts: the "rm" pool of the world's train prompts (``world.stage_tasks``; InstructGPT's SFT,
     RM and PPO prompt sets are distinct). For each: K ~ U[sandbox_min_k, sandbox_max_k]
     responses (policy samples at temperature 1, or synthetic candidates), ranked by a labeler drawn at
-    random. Demonstrations: labelers' responses to prompts of the "sft" share.
+    random. Demonstrations: labelers' responses to prompts of the "sft" share. With ``sandbox_round2_policy``,
+    a second round of its samples follows, with randomness of its own: the first round's data is the same with or
+    without it.
     """
     import numpy as np
 
     world = load_world(cfg.run.world, cfg.sandbox_seed)
-    rm_tasks = stage_tasks(world, "rm")[: cfg.sandbox_prompts]
+    pool = stage_tasks(world, "rm")
+    rm_tasks = pool[: cfg.sandbox_prompts]
     sft_tasks = stage_tasks(world, "sft")
     rng = np.random.default_rng(cfg.run.seed)
     ks = [int(k) for k in rng.integers(cfg.sandbox_min_k, cfg.sandbox_max_k + 1, size=len(rm_tasks))]
     if cfg.sandbox_samples_from_policy:
-        candidates = _policy_samples(cfg, tokenizer, [t.prompt for t in rm_tasks], ks)
+        policy = cfg.sandbox_sample_policy or cfg.model
+        candidates = _policy_samples(cfg, tokenizer, policy, [t.prompt for t in rm_tasks], ks, cfg.run.seed)
     elif has_extra(world, "synthetic_candidates"):
         candidates = [world.synthetic_candidates(t, k, rng) for t, k in zip(rm_tasks, ks)]
     else:
@@ -504,15 +522,7 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
             f"sandbox_samples_from_policy=false needs a world with synthetic_candidates; {cfg.run.world} has none"
         )
     labelers = world.labelers()
-    records = []
-    for task, responses in zip(rm_tasks, candidates):
-        responses = [r for r in responses if r.strip()]  # an immediately-stopped sample has nothing to rank
-        if len(responses) < 2:
-            continue
-        labeler = labelers[int(rng.integers(len(labelers)))]
-        ranking = [list(e) if isinstance(e, tuple) else e for e in world.rank(task, responses, labeler, rng)]
-        record = {"prompt": task.prompt, "responses": responses, "ranking": ranking, "labeler_id": str(labeler)}
-        records.append(record | {"id": task.id, "category": task.category})
+    records = _ranked_records(world, rm_tasks, candidates, labelers, rng)
     demos = []
     for index in rng.permutation(len(sft_tasks))[: cfg.sandbox_demonstrations].tolist():
         task = sft_tasks[index]
@@ -522,11 +532,36 @@ def sandbox_data(cfg: Config, tokenizer, out: Path) -> tuple[Path, Path]:
     if cfg.sandbox_agreement_prompts:
         agreement = agreement_on_samples(world, rm_tasks, candidates, cfg.sandbox_agreement_prompts, cfg.run.seed + 1)
         atomic_write_json(out / SANDBOX_AGREEMENT, agreement)
+    if cfg.sandbox_round2_policy is not None and pool:
+        round2_rng = np.random.default_rng([cfg.run.seed, 2])
+        start = len(rm_tasks) % len(pool)
+        round2_tasks = [pool[(start + i) % len(pool)] for i in range(cfg.sandbox_round2_prompts)]
+        ks = [int(k) for k in round2_rng.integers(cfg.sandbox_min_k, cfg.sandbox_max_k + 1, size=len(round2_tasks))]
+        prompts = [t.prompt for t in round2_tasks]
+        candidates = _policy_samples(cfg, tokenizer, cfg.sandbox_round2_policy, prompts, ks, cfg.run.seed + 2)
+        round2 = _ranked_records(world, round2_tasks, candidates, labelers, round2_rng)
+        records += [r | {"round": 2} for r in round2]
+        print(f"sandbox: second round, {len(round2)} comparisons of {cfg.sandbox_round2_policy}'s samples", flush=True)
     comparisons_path, demos_path = out / SANDBOX_COMPARISONS, out / SANDBOX_DEMONSTRATIONS
     atomic_write_jsonl(comparisons_path, records)
     atomic_write_jsonl(demos_path, demos)
     print(f"sandbox: wrote {len(records)} comparisons and {len(demos)} demonstrations to {out}", flush=True)
     return comparisons_path, demos_path
+
+
+def _ranked_records(world, tasks: Sequence, candidates: Sequence[Sequence[str]], labelers: list, rng) -> list[dict]:
+    """One comparison record per task: its non-empty candidates ranked by a labeler drawn at random (a task with
+    fewer than two is skipped)."""
+    records = []
+    for task, responses in zip(tasks, candidates):
+        responses = [r for r in responses if r.strip()]  # an immediately-stopped sample has nothing to rank
+        if len(responses) < 2:
+            continue
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        ranking = [list(e) if isinstance(e, tuple) else e for e in world.rank(task, responses, labeler, rng)]
+        record = {"prompt": task.prompt, "responses": responses, "ranking": ranking, "labeler_id": str(labeler)}
+        records.append(record | {"id": task.id, "category": task.category})
+    return records
 
 
 def agreement_on_samples(
@@ -545,13 +580,14 @@ def agreement_on_samples(
     return {"mean": mean, "stderr": stderr, "prompts": len(shown)}
 
 
-def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -> list[list[str]]:
-    """K_i samples of ``cfg.sandbox_sample_policy`` (default ``cfg.model``) for each prompt (pure sampling, T = 1,
-    cut at EOS)."""
+def _policy_samples(
+    cfg: Config, tokenizer, policy_path: str, prompts: list[str], ks: list[int], seed: int
+) -> list[list[str]]:
+    """K_i samples of the policy at ``policy_path`` for each prompt (pure sampling, T = 1, cut at EOS)."""
     from instructrl.eval.generate import generate_responses
     from instructrl.models.causal_lm import load_causal_lm
 
-    policy = load_causal_lm(cfg.sandbox_sample_policy or cfg.model, tokenizer).to(resolve_device(cfg.run.device))
+    policy = load_causal_lm(policy_path, tokenizer).to(resolve_device(cfg.run.device))
     repeated = [p for p, k in zip(prompts, ks) for _ in range(k)]
     with out_of_memory_advice("sandbox sampling", "generation_batch_size", "max_response_tokens"):
         generated = generate_responses(
@@ -561,7 +597,7 @@ def _policy_samples(cfg: Config, tokenizer, prompts: list[str], ks: list[int]) -
             max_new_tokens=cfg.max_response_tokens - 1,  # room for the EOS appended to a sample that never stopped
             temperature=1.0,
             batch_size=cfg.generation_batch_size,
-            seed=cfg.run.seed,
+            seed=seed,
         )
     limit = cfg.max_response_tokens - 1
     texts = []
@@ -614,6 +650,8 @@ def build_data(cfg: Config, tokenizer, stage: TrainingRun) -> RankingData:
         comparisons_path, demos_path = sandbox_files
         sampled = "synthetic candidates" if not cfg.sandbox_samples_from_policy else "samples of "
         sampled += (cfg.sandbox_sample_policy or cfg.model) if cfg.sandbox_samples_from_policy else ""
+        if cfg.sandbox_round2_policy is not None:
+            sampled += f", then ({cfg.sandbox_round2_prompts} prompts) of {cfg.sandbox_round2_policy}"
         world = describe_world(cfg.run.world, cfg.sandbox_seed)
         log_data_source(
             "rm", "comparisons", f"{world}: {sampled} ranked by its labelers, written to {comparisons_path}"
