@@ -296,6 +296,7 @@ def test_behaviour_rates_measure_refusals_wrong_facts_and_format(world, tasks):
     row = behaviour_row(policy_eval_from_responses("ideal", world, tasks, ideal, [True] * len(tasks)), world)
     assert isinstance(row, BehaviourRow)
     assert row.harmful_refused == 1.0 and row.harmful_complied == 0.0 and row.toxic == 0.0
+    assert row.harmless_refused == 0.0
     assert row.wrong_fact == 0.0 and row.correct == 1.0 and row.followed_format == 1.0
     assert row.n_facts == sum(t.category == "facts" for t in tasks) > 0
     assert row.n_format == sum(format_required(world, t) for t in tasks) > 0
@@ -306,6 +307,9 @@ def test_behaviour_rates_measure_refusals_wrong_facts_and_format(world, tasks):
     bad = behaviour_row(policy_eval_from_responses("bad", world, tasks, wrong, [False] * len(tasks)), world)
     assert bad.wrong_fact == 1.0 and bad.harmful_refused == 0.0 and bad.harmful_complied == 1.0
     assert bad.stopped == 0.0
+    refusing = [" i will not help with that ."] * len(tasks)
+    refuser = behaviour_row(policy_eval_from_responses("refuser", world, tasks, refusing, [True] * len(tasks)), world)
+    assert refuser.harmless_refused == 1.0 and refuser.harmful_refused == 1.0 and refuser.correct == 0.0
 
 
 # --------------------------------------------------------------------------- alignment tax
@@ -636,8 +640,8 @@ def _report_data() -> report.ReportData:
     ]
     breakdowns = [report.WinRateRow.of("ppo_ptx", "sft", "gold", "type=plain", WinRate(0.7, 0.6, 0.8, 100, 68, 4, 28))]
     behaviour = [
-        BehaviourRow("sft", 150, 0.1, 0.5, 0.4, 0.3, 0.02, 0.2, 0.6, 0.9, 4.0, 130, 20, 40, 50),
-        BehaviourRow("ppo_ptx", 150, 0.4, 0.7, 0.8, 0.1, 0.0, 0.1, 0.8, 0.95, 3.0, 130, 20, 40, 50),
+        BehaviourRow("sft", 150, 0.1, 0.5, 0.4, 0.3, 0.01, 0.02, 0.2, 0.6, 0.9, 4.0, 130, 20, 40, 50),
+        BehaviourRow("ppo_ptx", 150, 0.4, 0.7, 0.8, 0.1, 0.05, 0.0, 0.1, 0.8, 0.95, 3.0, 130, 20, 40, 50),
     ]
     tax_rows = [
         tax.TaxRow("base", 3.1, 0.5, 0.6, 0.7, 1000, 48, 100),
@@ -736,6 +740,7 @@ def test_headline_rows_are_the_runs_numbers_rounded():
     assert rows["4c"].low == round(100 * (0.727 - 1.96 * 0.01), 1)
     assert rows["4d"].value == 75.1 and rows["4d"].high == round(100 * (0.751 + 1.96 * 0.005), 1)
     assert (rows["5a"].value, rows["5b"].value, rows["5c"].value, rows["5d"].value) == (40.0, 80.0, 20.0, 10.0)
+    assert (rows["5e"].value, rows["5f"].value) == (1.0, 5.0) and rows["5f"].note == "n=130"
     assert all(r.paper for r in rows.values())
 
     assert rows["4a"].low == round(100 * wilson_interval(0.712 * 400, 400)[0], 1)  # no s.e. given: over pairs

@@ -247,6 +247,7 @@ PAPER_TAX = {
 PAPER_RM_TRAIN = "72.4 ± 0.4% (training labelers, §4.1)"
 PAPER_RM_HELDOUT = "69.6 ± 0.9% (held-out labelers, §4.1)"
 PAPER_AGREEMENT = "72.6 ± 1.5% (training labelers, §5.2)"
+PAPER_OVER_REFUSAL = "no rate reported; a policy that refuses harmless requests games its reward model"
 PAPER_REFUSALS = "no rate reported; InstructGPT mostly follows harmful instructions when asked to (§5.3)"
 PAPER_HALLUCINATION = "closed-domain hallucination 21% InstructGPT vs 41% GPT-3 (§4.2)"
 
@@ -265,8 +266,8 @@ def build_headline(
     would); 2 a small PPO-ptx policy beats a larger base model (its size and held-out perplexity beside the small
     base model's in the note), 2b the same model few-shot prompted, 2c (only when evaluated) a larger SFT model;
     3a-3d the alignment tax (held-out perplexity of base, SFT, PPO, PPO-ptx); 4a-4d RM accuracy on trained-on and
-    held-out labelers beside inter-labeler agreement; 5a-5d behaviour of SFT and PPO-ptx (harmful requests
-    refused, confident wrong facts).
+    held-out labelers beside inter-labeler agreement; 5a-5f behaviour of SFT and PPO-ptx (harmful requests
+    refused, confident wrong facts, harmless requests refused).
     ``parameters`` (model name -> parameter count) annotates the small-vs-large comparisons.
     """
     rows: list[HeadlineRow] = []
@@ -430,6 +431,7 @@ def build_headline(
     behaviour_rows = (  # (letters, claim, rate field, count field, paper value)
         ("ab", "harmful requests refused", "harmful_refused", "n_harmful", PAPER_REFUSALS),
         ("cd", "fact questions answered with a confident wrong fact", "wrong_fact", "n_facts", PAPER_HALLUCINATION),
+        ("ef", "harmless requests refused", "harmless_refused", "n_harmless", PAPER_OVER_REFUSAL),
     )
     for letters, claim, rate_field, count_field, paper in behaviour_rows:
         for letter, name in zip(letters, (roles.sft, roles.ppo_ptx)):
@@ -561,6 +563,7 @@ def build_tables(data: ReportData) -> list[Table]:
                 "correct (harmless)",
                 "harmful refused",
                 "harmful complied",
+                "harmless refused",
                 "toxic",
                 "wrong facts",
                 "format followed",
@@ -575,6 +578,7 @@ def build_tables(data: ReportData) -> list[Table]:
                     _pct(b.correct),
                     _pct(b.harmful_refused),
                     _pct(b.harmful_complied),
+                    _pct(b.harmless_refused),
                     _pct(b.toxic),
                     _pct(b.wrong_fact),
                     _pct(b.followed_format),

@@ -104,7 +104,10 @@ def _metric(key: str, transform: Callable[[float], float] = float) -> Callable[[
 
 
 _STOP = "stop earlier (fewer iterations, or guardrails.stop=true; policy_best/ keeps the last policy that passed)"
-_RERANK = "another round of rankings of the policy's own samples to retrain the reward model on"
+_RERANK = (
+    "another round of rankings of the policy's own samples to retrain the reward model on "
+    "(rm's sandbox_round2_policy for a world; demo: rounds=2)"
+)
 CHECKS: dict[str, Check] = {
     check.name: check
     for check in (
