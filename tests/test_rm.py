@@ -397,7 +397,9 @@ def test_sandbox_default_generates_ranked_k_way_data(tmp_path, tiny_lm_dir, from
     assert 0.0 <= agreement["mean"] <= 1.0 and 0 < agreement["prompts"] <= 16
 
 
-def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, monkeypatch):
+@pytest.fixture
+def loaded_models(monkeypatch) -> list[str]:
+    """The paths ``load_causal_lm`` loads from, in order, while the test runs."""
     loaded = []
     real_load = causal_lm.load_causal_lm
 
@@ -406,6 +408,11 @@ def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, monke
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr("instructrl.models.causal_lm.load_causal_lm", recording_load)
+    return loaded
+
+
+def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, loaded_models):
+    loaded = loaded_models
     policy_dir = tmp_path / "policy"
     shutil.copytree(tiny_lm_dir, policy_dir)
     overrides = [f"model={tiny_lm_dir}", f"output_dir={tmp_path / 'rm'}", "sandbox_prompts=6", "device=cpu"]
@@ -416,7 +423,7 @@ def test_sandbox_samples_come_from_the_named_policy(tmp_path, tiny_lm_dir, monke
 
 
 def test_a_second_round_ranks_the_named_policys_samples_and_leaves_the_first_round_as_it_was(
-    tmp_path, tiny_lm_dir, monkeypatch
+    tmp_path, tiny_lm_dir, monkeypatch, loaded_models
 ):
     from instructrl import world as world_module
 
@@ -424,14 +431,7 @@ def test_a_second_round_ranks_the_named_policys_samples_and_leaves_the_first_rou
         return world_module.stage_tasks(world, stage, seed)[:8]
 
     monkeypatch.setattr(rm, "stage_tasks", small_pool)
-    loaded = []
-    real_load = causal_lm.load_causal_lm
-
-    def recording_load(path, *args, **kwargs):
-        loaded.append(str(path))
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr("instructrl.models.causal_lm.load_causal_lm", recording_load)
+    loaded = loaded_models
     later_policy = tmp_path / "ppo_policy"
     shutil.copytree(tiny_lm_dir, later_policy)
     settings = [f"model={tiny_lm_dir}", "sandbox_prompts=6", "sandbox_demonstrations=4", "device=cpu"]
