@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(quick_demo):
     # Every headline row is measured by default: row 2 is the small PPO-ptx policy against the larger base model,
     # plain and few-shot prompted, with its size and perplexity beside the small base model's.
     assert [row_id for row_id, row in rows.items() if row["value"] is None] == []
-    assert {"1", "1b", "1r", "2", "2b"} <= set(rows) and "2c" not in rows
+    assert {"1", "1b", "1r", "2", "2b", "4e"} <= set(rows) and "2c" not in rows
     assert all(rows[i]["low"] is not None and rows[i]["high"] is not None for i in ("2", "2b"))
     large = json.loads((quick_demo / "base_large" / "results.json").read_text())
     small = json.loads((quick_demo / "base" / "results.json").read_text())
@@ -101,6 +101,8 @@ def test_plan_with_a_second_round_of_rankings_on_the_ppo_ptx_policys_samples():
     # The first round's settings (the same SFT samples, redrawn), then the PPO-ptx policy's samples.
     assert set(one["rm"].overrides) - {"output_dir=r/rm"} <= second_rm and "output_dir=r/rm_round2" in second_rm
     assert {"sandbox_round2_policy=r/ppo_ptx/policy", "sandbox_round2_prompts=300"} <= second_rm
+    assert "sandbox_round2_reward_model=r/rm" in second_rm  # measured on its policy's samples: report row 4e
+    assert _eval_setting(steps["eval"], "round2_rm_results") == "r/rm_round2/results.json"
     second_ppo = set(steps["ppo_ptx_round2"].overrides)
     assert {"policy=r/sft", "reward_model=r/rm_round2", "output_dir=r/ppo_ptx_round2"} <= second_ppo
     assert set(one["ppo_ptx"].overrides) - second_ppo == {"reward_model=r/rm", "output_dir=r/ppo_ptx"}

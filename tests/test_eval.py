@@ -4,6 +4,7 @@ the report, and the ``instructrl eval`` command on tiny saved policies."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 import math
@@ -719,6 +720,11 @@ def test_the_second_rounds_row_shows_only_when_that_policy_was_evaluated():
     assert (rows["1r"].value, rows["1r"].low, rows["1r"].high) == (60.0, 52.0, 68.0)
     assert rows["1r"].note == "n=150; vs the first round's PPO-ptx 55.0% [47.0, 63.0]" and rows["1r"].paper
     assert "1r" not in {r.id for r in data.headline}
+    assert "4e" not in {r.id for r in data.headline}  # only with a second round's reward-model results
+    on_policy = dataclasses.replace(data.rm, policy_samples_accuracy=0.476, policy_samples_stderr=0.02)
+    rows = {r.id: r for r in report.build_headline(report.Roles(), data.win_rates, [], [], on_policy)}
+    assert (rows["4e"].value, rows["4e"].low) == (47.6, round(100 * (0.476 - 1.96 * 0.02), 1))
+    assert "4a, on SFT samples: 71.2%" in rows["4e"].note
 
 
 def test_headline_rows_are_the_runs_numbers_rounded():

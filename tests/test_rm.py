@@ -454,6 +454,43 @@ def test_a_second_round_ranks_the_named_policys_samples_and_leaves_the_first_rou
     assert {r["id"] for r in second} <= {pool[6], pool[7], pool[0], pool[1]}  # after the first round's, wrapped
     with pytest.raises(ConfigError, match="sandbox_round2_policy"):
         load_config(rm.Config, overrides=[*settings, f"sandbox_round2_policy={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="sandbox_round2_reward_model"):
+        load_config(rm.Config, overrides=[*settings, f"sandbox_round2_reward_model={tiny_lm_dir}"])
+
+
+def test_the_previous_reward_model_is_measured_on_the_second_rounds_comparisons_only(tmp_path, tiny_lm_dir):
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    previous = tmp_path / "previous_rm"
+    reward_model_from_causal_lm(tiny_lm_dir, tokenizer.pad_token_id).save_pretrained(previous)
+    tokenizer.save_pretrained(previous)
+    round1 = {"prompt": "Q: 1\nA:", "responses": [" a", " b b"], "ranking": [0, 1], "labeler_id": "0"}
+    round2 = [
+        {"prompt": "Q: 2\nA:", "responses": [" cat", " red", " mat"], "ranking": [2, 0, 1], "labeler_id": "1"},
+        {"prompt": "Q: 3\nA:", "responses": [" blue", " blue red"], "ranking": [1, 0], "labeler_id": "2"},
+    ]
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [round1, *[r | {"round": 2} for r in round2]]))
+    cfg = load_config(
+        rm.Config,
+        overrides=[
+            f"model={tiny_lm_dir}",
+            f"sandbox_round2_policy={tiny_lm_dir}",
+            f"sandbox_round2_reward_model={previous}",
+        ],
+    )
+    measured = rm.previous_rm_on_round2(cfg, tokenizer, path)
+    assert measured["reward_model"] == str(previous) and measured["pairs"] == 4 and measured["prompts"] == 2
+
+    # The same pairs scored by hand: r(winner) > r(loser) under the previous model, over the two rankings.
+    scorer = RewardScorer(str(previous), device="cpu")
+    right = 0
+    for record in round2:
+        scores = scorer.score([record["prompt"]] * len(record["responses"]), record["responses"], normalized=False)
+        order = record["ranking"]
+        right += sum(
+            bool(scores[order[i]] > scores[order[j]]) for i in range(len(order)) for j in range(i + 1, len(order))
+        )
+    assert measured["accuracy"] == pytest.approx(right / 4)
 
 
 @pytest.mark.gpu

@@ -200,6 +200,7 @@ def plan(cfg: Config) -> list[Step]:
         rm2, ppo_ptx2 = run / "rm_round2", run / "ppo_ptx_round2"
         round2 = (
             f"sandbox_round2_policy={ppo_ptx / 'policy'}",
+            f"sandbox_round2_reward_model={rm}",
             f"sandbox_round2_prompts={40 if q else cfg.round2_prompts}",
         )
         steps.append(Step("rm_round2", "instructrl.stages.rm", (f"output_dir={rm2}", *rm_settings, *round2)))
@@ -225,6 +226,7 @@ def plan(cfg: Config) -> list[Step]:
                 f"base_model={base}",
                 f"reward_model={rm}",
                 f"agreement={data / 'agreement.json'}",
+                *((f"round2_rm_results={run / 'rm_round2' / 'results.json'}",) if cfg.rounds == 2 else ()),
                 "ppo_runs={" + ", ".join(f"{name}: {path}" for name, path in ppo_runs.items()) + "}",
             )
             + (("best_of_n=2", "overopt_prompts=20", "heldout_docs=50") if q else ()),

@@ -86,6 +86,11 @@ class RMAccuracy:
     """Standard error of ``train_labelers_accuracy`` over comparisons (each prompt's ranking one unit)."""
     heldout_labelers_stderr: float | None = None
     """Standard error of ``heldout_labelers_accuracy`` over comparisons."""
+    policy_samples_accuracy: float | None = None
+    """The RM's accuracy on the labelers' rankings of its PPO policy's samples (a second round's comparisons,
+    none of which it trained on)."""
+    policy_samples_stderr: float | None = None
+    policy_samples_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,7 @@ PAPER_TAX = {
     "ppo_ptx": "PPO-ptx 69.93 (recovers)",
 }
 """Table 14, 175B, SQuADv2 few-shot F1: the paper's alignment-tax pattern."""
+PAPER_RM_ON_POLICY = "not reported; optimizing a proxy RM past a point lowers the gold reward (Gao et al. 2022)"
 PAPER_RM_TRAIN = "72.4 ± 0.4% (training labelers, §4.1)"
 PAPER_RM_HELDOUT = "69.6 ± 0.9% (held-out labelers, §4.1)"
 PAPER_AGREEMENT = "72.6 ± 1.5% (training labelers, §5.2)"
@@ -427,6 +433,20 @@ def build_headline(
             )
         )
 
+    if has_rm and rm.policy_samples_accuracy is not None:  # optional: a second round of rankings
+        on_sft = rm.train_labelers_accuracy
+        rows.append(
+            _row(
+                "4e",
+                "RM accuracy on its PPO-ptx policy's samples (the second round's rankings)",
+                rm.policy_samples_accuracy,
+                _stderr_interval(rm.policy_samples_accuracy, rm.policy_samples_stderr or 0.0),
+                PAPER_RM_ON_POLICY,
+                note=f"pairs={rm.policy_samples_pairs}; mean ± 1.96 s.e.; "
+                + (f"4a, on SFT samples: {100 * on_sft:.1f}%; " if on_sft is not None else "")
+                + "far below 4a: PPO found responses the RM misranks",
+            )
+        )
     by_behaviour = {b.model: b for b in behaviour}
     behaviour_rows = (  # (letters, claim, rate field, count field, paper value)
         ("ab", "harmful requests refused", "harmful_refused", "n_harmful", PAPER_REFUSALS),

@@ -173,6 +173,9 @@ class Config:
     """The reward model's results.json (accuracies); unset = reward_model/results.json when it exists."""
     agreement: str | None = None
     """agreement.json from ``instructrl sandbox make`` (inter-labeler agreement)."""
+    round2_rm_results: str | None = None
+    """results.json of a second round's reward model (``rm`` with ``sandbox_round2_reward_model``): row 4e, how
+    well the first reward model ranks its PPO policy's samples by the labelers' rankings."""
     role_sft: str = "sft"
     """Name of the SFT policy in the headline table."""
     role_ppo: str = "ppo"
@@ -282,9 +285,14 @@ def build_judges(cfg: Config, world: World | None, scorer, labelers: list[int]) 
     return judges
 
 
-def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMAccuracy | None:
-    """RM accuracies from the RM's results.json and agreement from ``sandbox make``'s agreement.json."""
+def load_rm_accuracy(
+    rm_results: dict | None, agreement_path: str | None, round2_rm_results: str | None = None
+) -> RMAccuracy | None:
+    """RM accuracies from the RM's results.json, agreement from ``sandbox make``'s agreement.json and, from a
+    second round's RM results, the first RM's accuracy on its PPO policy's samples."""
     agreement = json.loads(Path(agreement_path).read_text()) if agreement_path else None
+    round2 = json.loads(Path(round2_rm_results).read_text()) if round2_rm_results else {}
+    on_policy = round2.get("previous_rm_on_round2") or {}
     if rm_results is None and agreement is None:
         return None
     valid = (rm_results or {}).get("valid") or {}
@@ -302,6 +310,9 @@ def load_rm_accuracy(rm_results: dict | None, agreement_path: str | None) -> RMA
         sample_agreement_stderr=on_samples.get("stderr"),
         train_labelers_stderr=valid.get("accuracy_stderr"),
         heldout_labelers_stderr=heldout.get("accuracy_stderr"),
+        policy_samples_accuracy=on_policy.get("accuracy"),
+        policy_samples_stderr=on_policy.get("accuracy_stderr"),
+        policy_samples_pairs=int(on_policy.get("pairs") or 0),
     )
 
 
@@ -392,7 +403,7 @@ def check_paths(cfg: Config) -> None:
     named = [(f"policies.{k}", v) for k, v in cfg.policies.items()] + [
         (f"ppo_runs.{k}", v) for k, v in cfg.ppo_runs.items()
     ]
-    for key in ("reward_model", "rm_results", "agreement", "base_model", "overopt_reference"):
+    for key in ("reward_model", "rm_results", "agreement", "round2_rm_results", "base_model", "overopt_reference"):
         if getattr(cfg, key):
             named.append((key, getattr(cfg, key)))
     if isinstance(cfg.prompts, str):
@@ -553,7 +564,7 @@ def collect(cfg: Config) -> ReportData:
             rl_curves.append(ppo_run_curve(cfg, name, ppo_dir, world, tasks, scorer, device))
 
     behaviour = [behaviour_row(pe, world) for pe in evals.values()] if has_extra(world, "analysis") else []
-    rm = load_rm_accuracy(rm_results, cfg.agreement)
+    rm = load_rm_accuracy(rm_results, cfg.agreement, cfg.round2_rm_results)
     parameters = parameter_counts(cfg, [roles.ppo_ptx, roles.large_sft, roles.large_base])
     world_info = (
         f"{describe_world(cfg.run.world, cfg.sandbox_seed)}{lacking_extras(world)}"

@@ -56,7 +56,7 @@ from instructrl.data.loading import encode_prompts, load_comparisons, load_demon
 from instructrl.data.records import Comparison, Demonstration
 from instructrl.errors import UserFacingError
 from instructrl.models.causal_lm import count_parameters, disable_dropout, load_tokenizer
-from instructrl.models.reward import BIAS_KEY, last_token_scores, reward_model_from_causal_lm
+from instructrl.models.reward import BIAS_KEY, last_token_scores, load_reward_model, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
 from instructrl.stages.common import log_data_source
@@ -138,6 +138,11 @@ class Config(TrainingSettings):
     ``sandbox_round2_prompts`` further prompts, ranked by the same labelers and trained on together with the first
     round's comparisons. InstructGPT repeated its steps 2 and 3: most comparisons were of SFT samples, a smaller
     share of PPO samples, so the RM also sees the responses PPO learned to produce. Unset = one round."""
+    sandbox_round2_reward_model: str | None = None
+    """The reward model the second round's policy was trained against (e.g. the first round's RM): its accuracy
+    on every second-round comparison, the labelers' rankings of that policy's samples, none of which it trained
+    on, goes to results.json as ``previous_rm_on_round2``. Far below its validation accuracy means PPO found
+    responses the reward model misranks: over-optimization, measured without a gold judge."""
     sandbox_round2_prompts: int = 500
     """Prompts ranked in the second round: the "rm" pool's prompts after the first round's, then the first
     round's again when the pool runs out (a prompt's comparisons of both rounds stay in one split)."""
@@ -156,7 +161,12 @@ class Config(TrainingSettings):
         require_positive(self, "eval_batch_size", "save_every", "sandbox_min_k", "generation_batch_size")
         require_non_negative(self, "micro_batch_size", "weight_decay", "grad_clip", "sandbox_prompts")
         require_non_negative(self, "sandbox_demonstrations", "sandbox_agreement_prompts")
-        require_path_exists(self, "sandbox_sample_policy", "sandbox_round2_policy")
+        require_path_exists(self, "sandbox_sample_policy", "sandbox_round2_policy", "sandbox_round2_reward_model")
+        require(
+            self.sandbox_round2_reward_model is None or self.sandbox_round2_policy is not None,
+            "sandbox_round2_reward_model",
+            "needs sandbox_round2_policy (the policy whose samples it is measured on)",
+        )
         require_positive(self, "sandbox_round2_prompts")
         require(
             self.sandbox_round2_policy is None or (self.comparisons is None and self.sandbox_samples_from_policy),
@@ -850,6 +860,8 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
             "seconds": stage.seconds(),
         }
     )
+    if cfg.sandbox_round2_reward_model is not None:
+        results["previous_rm_on_round2"] = previous_rm_on_round2(cfg, tokenizer, stage.out / SANDBOX_COMPARISONS)
     agreement_path = stage.out / SANDBOX_AGREEMENT
     if cfg.comparisons is None and agreement_path.exists():
         results["labeler_agreement_on_samples"] = json.loads(agreement_path.read_text())
@@ -860,6 +872,30 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
         f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
         f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {stage.out}",
     )
+
+
+def previous_rm_on_round2(cfg: Config, tokenizer, comparisons_path: Path) -> dict:
+    """:func:`pairwise_metrics` of ``cfg.sandbox_round2_reward_model`` on every second-round comparison of
+    ``comparisons_path``: how well the reward model a policy was trained against ranks that policy's samples, by
+    the labelers' rankings."""
+    skipped: dict[str, int] = {}
+    round2 = [
+        c
+        for c in _load_comparison_file(str(comparisons_path), cfg, "comparisons", skipped)
+        if c.meta.get("round") == 2
+    ]
+    encoded, _ = encode_comparisons(round2, tokenizer, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    if not encoded:
+        return {"reward_model": cfg.sandbox_round2_reward_model, "accuracy": None, "pairs": 0}
+    previous = load_reward_model(cfg.sandbox_round2_reward_model).eval()
+    metrics, _ = evaluate(previous, encoded, tokenizer.pad_token_id, cfg.eval_batch_size)
+    metrics.pop("accuracy_by_labeler")
+    print(
+        f"rm: {cfg.sandbox_round2_reward_model} ranks the second round's samples at {metrics['accuracy']:.3f} "
+        f"± {metrics['accuracy_stderr']:.3f} against the labelers ({metrics['pairs']} pairs)",
+        flush=True,
+    )
+    return {"reward_model": cfg.sandbox_round2_reward_model, **metrics}
 
 
 def _best(comparison: Comparison) -> int:
