@@ -26,9 +26,12 @@ comparison of the labelers listed in ``heldout_labelers`` (never trained on), th
 69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l); its standard error is over
 comparisons (the pairs of one ranking are not independent).
 
-Without ``comparisons`` the data comes from the sandbox: K in [4, 9] samples per RM-split prompt from the
-policy in ``model`` (or the sandbox's synthetic candidates), ranked by randomly assigned simulated labelers. A run
-given ``demonstrations`` of its own refuses that (no silent sandbox data); every data source is logged.
+Without ``comparisons`` the data comes from the world (``run.world``, the sandbox by default): K in [4, 9] samples
+per RM-split prompt from ``sandbox_sample_policy`` (default ``model``; or the world's synthetic candidates), ranked
+by randomly assigned simulated labelers. ``sandbox_round2_policy`` adds a second round, as InstructGPT repeated
+steps 2-3: samples of a later policy (a PPO policy) on further prompts, ranked by the same labelers; with
+``sandbox_round2_reward_model`` the reward model that policy was trained against is measured on them. A run given
+``demonstrations`` of its own refuses world data (no silent sandbox data); every data source is logged.
 """
 
 from __future__ import annotations
