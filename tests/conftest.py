@@ -4,6 +4,7 @@ server in a subprocess."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -58,6 +59,17 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved tiny GPT-2-style causal LM + tokenizer directory (random weights)."""
     return _save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"), tiny_tokenizer, arch="gpt2")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmark scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 QUICK_DEMO = ["demo", "--quick", "--set", "threads=1", "--set", "rounds=2"]

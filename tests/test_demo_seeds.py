@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -10,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from instructrl.eval.stats import wilson_interval
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
 
 
 @pytest.fixture(scope="module")
 def seeds():
-    spec = importlib.util.spec_from_file_location("demo_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_seeds")
 
 
 def _win(policy: str, wins: int, ties: int, n: int) -> dict:

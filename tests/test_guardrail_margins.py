@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guardrail_margins.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def margins():
-    spec = importlib.util.spec_from_file_location("guardrail_margins", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("guardrail_margins")
 
 
 def _iteration(step: int, kl: float, ent: float, distinct: float, eos: float, above: float, **flags) -> dict:
