@@ -31,6 +31,8 @@ from instructrl.eval.stats import wilson_interval
 
 POOLED = ("ppo_ptx", "sft")
 """(policy, baseline) of the headline's row 1 (gold judge), pooled over seeds."""
+POOLED_ROUND2 = {"1r": ("ppo_ptx_round2", "sft"), "1r vs 1": ("ppo_ptx_round2", "ppo_ptx")}
+"""With ``--set rounds=2``: the second round's PPO-ptx against SFT and against the first round's, pooled too."""
 
 EXTRA_ROWS = {
     "1p": ("ppo", "PPO vs SFT win rate (gold judge)"),
@@ -54,11 +56,12 @@ def run_seed(seed: int, folder: Path, settings: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def pooled_row_1(runs: dict[int, dict]) -> dict:
-    """Wins + ties/2 over every seed's row-1 comparisons, with the Wilson interval of the pooled rate."""
+def pooled_row_1(runs: dict[int, dict], policy: str = POOLED[0], baseline: str = POOLED[1]) -> dict:
+    """Wins + ties/2 over every seed's row-1 comparisons (or ``policy`` vs ``baseline``), with the Wilson interval
+    of the pooled rate."""
     wins = ties = n = 0
     for metrics in runs.values():
-        row = gold_win_rate(metrics, *POOLED)
+        row = gold_win_rate(metrics, policy, baseline)
         wins, ties, n = wins + row["wins"], ties + row["ties"], n + row["n"]
     low, high = wilson_interval(wins + ties / 2, n)
     return {
@@ -105,7 +108,12 @@ def table(summaries: dict[int, dict], metrics: dict[int, dict]) -> dict:
         seed: {"wall": sum(s.get("seconds", {}).values()), "cpu": sum(s.get("cpu_seconds", {}).values())}
         for seed, s in summaries.items()
     }
-    return {"seeds": seeds, "rows": rows, "pooled_row_1": pooled_row_1(metrics), "seconds": times}
+    pooled = {
+        id_: pooled_row_1(metrics, *pair)
+        for id_, pair in POOLED_ROUND2.items()
+        if all(gold_win_rate(m, *pair) is not None for m in metrics.values())
+    }
+    return {"seeds": seeds, "rows": rows, "pooled_row_1": pooled_row_1(metrics), "pooled": pooled, "seconds": times}
 
 
 def _cell(v: dict, with_interval: bool = True) -> str:
@@ -132,6 +140,10 @@ def markdown(result: dict, compact: bool = False) -> str:
         "",
         f"Row 1 pooled over {len(seeds)} seeds: {p['rate']:.1f}% [{p['low']:.1f}, {p['high']:.1f}] "
         f"(n = {p['n']}: {p['wins']} wins, {p['ties']} ties; Wilson 95%).",
+        *(
+            f"Row {id_} pooled: {q['rate']:.1f}% [{q['low']:.1f}, {q['high']:.1f}] (n = {q['n']})."
+            for id_, q in result.get("pooled", {}).items()
+        ),
         "",
         "Seconds per seed (wall / CPU): "
         + ", ".join(f"seed {s}: {t['wall']:.0f} / {t['cpu']:.0f}" for s, t in result["seconds"].items())

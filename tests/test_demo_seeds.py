@@ -18,9 +18,9 @@ def seeds():
     return load_benchmark("demo_seeds")
 
 
-def _win(policy: str, wins: int, ties: int, n: int) -> dict:
+def _win(policy: str, wins: int, ties: int, n: int, baseline: str = "sft") -> dict:
     rate = (wins + ties / 2) / n
-    return {"policy": policy, "baseline": "sft", "judge": "gold", "group": "all", "rate": rate, "low": rate - 0.05,
+    return {"policy": policy, "baseline": baseline, "judge": "gold", "group": "all", "rate": rate, "low": rate - 0.05,
             "high": rate + 0.05, "n": n, "wins": wins, "ties": ties, "losses": n - wins - ties}  # fmt: skip
 
 
@@ -61,6 +61,27 @@ def test_table_gives_each_seed_the_spread_and_row_1_pooled(seeds, tmp_path):
     assert "| 1 | PPO-ptx vs SFT | 57.2 [52.2, 62.2] | 52 [47, 57] | 54.6 ± 3.7 |" in table
     assert f"Row 1 pooled over 2 seeds: {100 * successes / 600:.1f}%" in table
     assert not math.isnan(pooled["low"])
+
+
+def test_the_second_rounds_rows_are_pooled_when_every_seed_has_them(seeds, tmp_path):
+    for seed, wins in ((0, 80), (1, 60)):
+        _fake_run(tmp_path / f"seed{seed}", 55.0, 57.4, 73.2, wins=74, ties=195)
+        path = tmp_path / f"seed{seed}" / "eval" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["win_rates"] += [
+            _win("ppo_ptx_round2", wins, 180, 300),
+            _win("ppo_ptx_round2", 70, 170, 300, "ppo_ptx"),
+        ]
+        path.write_text(json.dumps(metrics))
+    seeds.main(["--seeds", "0", "1", "--output-dir", str(tmp_path), "--table-only"])
+    pooled = json.loads((tmp_path / "seeds.json").read_text())["pooled"]
+    assert pooled["1r"]["n"] == 600 and pooled["1r"]["rate"] == pytest.approx(100 * (140 + 180) / 600)
+    assert pooled["1r vs 1"]["rate"] == pytest.approx(100 * (140 + 170) / 600)
+    assert f"Row 1r pooled: {100 * 320 / 600:.1f}%" in (tmp_path / "seeds.md").read_text()
+
+    _fake_run(tmp_path / "one_round" / "seed0", 55.0, 57.4, 73.2, wins=74, ties=195)
+    seeds.main(["--seeds", "0", "--output-dir", str(tmp_path / "one_round"), "--table-only"])
+    assert json.loads((tmp_path / "one_round" / "seeds.json").read_text())["pooled"] == {}
 
 
 def test_missing_runs_are_named(seeds, tmp_path):
