@@ -297,7 +297,7 @@ def test_the_rm_range_check_reads_the_reward_models_results(env, tmp_path, tiny_
         assert len(notes) == (1 if share else 0)
 
 
-def test_best_policy_keeps_the_weights_that_sampled_the_last_passing_rollout():
+def test_best_policy_keeps_the_weights_that_sampled_the_last_passing_rollout_before_the_first_failure():
     class Run:
         def __init__(self):
             self.models = type("Models", (), {"policy": torch.nn.Linear(1, 1, bias=False)})()
@@ -317,8 +317,13 @@ def test_best_policy_keeps_the_weights_that_sampled_the_last_passing_rollout():
         run.step(value)  # iteration k's update
         keeper.update(run, passed)
         best = keeper.best["weight"].item() if keeper.best is not None else None
-        expected = {1.0: 0.0, 2.0: 1.0, 3.0: 1.0, 4.0: 3.0, 5.0: 3.0}[value]
+        expected = {1.0: 0.0, 2.0: 1.0, 3.0: 1.0, 4.0: 1.0, 5.0: 1.0}[value]  # frozen at the first failure
         assert best == expected and keeper.iteration == int(expected)
+    resumed = BestPolicy(run)  # a run resumed from a checkpoint written after the failure stays frozen
+    resumed.load_state_dict(keeper.state_dict())
+    run.step(6.0)
+    resumed.update(run, True)
+    assert resumed.best["weight"].item() == 1.0 and resumed.iteration == 1
 
 
 def test_the_eval_report_shows_the_failed_guardrails_of_each_ppo_run():

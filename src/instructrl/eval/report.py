@@ -706,7 +706,8 @@ def _guardrails_table(curves: dict[str, list[dict[str, Any]]]) -> Table:
         "Checks of every rollout that need no gold judge (the PPO config's guardrails block): KL to the SFT policy, "
         "per-token entropy and distinct responses against the SFT policy's, responses without EOS, reward-model "
         "scores above the range of its validation comparisons. A failed check warns that the policy may be "
-        "exploiting its reward model; each run's policy_best/ holds the newest policy whose samples passed them all.",
+        "exploiting its reward model; each run's policy_best/ holds the last policy whose samples passed them all "
+        "before one first failed.",
     )
 
 

@@ -39,10 +39,10 @@ and training forward passes are the same computation.
 
 Outputs in ``output_dir``: ``policy/`` (the released policy: the EMA weights when ``ema_decay`` is set, as a
 Hugging Face causal-LM directory with tokenizer), ``value/``, ``metrics.jsonl``, ``samples.jsonl``,
-``results.json`` (with a ``guardrails`` record), ``policy_best/`` (the newest released weights whose samples
-passed every guardrail), the resolved config, resumable ``checkpoints/`` and, with ``save_policy_every``,
-``policy-iter-XXXX/`` snapshots for over-optimization curves. A rerun with the same config resumes from
-the newest checkpoint and continues exactly where it stopped.
+``results.json`` (with a ``guardrails`` record), ``policy_best/`` (the released weights whose samples
+were the last to pass every guardrail before one first failed), the resolved config, resumable
+``checkpoints/`` and, with ``save_policy_every``, ``policy-iter-XXXX/`` snapshots for over-optimization curves.
+A rerun with the same config resumes from the newest checkpoint and continues exactly where it stopped.
 """
 
 from __future__ import annotations

@@ -147,9 +147,9 @@ class GuardrailSettings:
     patience: int = 3
     """Iterations in a row a check must fail before ``stop`` stops the run."""
     keep_best: bool = True
-    """Save ``policy_best/`` beside ``policy/``: the released weights (EMA when set) that sampled the newest
-    rollout passing every check. Costs two copies of the policy's weights in CPU memory (and one in each
-    checkpoint)."""
+    """Save ``policy_best/`` beside ``policy/``: the released weights (EMA when set) that sampled the last
+    rollout before the first failed check (the last rollout, when none fails). Costs two copies of the policy's
+    weights in CPU memory (and one in each checkpoint)."""
     small_policy_parameters: int = 1_000_000_000
     """At start-up, warn about a fixed β ≤ 0.02 (the paper's) on a policy with fewer parameters than this: it
     collapsed 0.94M-parameter sandbox policies (``kl_coef`` in src/instructrl/demo.py; benchmarks/RESULTS.md).

@@ -12,7 +12,7 @@ What the PPO loop does with them (:func:`instructrl.stages.ppo.run`): :meth:`Gua
 iteration adds ``guardrails/<check>`` flags (1 = failed) to the metrics and prints a warning naming the
 check, the value, the iteration and what to change when a check starts failing; ``guardrails.stop`` ends the
 run once a check has failed ``patience`` iterations in a row; :class:`BestPolicy` keeps the released weights
-that sampled the newest rollout passing every check, saved as ``policy_best/``. :func:`startup_warnings`
+that sampled the last rollout before the first failed check, saved as ``policy_best/``. :func:`startup_warnings`
 names settings known to collapse small policies, before training starts.
 """
 
@@ -324,14 +324,16 @@ def released_weights(run) -> dict[str, torch.Tensor]:
 
 
 class BestPolicy:
-    """The model selection that needs no gold judge: the newest released weights whose own rollout passed
-    every check.
+    """The model selection that needs no gold judge: the released weights that sampled the last rollout before
+    the first failed check (the newest of all, when no check fails).
 
     Iteration k's rollout is sampled by the weights after k − 1 updates, so those weights (kept as the
     ``candidate`` when iteration k − 1 ended) become the best when iteration k passes. Iteration 1's rollout
     comes from the SFT policy itself (``iteration`` 0). The final weights are never checked (no rollout
     follows them), so a run that passes every check keeps the weights of its last rollout, one update before
-    the end. The copies live in CPU memory."""
+    the end. The first failure freezes the best: a check that fails and passes again by turns (an entropy
+    near its threshold while the policy collapses) would otherwise keep moving it past the collapse. The copies
+    live in CPU memory."""
 
     def __init__(self, run):
         self.candidate = self._copy(released_weights(run), None)
@@ -339,6 +341,8 @@ class BestPolicy:
         self.best: dict[str, torch.Tensor] | None = None
         self.iteration: int | None = None
         """Updates behind the best weights (0: the SFT policy); None while no rollout passed."""
+        self.frozen = False
+        """A check has failed: the best no longer moves."""
 
     @staticmethod
     def _copy(weights: Mapping[str, torch.Tensor], into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -350,17 +354,20 @@ class BestPolicy:
 
     def update(self, run, passed: bool) -> None:
         """After an iteration whose rollout ``passed`` (or not) every check; ``run`` holds the updated weights."""
-        if passed:
-            self.best, self.candidate = self.candidate, self.best  # the old best's buffers take the next candidate
-            self.iteration = self.candidate_iteration
+        if self.frozen or not passed:
+            self.frozen = True
+            return
+        self.best, self.candidate = self.candidate, self.best  # the old best's buffers take the next candidate
+        self.iteration = self.candidate_iteration
         self.candidate = self._copy(released_weights(run), self.candidate)
         self.candidate_iteration = run.iteration
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.best, "iteration": self.iteration}
+        return {"weights": self.best, "iteration": self.iteration, "frozen": self.frozen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.iteration = state["weights"], state["iteration"]
+        self.frozen = bool(state.get("frozen", False))  # checkpoints before the rule have no entry
 
 
 # --------------------------------------------------------------------------- what the PPO loop calls
@@ -410,7 +417,7 @@ class RunGuard:
         """Save the best policy (:class:`BestPolicy`) to ``path``, when one rollout passed every check."""
         if self.best is not None and self.best.best is not None:
             run.save_policy(path, weights=self.best.best)
-            criterion = "the newest released weights whose own rollout passed every guardrail"
+            criterion = "the released weights that sampled the last rollout before the first failed guardrail"
             self.best_saved = {"dir": str(path), "updates": self.best.iteration, "criterion": criterion}
 
     def finish(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -421,8 +428,8 @@ class RunGuard:
             print(f"ppo: guardrail '{entry['check']}' failed on {entry['iterations_failed']} iteration(s), "
                   f"{entry['first_iteration']}-{entry['last_iteration']}: {entry['advice']}", flush=True)  # fmt: skip
         if best is not None and failed:
-            print(f"ppo: policy_best/ holds the policy after {best['updates']} update(s), the newest whose samples "
-                  "passed every guardrail", flush=True)  # fmt: skip
+            print(f"ppo: policy_best/ holds the policy after {best['updates']} update(s), the last whose samples "
+                  "passed every guardrail before the first failure", flush=True)  # fmt: skip
         score_range = self.checks.score_range
         return {
             "checked": checked(records),
