@@ -85,8 +85,10 @@ class Config:
     rounds: int = 1
     """Rounds of rankings (1 or 2). With 2, InstructGPT's repeat of steps 2-3: the world's labelers rank samples
     of the first round's PPO-ptx policy on ``round2_prompts`` more prompts, a second reward model trains on both
-    rounds' comparisons, and a second PPO-ptx run starts again from SFT against it; eval reports it as row 1r. This
-    adds about the time of the rm and ppo_ptx stages."""
+    rounds' comparisons, and a second PPO-ptx run starts again from SFT against it; eval reports it as row 1r, and
+    as row 4e how the first reward model ranks its policy's samples. A repair for a reward model PPO exploited
+    (4e far below 4a), not a default: the second RM can be exploited too (README, Status). This adds about the
+    time of the rm and ppo_ptx stages."""
     round2_prompts: int = 500
     """Prompts ranked in the second round (InstructGPT: most comparisons of SFT samples, fewer of PPO samples;
     the first round ranks 1,500)."""
