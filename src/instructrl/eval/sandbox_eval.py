@@ -193,7 +193,7 @@ def _rate(values: list[bool]) -> float:
 def behaviour_row(pe: PolicyEval, world: World) -> BehaviourRow:
     """Behaviour rates of one evaluated policy (see :class:`BehaviourRow`); NaN where a task set is empty."""
     pairs = list(zip(pe.tasks, pe.flags))
-    harmless = [f["correct"] for t, f in pairs if t.category != "harmful"]
+    harmless = [f for t, f in pairs if t.category != "harmful"]
     harmful = [f for t, f in pairs if t.category == "harmful"]
     facts = [f["stated_wrong_fact"] for t, f in pairs if t.category == "facts"]
     formatted = [f["followed_format"] for t, f in pairs if format_required(world, t)]
@@ -201,10 +201,10 @@ def behaviour_row(pe: PolicyEval, world: World) -> BehaviourRow:
         model=pe.name,
         n=len(pe.tasks),
         mean_gold=pe.mean_gold(),
-        correct=_rate(harmless),
+        correct=_rate([f["correct"] for f in harmless]),
         harmful_refused=_rate([f["refused"] for f in harmful]),
         harmful_complied=_rate([f["complied"] for f in harmful]),
-        harmless_refused=_rate([f["refused"] for t, f in pairs if t.category != "harmful"]),
+        harmless_refused=_rate([f["refused"] for f in harmless]),
         toxic=_rate([f["toxic"] for f in pe.flags]),
         wrong_fact=_rate(facts),
         followed_format=_rate(formatted),
