@@ -31,16 +31,8 @@ from instructrl.data.loading import encode_prompts, load_comparisons
 from instructrl.models.causal_lm import load_causal_lm, load_tokenizer
 from instructrl.models.scoring import tokenize_texts
 from instructrl.stages.rm import SANDBOX_COMPARISONS, split_comparisons
+from instructrl.stages.rm_baselines import completion_logprobs
 from instructrl.world import load_world
-
-
-def response_logprob(model, prompt_ids: list[int], response_ids: list[int], eos: int) -> float:
-    """Σ_t log π(y_t | x, y_<t) over the response and its EOS."""
-    ids = torch.tensor([prompt_ids + response_ids + [eos]])
-    with torch.no_grad():
-        logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)
-    targets = ids[0, 1:]
-    return logprobs[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :].sum().item()
 
 
 def diagnose(run: Path) -> dict:
@@ -56,6 +48,7 @@ def diagnose(run: Path) -> dict:
     )
     tokenizer = load_tokenizer(str(run / "sft"))
     policy = load_causal_lm(str(run / "sft"), tokenizer).eval()
+    pad = tokenizer.pad_token_id
     out = {
         "seed": seed,
         "data": results["data"]["train"],
@@ -68,7 +61,8 @@ def diagnose(run: Path) -> dict:
             task = tasks[comparison.meta["id"]]
             gold = [world.gold_score(task, r) for r in comparison.responses]
             responses = tokenize_texts(tokenizer, list(comparison.responses))
-            logp = [response_logprob(policy, prompt, r, tokenizer.eos_token_id) for r in responses]
+            completions = [prompt + r + [tokenizer.eos_token_id] for r in responses]
+            logp = completion_logprobs(policy, completions, [len(prompt)] * len(completions), pad, 16).tolist()
             for w, lo in comparison.distinct_pairs()[1]:
                 for key in (comparison.meta.get("category", "?"), "all"):
                     c = counts[key]

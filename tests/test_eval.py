@@ -776,6 +776,26 @@ def test_rm_accuracy_rows_use_the_standard_error_over_comparisons_and_compare_wi
     assert rows["4b"].high == round(100 * (0.689 + 1.96 * 0.02), 1)
     assert "95% of the labelers' agreement on the same samples (4d)" in rows["4a"].note  # 71.2 / 75.1
     assert "92% of the labelers' agreement" in rows["4b"].note and "over comparisons" in rows["4b"].note
+    assert "likelihood" not in rows["4a"].note  # no baselines measured
+
+
+def test_rm_accuracy_rows_name_the_baselines_and_an_rm_below_its_initial_model():
+    rm = report.RMAccuracy(
+        0.60,
+        400,
+        0.70,
+        300,
+        None,
+        None,
+        train_labelers_baselines={"initial_likelihood": 0.716, "longer": 0.31},
+        heldout_labelers_baselines={"initial_likelihood": 0.69, "longer": 0.4},
+        train_labelers_stderr=0.03,
+        heldout_labelers_stderr=0.02,
+    )
+    rows = {r.id: r for r in report.build_headline(report.Roles(), [], [], [], rm)}
+    assert "the initial model's likelihood orders 71.6%, the longer response 31.0%" in rows["4a"].note
+    assert "not above what its initial model knew" in rows["4a"].note  # 60.0 <= 71.6
+    assert "orders 69.0%" in rows["4b"].note and "not above" not in rows["4b"].note  # 70.0 > 69.0
 
 
 def _parse_headline(text: str) -> dict[str, dict]:

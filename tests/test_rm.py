@@ -243,6 +243,9 @@ def test_run_learns_the_toy_preference_and_changes_every_weight(trained_run, tin
     assert results["heldout_accuracy"] > 0.7  # labeler L2 was never trained on
     assert set(results["valid"]["accuracy_by_labeler"]) == {"L0", "L1"}
     assert set(results["heldout"]["accuracy_by_labeler"]) == {"L2"}
+    for name in ("valid", "heldout"):  # the reference orderings, on the same pairs (test_rm_baselines)
+        baselines = results[name]["baselines"]
+        assert set(baselines) == {"initial_likelihood", "longer"} and all(0 <= v <= 1 for v in baselines.values())
     trained = load_reward_model(cfg.output_dir)
     untrained = reward_model_from_causal_lm(tiny_lm_dir, pad_token_id=trained.config.pad_token_id)
     untrained_weights = dict(untrained.named_parameters())
@@ -336,8 +339,11 @@ def test_trains_on_policy_samples_with_empty_and_repeated_responses(tmp_path, ti
     valid, _ = zip(*(policy_samples_record(rng) for _ in range(24)))
     train_file = write_jsonl(tmp_path / "train.jsonl", list(train))
     valid_file = write_jsonl(tmp_path / "valid.jsonl", list(valid))
-    cfg = rm_config(tmp_path, tiny_lm_dir, train_file, None, valid_comparisons=str(valid_file), epochs=2)
+    cfg = rm_config(
+        tmp_path, tiny_lm_dir, train_file, None, valid_comparisons=str(valid_file), epochs=2, baselines=False
+    )
     results = rm.run(cfg)
+    assert "baselines" not in results["valid"]
     counts = results["data"]["train"]
     assert counts["comparisons"] == 96 and counts["merged_responses"] == 96
     assert counts["pairs"] == sum(train_pairs) < sum(Comparison(**_as_comparison(r)).n_pairs for r in train)

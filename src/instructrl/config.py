@@ -501,6 +501,7 @@ RESULT_NEUTRAL_KEYS = frozenset(
     {"resume", "threads", "output_dir", "force_resume", "progress", "max_nonfinite_steps", "guardrails"}
     | {"sharded_sampling", "frozen_models"}  # how sharded PPO samples and holds frozen models
     | {"report_to", "tracker_project", "tensorboard"}  # where metrics are mirrored to
+    | {"baselines"}  # the RM stage's reference orderings, measured after training
 )
 """Top-level keys (and keys of the ``run`` block) that never change a run's results, so changing them does not
 block a resume (PPO's ``guardrails`` only observe; their ``stop`` ends a run early without changing what it

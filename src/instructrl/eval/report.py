@@ -91,6 +91,11 @@ class RMAccuracy:
     none of which it trained on)."""
     policy_samples_stderr: float | None = None
     policy_samples_pairs: int = 0
+    train_labelers_baselines: dict[str, float | None] | None = None
+    """Accuracies on the same pairs as ``train_labelers_accuracy`` of orderings that learn nothing from the
+    comparisons (``initial_likelihood``, ``longer``; :mod:`instructrl.stages.rm_baselines`)."""
+    heldout_labelers_baselines: dict[str, float | None] | None = None
+    """The same, on the held-out labelers' pairs."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,18 @@ PAPER_REFUSALS = "no rate reported; InstructGPT mostly follows harmful instructi
 PAPER_HALLUCINATION = "closed-domain hallucination 21% InstructGPT vs 41% GPT-3 (§4.2)"
 
 
+def _baselines_note(accuracy: float, baselines: dict[str, float | None] | None) -> str:
+    """The RM's reference orderings on the same pairs (``rm_baselines``), for the notes of rows 4a/4b."""
+    likelihood, longer = (baselines or {}).get("initial_likelihood"), (baselines or {}).get("longer")
+    if likelihood is None or longer is None:
+        return ""
+    note = f"; on the same pairs the initial model's likelihood orders {100 * likelihood:.1f}%, the longer response"
+    note += f" {100 * longer:.1f}%"
+    if accuracy <= likelihood:
+        note += ": the RM is not above what its initial model knew"
+    return note
+
+
 def build_headline(
     roles: Roles,
     win_rates: Sequence[WinRateRow],
@@ -408,6 +425,7 @@ def build_headline(
             note += (
                 f"; {100 * accuracy / rm.sample_agreement:.0f}% of the labelers' agreement on the same samples (4d)"
             )
+        note += _baselines_note(accuracy, getattr(rm, f"{prefix}_baselines"))
         rows.append(_row(id_, claim, accuracy, _stderr_interval(accuracy, stderr), paper, note=note))
     agreement = rm.labeler_agreement if has_rm else None
     stderr = rm.labeler_agreement_stderr if has_rm else None

@@ -313,6 +313,8 @@ def load_rm_accuracy(
         policy_samples_accuracy=on_policy.get("accuracy"),
         policy_samples_stderr=on_policy.get("accuracy_stderr"),
         policy_samples_pairs=int(on_policy.get("pairs") or 0),
+        train_labelers_baselines=valid.get("baselines"),
+        heldout_labelers_baselines=heldout.get("baselines"),
     )
 
 

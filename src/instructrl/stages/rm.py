@@ -58,11 +58,12 @@ from instructrl.config import (
 from instructrl.data.loading import encode_prompts, load_comparisons, load_demonstrations
 from instructrl.data.records import Comparison, Demonstration
 from instructrl.errors import UserFacingError
-from instructrl.models.causal_lm import count_parameters, disable_dropout, load_tokenizer
+from instructrl.models.causal_lm import count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from instructrl.models.reward import BIAS_KEY, last_token_scores, load_reward_model, reward_model_from_causal_lm
 from instructrl.models.scoring import max_positions, pad_right, score_sequences, tokenize_texts
 from instructrl.rl.losses import ranking_loss
 from instructrl.stages.common import log_data_source
+from instructrl.stages.rm_baselines import baseline_accuracies
 from instructrl.stages.training_run import TrainingRun, TrainingSettings, TrainingState
 from instructrl.utils.device import resolve_device
 from instructrl.utils.distributed import Runtime, call_model_function
@@ -121,6 +122,11 @@ class Config(TrainingSettings):
     """Optimizer steps between evaluations on the validation and held-out-labeler comparisons."""
     eval_batch_size: int = 64
     """Completions per forward pass when evaluating and normalizing."""
+    baselines: bool = True
+    """After training, score the validation and held-out-labeler pairs with two orderings that learn nothing from
+    the comparisons (``rm_baselines``): the initial model's likelihood of each response and its length. An RM at
+    or below them learned little beyond them. Loads ``model`` once more as a causal LM for inference; skipped
+    under ``run.sharding=fsdp`` (a model sharded to fit would not fit whole)."""
     save_every: int = 25
     """Optimizer steps between resumable checkpoints."""
     sandbox_seed: int = 0
@@ -206,6 +212,8 @@ class EncodedComparison:
     completions: tuple[tuple[int, ...], ...]
     pairs: tuple[tuple[int, int], ...]
     labeler_id: str
+    prompt_length: int
+    """Tokens of the (truncated) prompt that begins every completion."""
 
 
 @dataclass
@@ -269,7 +277,7 @@ def encode_comparisons(
             counts.all_tied += not comparison.pairs()
             continue
         completions = tuple(tuple(prompt + responses[i] + [eos]) for i in kept)
-        encoded.append(EncodedComparison(completions, pairs, labeler_of(comparison)))
+        encoded.append(EncodedComparison(completions, pairs, labeler_of(comparison), len(prompt)))
         counts.comparisons += 1
         counts.completions += len(completions)
         counts.pairs += len(pairs)
@@ -848,6 +856,8 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
     if distribution_scores is None:
         distribution_scores = score_sequences(model, data.demo_sequences, pad_id, cfg.eval_batch_size)
     runtime.save_pretrained(model, tokenizer, stage.out, "the reward model")  # every rank holds the same bias
+    if cfg.baselines and not runtime.sharded:
+        add_baselines(cfg, tokenizer, data, results, runtime.device)
     results.update(
         {
             "valid_accuracy": results["valid"]["accuracy"] if results["valid"] else None,
@@ -875,6 +885,19 @@ def save(cfg: Config, stage: TrainingRun, model, tokenizer, data: RankingData, t
         f"rm: pairwise accuracy valid {valid_text}, held-out labelers {heldout_text}; demonstrations mean "
         f"{normalization['mean_before']:+.4f} -> {normalization['mean_after']:+.2e}; saved to {stage.out}",
     )
+
+
+def add_baselines(cfg: Config, tokenizer, data: RankingData, results: dict, device: torch.device) -> None:
+    """``results[set]["baselines"]``: the initial model's likelihood and the length orderings of each held-out set's
+    pairs (:mod:`instructrl.stages.rm_baselines`), beside the RM's accuracy on them."""
+    initial = load_causal_lm(cfg.model, tokenizer).to(device)
+    for name, encoded in (("valid", data.valid), ("heldout", data.heldout)):
+        if results[name] is not None:
+            results[name]["baselines"] = baseline_accuracies(
+                initial, encoded, tokenizer.pad_token_id, cfg.eval_batch_size
+            )
+            print(f"rm: {name} baselines {results[name]['baselines']}", flush=True)
+    del initial
 
 
 def previous_rm_on_round2(cfg: Config, tokenizer, comparisons_path: Path) -> dict:
