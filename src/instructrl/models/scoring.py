@@ -18,7 +18,8 @@ put back in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -67,6 +68,18 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside the block; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def score_sequences(
     model: PreTrainedModel,
     sequences: Sequence[Sequence[int]],
@@ -84,19 +97,14 @@ def score_sequences(
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     scores = torch.empty(len(sequences), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                input_ids, attention_mask = pad_right([sequences[i] for i in rows], pad_id)
-                batch_scores = call_on(  # through a sharded model's root (run.sharding=fsdp)
-                    model, last_token_scores, input_ids.to(device), attention_mask.to(device), normalized=normalized
-                )  # (b,)
-                scores[torch.tensor(rows)] = batch_scores.float().cpu()
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, attention_mask = pad_right([sequences[i] for i in rows], pad_id)
+            batch_scores = call_on(  # through a sharded model's root (run.sharding=fsdp)
+                model, last_token_scores, input_ids.to(device), attention_mask.to(device), normalized=normalized
+            )  # (b,)
+            scores[torch.tensor(rows)] = batch_scores.float().cpu()
     return scores
 
 

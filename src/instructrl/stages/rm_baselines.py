@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from instructrl.models.scoring import pad_right
+from instructrl.models.scoring import inference, pad_right
 
 
 def pair_accuracy(values: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> float | None:
@@ -39,23 +39,18 @@ def completion_logprobs(
     N token lists -> (N,) float64. ``prompt_lengths[i]`` is the number of prompt tokens of completion i."""
     device = next(model.parameters()).device
     totals = torch.empty(len(completions), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(completions), batch_size):
-                rows = range(start, min(start + batch_size, len(completions)))
-                input_ids, attention_mask = pad_right([completions[i] for i in rows], pad_id)
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-                # Position t predicts token t + 1: the response's tokens are predicted from position Q − 1 on.
-                positions = torch.arange(logprobs.shape[1], device=device)
-                starts = torch.tensor([prompt_lengths[i] - 1 for i in rows], device=device)
-                in_response = (positions[None, :] >= starts[:, None]) & attention_mask[:, 1:].bool()
-                totals[start : start + len(rows)] = (logprobs * in_response).sum(-1).double().cpu()
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(completions), batch_size):
+            rows = range(start, min(start + batch_size, len(completions)))
+            input_ids, attention_mask = pad_right([completions[i] for i in rows], pad_id)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            # Position t predicts token t + 1: the response's tokens are predicted from position Q − 1 on.
+            positions = torch.arange(logprobs.shape[1], device=device)
+            starts = torch.tensor([prompt_lengths[i] - 1 for i in rows], device=device)
+            in_response = (positions[None, :] >= starts[:, None]) & attention_mask[:, 1:].bool()
+            totals[start : start + len(rows)] = (logprobs * in_response).sum(-1).double().cpu()
     return totals
 
 
