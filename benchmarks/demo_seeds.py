@@ -74,7 +74,14 @@ def pooled_row_1(runs: dict[int, dict], policy: str = POOLED[0], baseline: str =
     }
 
 
-def table(summaries: dict[int, dict], metrics: dict[int, dict]) -> dict:
+BASELINE_ROWS = {
+    "4a·L": ("valid", "the initial model's likelihood on 4a's pairs"),
+    "4b·L": ("heldout", "the initial model's likelihood on 4b's pairs"),
+}
+"""From each seed's rm/results.json: the RM's likelihood baseline (``rm_baselines``) on the pairs of rows 4a/4b."""
+
+
+def table(summaries: dict[int, dict], metrics: dict[int, dict], rm_results: dict[int, dict] | None = None) -> dict:
     """Per headline row: each seed's value and interval, and the mean and standard deviation over seeds."""
     seeds = sorted(summaries)
     rows: dict[str, dict] = {}
@@ -82,6 +89,12 @@ def table(summaries: dict[int, dict], metrics: dict[int, dict]) -> dict:
         for row in summaries[seed]["headline"]:
             entry = rows.setdefault(row["id"], {"claim": row["claim"], "unit": row["unit"], "seeds": {}})
             entry["seeds"][seed] = {"value": row["value"], "low": row["low"], "high": row["high"]}
+    for id_, (split, claim) in BASELINE_ROWS.items():
+        for seed, results in sorted((rm_results or {}).items()):
+            likelihood = ((results.get(split) or {}).get("baselines") or {}).get("initial_likelihood")
+            if likelihood is not None:
+                entry = rows.setdefault(id_, {"claim": claim, "unit": "%", "seeds": {}})
+                entry["seeds"][seed] = {"value": round(100 * likelihood, 1), "low": None, "high": None}
     for id_, (policy, claim) in EXTRA_ROWS.items():
         for seed in seeds:
             r = gold_win_rate(metrics[seed], policy)
@@ -168,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no finished demo in: {', '.join(missing)}")
     summaries = {seed: json.loads((f / "summary.json").read_text()) for seed, f in folders.items()}
     metrics = {seed: json.loads((f / "eval" / "metrics.json").read_text()) for seed, f in folders.items()}
-    result = table(summaries, metrics)
+    rm_files = {seed: f / "rm" / "results.json" for seed, f in folders.items()}
+    rm_results = {seed: json.loads(path.read_text()) for seed, path in rm_files.items() if path.is_file()}
+    result = table(summaries, metrics, rm_results)
     ns.output_dir.mkdir(parents=True, exist_ok=True)
     (ns.output_dir / "seeds.json").write_text(json.dumps(result, indent=1) + "\n")
     (ns.output_dir / "seeds.md").write_text(

@@ -36,6 +36,9 @@ def _fake_run(folder: Path, row1: float, rm: float, agreement: float, wins: int,
     (folder / "summary.json").write_text(json.dumps(summary))
     metrics = {"win_rates": [_win("ppo_ptx", wins, ties, 300), _win("ppo", 10, 280, 300)]}
     (folder / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "rm").mkdir()
+    baselines = {"initial_likelihood": (rm + 10) / 100, "longer": 0.4}
+    (folder / "rm" / "results.json").write_text(json.dumps({"valid": {"baselines": baselines}, "heldout": None}))
 
 
 def test_table_gives_each_seed_the_spread_and_row_1_pooled(seeds, tmp_path):
@@ -50,6 +53,8 @@ def test_table_gives_each_seed_the_spread_and_row_1_pooled(seeds, tmp_path):
     # The issue-26 bar: RM accuracy as a share of the agreement on the same samples, per seed.
     assert result["rows"]["4a/4d"]["seeds"]["0"]["value"] == round(100 * 57.4 / 73.2, 1)
     assert result["rows"]["1p"]["seeds"]["0"]["value"] == round(100 * (10 + 140) / 300, 1)
+    # Beside the RM's accuracy: its initial model's likelihood on the same pairs (rm/results.json).
+    assert result["rows"]["4a·L"]["seeds"]["3"]["value"] == 77.5 and "4b·L" not in result["rows"]
     # Pooled: wins + ties/2 over both seeds' 600 prompts, with the Wilson interval of that count.
     pooled = result["pooled_row_1"]
     successes = 74 + 40 + (195 + 232) / 2

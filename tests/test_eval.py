@@ -793,9 +793,10 @@ def test_rm_accuracy_rows_name_the_baselines_and_an_rm_below_its_initial_model()
         heldout_labelers_stderr=0.02,
     )
     rows = {r.id: r for r in report.build_headline(report.Roles(), [], [], [], rm)}
-    assert "the initial model's likelihood orders 71.6%, the longer response 31.0%" in rows["4a"].note
+    assert "the initial model's likelihood orders 71.6%, the shorter response 69.0%" in rows["4a"].note
     assert "not above what its initial model knew" in rows["4a"].note  # 60.0 <= 71.6
     assert "orders 69.0%" in rows["4b"].note and "not above" not in rows["4b"].note  # 70.0 > 69.0
+    assert "the shorter response 60.0%" in rows["4b"].note
 
 
 def _parse_headline(text: str) -> dict[str, dict]:

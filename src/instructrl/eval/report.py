@@ -268,8 +268,10 @@ def _baselines_note(accuracy: float, baselines: dict[str, float | None] | None) 
     likelihood, longer = (baselines or {}).get("initial_likelihood"), (baselines or {}).get("longer")
     if likelihood is None or longer is None:
         return ""
-    note = f"; on the same pairs the initial model's likelihood orders {100 * likelihood:.1f}%, the longer response"
-    note += f" {100 * longer:.1f}%"
+    note = f"; on the same pairs the initial model's likelihood orders {100 * likelihood:.1f}%, "
+    # ties count ½, so "the shorter wins" is 1 − "the longer wins": name the direction that is right more often
+    direction, share = ("longer", longer) if longer >= 0.5 else ("shorter", 1 - longer)
+    note += f"the {direction} response {100 * share:.1f}%"
     if accuracy <= likelihood:
         note += ": the RM is not above what its initial model knew"
     return note
