@@ -24,7 +24,9 @@ no scale); it lives in the saved config under ``instructrl_reward_bias`` (see ``
 Evaluation: pairwise accuracy on held-out comparisons of the training labelers and, separately, on every
 comparison of the labelers listed in ``heldout_labelers`` (never trained on), the paper's 72.4 ± 0.4% vs
 69.6 ± 0.9% (§4.1). Accuracy is over pairs: the fraction with r(y_w) > r(y_l); its standard error is over
-comparisons (the pairs of one ranking are not independent).
+comparisons (the pairs of one ranking are not independent). Beside each, two orderings of the same pairs that learn
+nothing from the comparisons (``baselines``, :mod:`instructrl.stages.rm_baselines`): the initial model's
+likelihood of each response, and its length.
 
 Without ``comparisons`` the data comes from the world (``run.world``, the sandbox by default): K in [4, 9] samples
 per RM-split prompt from ``sandbox_sample_policy`` (default ``model``; or the world's synthetic candidates), ranked
