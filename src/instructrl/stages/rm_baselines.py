@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from instructrl.models.scoring import inference, pad_right
+from instructrl.rl import logprobs_from_logits
 
 
 def pair_accuracy(values: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> float | None:
@@ -45,7 +46,7 @@ def completion_logprobs(
             input_ids, attention_mask = pad_right([completions[i] for i in rows], pad_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (b, T − 1)
             # Position t predicts token t + 1: the response's tokens are predicted from position Q − 1 on.
             positions = torch.arange(logprobs.shape[1], device=device)
             starts = torch.tensor([prompt_lengths[i] - 1 for i in rows], device=device)
